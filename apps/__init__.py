@@ -1,0 +1,1 @@
+"""Command-line applications of taichi-dr (the ``tdr`` console script; see :mod:`apps.main`)."""

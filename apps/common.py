@@ -1,0 +1,213 @@
+"""Helpers shared by the ``tdr`` commands: error reporting, the output-folder policy, images and GIFs,
+progress bars."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+
+# Exit statuses: 1 = bad input or failed run, 130 = interrupted (128 + SIGINT), as shells report Ctrl-C.
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+class CLIError(Exception):
+    """A problem with the user's input, reported as one ``Error: ...`` line without a traceback."""
+
+
+def debug_enabled() -> bool:
+    """``TDR_DEBUG=1`` turns input errors back into tracebacks (for finding real bugs)."""
+    return os.environ.get("TDR_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def error(message: str) -> None:
+    """Print ``Error: message`` as a single line on stderr (no wrapping, no markup)."""
+    one_line = " ".join(str(message).split())
+    sys.stderr.write(f"Error: {one_line}\n")
+    sys.stderr.flush()
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Wrap a command: bad input (CLIError, ValueError, TypeError, FileNotFoundError and other OSErrors)
+    becomes ``Error: ...`` and exit status 1; KeyboardInterrupt exits 130. With ``TDR_DEBUG=1`` the
+    exception propagates so its traceback shows."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            if debug_enabled():
+                raise
+            sys.stderr.write("Interrupted.\n")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except (CLIError, ValueError, TypeError, OSError) as e:
+            if debug_enabled():
+                raise
+            msg = str(e) or type(e).__name__
+            if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
+                msg = f"{e.filename}: {msg}"
+            error(msg)
+            raise typer.Exit(EXIT_ERROR) from None
+
+    return wrapper
+
+
+def init_runtime(arch: str | None) -> str:
+    """Initialise Taichi on ``arch`` (None: ``TAICHI_DR_ARCH`` or auto); returns the arch in use."""
+    from taichi_dr import runtime
+
+    try:
+        return runtime.init(arch)
+    except RuntimeError as e:  # backend missing, or already initialised differently
+        raise CLIError(f"--arch: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output folders
+
+
+def prepare_out_dir(out: Path, *, overwrite: bool = False, resume: bool = False,
+                    stale: Sequence[str] = ()) -> Path:
+    """Create ``out``, or accept an existing one under the policy every command shares.
+
+    A non-empty folder is refused unless ``overwrite`` (files matching the glob patterns in ``stale``,
+    outputs of an earlier run that this one might not rewrite, are deleted; nothing else is touched) or
+    ``resume`` (the folder is the run being continued).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        if not (overwrite or resume):
+            raise CLIError(f"--out folder {str(out)!r} is not empty; pass --overwrite to write into it "
+                           "anyway, or choose another folder")
+        if overwrite and not resume:
+            for pattern in stale:
+                for p in out.glob(pattern):
+                    if p.is_file():
+                        p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images
+
+
+def to_uint8(img) -> np.ndarray:
+    """A float image in [0, 1] (tensor or array, (H, W) or (H, W, C)) -> uint8 array."""
+    if isinstance(img, torch.Tensor):
+        img = img.detach().cpu().float().numpy()
+    img = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0)
+    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def to_rgb(img) -> np.ndarray:
+    """(H, W) grey or (H, W, 1/3/4) -> (H, W, 3) uint8 (alpha composited over white)."""
+    a = to_uint8(img).astype(np.float32) / 255.0
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    elif a.shape[-1] == 4:
+        a = a[..., :3] * a[..., 3:] + (1.0 - a[..., 3:])
+    return to_uint8(a)
+
+
+def save_png(path: Path, img) -> None:
+    import imageio.v3 as iio
+
+    iio.imwrite(path, to_uint8(img) if not (isinstance(img, np.ndarray) and img.dtype == np.uint8) else img)
+
+
+def hstack(images: Iterable[np.ndarray], gap: int = 2, fill: int = 255) -> np.ndarray:
+    """Side-by-side (H, W, 3) uint8 images of equal height, separated by ``gap`` columns of ``fill``."""
+    images = list(images)
+    h = images[0].shape[0]
+    sep = np.full((h, gap, 3), fill, np.uint8)
+    parts = []
+    for i, im in enumerate(images):
+        if i:
+            parts.append(sep)
+        parts.append(im)
+    return np.concatenate(parts, axis=1)
+
+
+def vstack(images: Iterable[np.ndarray], gap: int = 2, fill: int = 255) -> np.ndarray:
+    images = list(images)
+    w = max(im.shape[1] for im in images)
+    sep = np.full((gap, w, 3), fill, np.uint8)
+    parts = []
+    for i, im in enumerate(images):
+        if i:
+            parts.append(sep)
+        if im.shape[1] < w:
+            im = np.concatenate([im, np.full((im.shape[0], w - im.shape[1], 3), fill, np.uint8)], axis=1)
+        parts.append(im)
+    return np.concatenate(parts, axis=0)
+
+
+def upscale(img: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement so small renders stay legible."""
+    if factor <= 1:
+        return img
+    return np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
+
+
+def write_gif(path: Path, frames: Sequence[np.ndarray], fps: float = 12.0) -> None:
+    """Write (H, W, 3) uint8 frames as a looping GIF."""
+    import imageio.v3 as iio
+
+    if not frames:
+        return
+    # imageio's pillow plugin takes the frame duration in milliseconds.
+    iio.imwrite(path, np.stack(frames), extension=".gif", duration=int(round(1000.0 / fps)), loop=0)
+
+
+def upscale_factor(image_size: tuple[int, int], target: int = 192) -> int:
+    """Integer factor that brings a small render to about ``target`` pixels for viewing."""
+    return max(1, target // max(image_size))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Progress
+
+
+def progress_bar(console=None, transient: bool = False):
+    """A rich progress bar with the fields ``loss`` and ``iou`` shown next to the ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  IoU {task.fields[iou]:.3f}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+    )
+
+
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)

@@ -1,0 +1,29 @@
+"""The ``tdr`` command line: ``tdr render``, ``tdr fit-mesh``, ``tdr demo``.
+
+Installed as the console script ``tdr`` (``apps.main:app``) and runnable as ``python -m apps``. Each command
+lives in its own module; this one only assembles them. Bad input gives a one-line ``Error: ...`` on stderr
+and exit status 1 (``TDR_DEBUG=1`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from apps.demo import demo_command
+from apps.fit_mesh import fit_mesh_command
+from apps.render import render_command
+
+app = typer.Typer(
+    name="tdr",
+    help="taichi-dr: differentiable rendering from the command line.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.command("render")(render_command)
+app.command("fit-mesh")(fit_mesh_command)
+app.command("demo")(demo_command)
+
+
+if __name__ == "__main__":
+    app(prog_name="tdr")

@@ -1,0 +1,48 @@
+"""taichi-dr: differentiable rendering for 3D vision, with Taichi kernels and PyTorch.
+
+Nothing here initialises Taichi: the first kernel launch does, on the arch chosen by
+``taichi_dr.init(arch=...)`` or the ``TAICHI_DR_ARCH`` environment variable ("auto" by default:
+cuda, then a hardware vulkan device, then cpu).
+
+Submodules are imported lazily so ``import taichi_dr`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .runtime import arch, device, ensure_init, init
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # cameras
+    "Cameras": "camera", "CameraParameters": "camera", "load_cameras": "camera",
+    "save_cameras_json": "camera", "intrinsics_from_fov": "camera",
+    "axis_angle_to_matrix": "camera", "matrix_to_axis_angle": "camera", "rotation_6d_to_matrix": "camera",
+    "matrix_to_rotation_6d": "camera", "quaternion_to_matrix": "camera", "matrix_to_quaternion": "camera",
+    # meshes
+    "Mesh": "mesh", "load_mesh": "mesh", "save_mesh": "mesh", "icosphere": "mesh", "asset_path": "mesh",
+    "face_normals": "mesh", "vertex_normals": "mesh",
+    # rasterizer and renderer
+    "RasterSettings": "raster", "soft_rasterize": "raster", "Lights": "shading",
+    "render_mesh": "renderer", "MeshRenderer": "renderer", "RenderOutput": "renderer",
+    # bridge
+    "KernelOp": "bridge",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'taichi_dr' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+__all__ = ["init", "ensure_init", "arch", "device", "__version__", *_EXPORTS]

@@ -1,0 +1,138 @@
+"""The one bridge between Taichi kernels and torch autograd.
+
+A renderer defines a :class:`KernelOp`: a ``forward`` that launches its Taichi kernels on torch tensors and
+a ``backward`` (hand-written kernels, so gradients are right on every backend) that maps output gradients
+to input gradients. :func:`apply` wraps it in a ``torch.autograd.Function``:
+
+* inputs are checked (shape, dtype, device) with messages naming the argument;
+* kernels only ever see detached, contiguous tensors (Taichi attaches ``.grad`` to a leaf tensor that
+  requires grad, and ndarray arguments must be contiguous), so callers' tensors are never modified;
+* missing output gradients arrive as zeros, so backward kernels need no special cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import runtime
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def check_tensor(name: str, x, shape: Sequence[int | str | None] | None = None, *,
+                 dtype: torch.dtype | Sequence[torch.dtype] | None = None, finite: bool = False):
+    """Validate a tensor argument; raise ValueError/TypeError naming ``name`` and what was expected.
+
+    shape: entries are an int (exact), None (any) or a str (any, but equal wherever the same str repeats
+    across calls sharing ``dims``; use :func:`check_dims` for that). Returns ``x``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if dtype is not None:
+        allowed = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
+        if x.dtype not in allowed:
+            raise TypeError(f"{name}: expected dtype {' or '.join(str(d) for d in allowed)}, got {x.dtype}")
+    if shape is not None:
+        ok = x.dim() == len(shape) and all(s is None or isinstance(s, str) or s == n
+                                           for s, n in zip(shape, x.shape, strict=False))
+        if not ok:
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name}: expected shape {want}, got {tuple(x.shape)}")
+    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: contains NaN or Inf values")
+    return x
+
+
+def check_dims(named_shapes: dict[str, tuple[torch.Tensor, Sequence]]) -> dict[str, int]:
+    """Check that symbolic dims (strings in the shape specs) agree across several tensors.
+
+    ``{"verts": (verts, ("B", "V", 3)), "colors": (colors, ("B", "V", "C"))}`` -> ``{"B": .., "V": .., "C": ..}``.
+    """
+    dims: dict[str, tuple[int, str]] = {}
+    for name, (x, shape) in named_shapes.items():
+        check_tensor(name, x, shape)
+        for s, n in zip(shape, x.shape, strict=True):
+            if isinstance(s, str):
+                if s in dims and dims[s][0] != n:
+                    raise ValueError(f"{name}: dimension {s} is {n} but {dims[s][1]} has {s}={dims[s][0]}")
+                dims.setdefault(s, (n, name))
+    return {k: v[0] for k, v in dims.items()}
+
+
+def kernel_device() -> torch.device:
+    return runtime.device()
+
+
+def to_kernel(name: str, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A detached, contiguous view of ``x`` on the kernel device (copies only when it must)."""
+    dev = kernel_device()
+    if x.device.type != dev.type:
+        raise ValueError(f"{name}: tensor is on {x.device} but taichi_dr runs on {runtime.arch()!r}, "
+                         f"which reads tensors on {dev}; move it with .to('{dev}')")
+    x = x.detach()
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
+    return x.contiguous()
+
+
+class KernelOp:
+    """A differentiable operation made of Taichi kernels.
+
+    Subclasses implement:
+
+    * ``forward(*inputs) -> (outputs, saved)``: ``inputs`` are detached, contiguous tensors (or None / plain
+      Python values passed through); ``outputs`` a tuple of tensors; ``saved`` anything backward needs.
+    * ``backward(saved, *grad_outputs) -> grads``: one entry per input (a tensor or None); every
+      ``grad_output`` is a contiguous tensor (zeros where the output was unused).
+
+    ``differentiable_outputs`` (indices) marks which outputs carry gradients; the rest are returned as
+    non-differentiable (e.g. integer index maps).
+    """
+
+    differentiable_outputs: tuple[int, ...] | None = None  # None: all floating outputs
+
+    def forward(self, *inputs):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def backward(self, saved, *grad_outputs):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _TaichiFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op: KernelOp, *inputs):
+        runtime.ensure_init()
+        plain = [x.detach().contiguous() if isinstance(x, torch.Tensor) else x for x in inputs]
+        outputs, saved = op.forward(*plain)
+        outputs = tuple(outputs)
+        ctx.op = op
+        ctx.saved = saved
+        ctx.n_inputs = len(inputs)
+        diff = op.differentiable_outputs
+        non_diff = [o for i, o in enumerate(outputs)
+                    if not o.is_floating_point() or (diff is not None and i not in diff)]
+        if non_diff:
+            ctx.mark_non_differentiable(*non_diff)
+        ctx.output_meta = [(o.shape, o.dtype, o.device) for o in outputs]
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        grads = []
+        for g, (shape, dtype, device) in zip(grad_outputs, ctx.output_meta, strict=True):
+            if g is None:
+                g = torch.zeros(shape, dtype=dtype if dtype.is_floating_point else torch.float32, device=device)
+            grads.append(g.detach().contiguous())
+        input_grads = ctx.op.backward(ctx.saved, *grads)
+        input_grads = tuple(input_grads)
+        if len(input_grads) != ctx.n_inputs:
+            raise RuntimeError(f"{type(ctx.op).__name__}.backward returned {len(input_grads)} gradients "
+                               f"for {ctx.n_inputs} inputs")
+        return (None, *input_grads)
+
+
+def apply(op: KernelOp, *inputs) -> tuple[torch.Tensor, ...]:
+    """Run ``op`` under torch autograd; returns its outputs as a tuple."""
+    return _TaichiFunction.apply(op, *inputs)

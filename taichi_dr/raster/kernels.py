@@ -1,0 +1,412 @@
+"""Taichi kernels of the soft rasterizer: tile binning, forward and hand-written backward.
+
+The formulas are those of docs/design.md ("The soft rasterizer primitive"). Forward and backward evaluate
+each (pixel, face) pair with the same ti.funcs, so the backward sees exactly the pairs the forward used.
+Gradients are derived by hand rather than by Taichi's autodiff, which is wrong through loops on Vulkan.
+
+Array layouts (Taichi ndarrays over torch tensors; NC = NA + NT channels):
+    face_verts   (B, F, 3, 3)   per corner (u, v, z): pixel coordinates and camera depth
+    face_attrs   (B, F, 3, NA)  per-corner attributes
+    texture      (Bt, Ht, Wt, NT) with face_uvs (Bu, F, 3, 2) and face_shading (B, F, 3, NT)
+    params       (8,)  see the slot names below; in the data's float type (f32 runs need no f64 support)
+    tile_offsets (B * T + 1,) int32: tile s of view b lists tile_faces[offsets[b*T+s] : offsets[b*T+s+1]]
+    alpha (B, H, W), image (B, H, W, NC), pix_to_face (B, H, W) int32,
+    stats (B, H, W, 2) = [m, S]: the softmax shift and denominator (background included), for backward
+"""
+
+
+import warnings
+
+import taichi as ti
+
+nd = ti.types.ndarray()
+# `vals.append` below runs at compile time on a Python list of Taichi expressions, which is intended.
+warnings.filterwarnings("ignore", message='Calling non-taichi function "vals.append"')
+
+SIGMA, CUTOFF, GAMMA, EPS, NEAR, FAR, RADIUS = range(7)  # slots of `params`
+MIN_AREA2 = 1e-8  # |signed area * 2| in pixels² below which a face is degenerate and skipped
+
+
+@ti.func
+def _cross(u, v):
+    return u[0] * v[1] - u[1] * v[0]
+
+
+@ti.func
+def _corners(face_verts: ti.template(), b, f, fp: ti.template()):
+    p0 = ti.Vector([face_verts[b, f, 0, 0], face_verts[b, f, 0, 1]], dt=fp)
+    p1 = ti.Vector([face_verts[b, f, 1, 0], face_verts[b, f, 1, 1]], dt=fp)
+    p2 = ti.Vector([face_verts[b, f, 2, 0], face_verts[b, f, 2, 1]], dt=fp)
+    z = ti.Vector([face_verts[b, f, 0, 2], face_verts[b, f, 1, 2], face_verts[b, f, 2, 2]], dt=fp)
+    return p0, p1, p2, z
+
+
+@ti.func
+def _face_ok(p0, p1, p2, z, near, cull: ti.template()):
+    """A face takes part if it is in front of the near plane, not degenerate, and not culled."""
+    area2 = _cross(p1 - p0, p2 - p0)
+    ok = z.min() >= near and ti.abs(area2) >= MIN_AREA2
+    if ti.static(cull):
+        ok = ok and area2 < 0  # front faces have negative signed area with y pointing down
+    return ok
+
+
+@ti.func
+def _pixel_range(lo, hi, radius, n):
+    """Pixel indices whose centres (i + 0.5) lie in [lo - radius, hi + radius], clamped to [0, n - 1]."""
+    # Clamp before the cast: projected corners can be huge (vertices near the camera plane).
+    i0 = ti.max(ti.cast(ti.ceil(ti.math.clamp(lo - radius - 0.5, -1e6, 1e6)), ti.i32), 0)
+    i1 = ti.min(ti.cast(ti.floor(ti.math.clamp(hi + radius - 0.5, -1e6, 1e6)), ti.i32), n - 1)
+    return i0, i1
+
+
+@ti.func
+def _seg_closest(p, a, b):
+    """Parameter t in [0, 1] of the point of segment ab closest to p, and its squared distance."""
+    e = b - a
+    t = ti.math.clamp((p - a).dot(e) / ti.max(e.dot(e), 1e-20), 0.0, 1.0)
+    r = p - (a + t * e)
+    return t, r.dot(r)
+
+
+@ti.func
+def _pair(p, p0, p1, p2):
+    """Screen geometry of pixel centre p against triangle (p0, p1, p2).
+
+    Returns (w, d2, edge, t): unclipped barycentrics (3,), squared distance to the nearest edge segment,
+    that edge (0: p0p1, 1: p1p2, 2: p2p0) and the closest point's parameter along it.
+    """
+    area2 = _cross(p1 - p0, p2 - p0)
+    w0 = _cross(p1 - p, p2 - p) / area2
+    w1 = _cross(p2 - p, p0 - p) / area2
+    w = ti.Vector([w0, w1, 1.0 - w0 - w1])
+    t, d2 = _seg_closest(p, p0, p1)
+    edge = 0
+    t1, d1 = _seg_closest(p, p1, p2)
+    if d1 < d2:
+        t, d2, edge = t1, d1, 1
+    t2, dd2 = _seg_closest(p, p2, p0)
+    if dd2 < d2:
+        t, d2, edge = t2, dd2, 2
+    return w, d2, edge, t
+
+
+@ti.func
+def _perspective(w, z):
+    """Clipped perspective-correct barycentrics: returns (wp, zp, wc, Q) with Q = sum(wc / z) = 1 / zp."""
+    c = ti.math.clamp(w, 0.0, 1.0)
+    wc = c / c.sum()  # sum(c) >= 1 whenever sum(w) == 1: never a division by zero
+    q = wc / z
+    Q = q.sum()
+    return q / Q, 1.0 / Q, wc, Q
+
+
+@ti.func
+def _texel(u, v, Ht, Wt, fp: ti.template()):
+    """Bilinear footprint of uv: (x0, y0, x1, y1, fx, fy, dx_du, dy_dv), clamped to the edge texels."""
+    xr = u * Wt - 0.5
+    yr = (1.0 - v) * Ht - 0.5
+    x = ti.math.clamp(xr, 0.0, ti.cast(Wt - 1, fp))
+    y = ti.math.clamp(yr, 0.0, ti.cast(Ht - 1, fp))
+    x0 = ti.min(ti.cast(ti.floor(x), ti.i32), Wt - 1)
+    y0 = ti.min(ti.cast(ti.floor(y), ti.i32), Ht - 1)
+    dx_du = ti.cast(Wt, fp) if (xr == x) else ti.cast(0.0, fp)  # zero slope where clamped
+    dy_dv = -ti.cast(Ht, fp) if (yr == y) else ti.cast(0.0, fp)
+    return x0, y0, ti.min(x0 + 1, Wt - 1), ti.min(y0 + 1, Ht - 1), x - x0, y - y0, dx_du, dy_dv
+
+
+@ti.func
+def _face_value(face_attrs: ti.template(), texture: ti.template(), face_uvs: ti.template(),
+                face_shading: ti.template(), b, f, wp, NA: ti.template(), NT: ti.template(),
+                shaded: ti.template(), fp: ti.template()):
+    """The face's value at the pixel: interpolated attributes, then shading * bilinear texture."""
+    vals = [wp[0] * face_attrs[b, f, 0, c] + wp[1] * face_attrs[b, f, 1, c] + wp[2] * face_attrs[b, f, 2, c]
+            for c in ti.static(range(NA))]
+    if ti.static(NT > 0):
+        bu = ti.min(b, face_uvs.shape[0] - 1)
+        bt = ti.min(b, texture.shape[0] - 1)
+        u = wp[0] * face_uvs[bu, f, 0, 0] + wp[1] * face_uvs[bu, f, 1, 0] + wp[2] * face_uvs[bu, f, 2, 0]
+        v = wp[0] * face_uvs[bu, f, 0, 1] + wp[1] * face_uvs[bu, f, 1, 1] + wp[2] * face_uvs[bu, f, 2, 1]
+        x0, y0, x1, y1, fx, fy, _dx, _dy = _texel(u, v, texture.shape[1], texture.shape[2], fp)
+        for c in ti.static(range(NT)):
+            tex = ((1 - fy) * ((1 - fx) * texture[bt, y0, x0, c] + fx * texture[bt, y0, x1, c])
+                   + fy * ((1 - fx) * texture[bt, y1, x0, c] + fx * texture[bt, y1, x1, c]))
+            if ti.static(shaded):
+                tex *= wp[0] * face_shading[b, f, 0, c] + wp[1] * face_shading[b, f, 1, c] + wp[2] * face_shading[b, f, 2, c]
+            vals.append(tex)
+    if ti.static(NA + NT == 0):
+        vals.append(0.0)  # kernels keep a 1-channel dummy image when there are no channels
+    return ti.Vector(vals, dt=fp)
+
+
+@ti.func
+def _face_value_backward(face_attrs: ti.template(), texture: ti.template(), face_uvs: ti.template(),
+                         face_shading: ti.template(), g_attrs: ti.template(), g_texture: ti.template(),
+                         g_shading: ti.template(), b, f, wp, g_val, NA: ti.template(), NT: ti.template(),
+                         shaded: ti.template(), fp: ti.template()):
+    """Scatter dL/d(face value) to attributes, texture and shading; return dL/d(wp) (3,)."""
+    g_wp = ti.Vector.zero(fp, 3)
+    for c in ti.static(range(NA)):
+        for k in ti.static(range(3)):
+            g_wp[k] += g_val[c] * face_attrs[b, f, k, c]
+            ti.atomic_add(g_attrs[b, f, k, c], g_val[c] * wp[k])
+    if ti.static(NT > 0):
+        bu = ti.min(b, face_uvs.shape[0] - 1)
+        bt = ti.min(b, texture.shape[0] - 1)
+        u = wp[0] * face_uvs[bu, f, 0, 0] + wp[1] * face_uvs[bu, f, 1, 0] + wp[2] * face_uvs[bu, f, 2, 0]
+        v = wp[0] * face_uvs[bu, f, 0, 1] + wp[1] * face_uvs[bu, f, 1, 1] + wp[2] * face_uvs[bu, f, 2, 1]
+        x0, y0, x1, y1, fx, fy, dx_du, dy_dv = _texel(u, v, texture.shape[1], texture.shape[2], fp)
+        for c in ti.static(range(NT)):
+            t00, t10 = texture[bt, y0, x0, c], texture[bt, y0, x1, c]
+            t01, t11 = texture[bt, y1, x0, c], texture[bt, y1, x1, c]
+            tex = (1 - fy) * ((1 - fx) * t00 + fx * t10) + fy * ((1 - fx) * t01 + fx * t11)
+            sh = ti.cast(1.0, fp)
+            if ti.static(shaded):
+                sh = wp[0] * face_shading[b, f, 0, c] + wp[1] * face_shading[b, f, 1, c] + wp[2] * face_shading[b, f, 2, c]
+                for k in ti.static(range(3)):
+                    g_wp[k] += g_val[NA + c] * tex * face_shading[b, f, k, c]
+                    ti.atomic_add(g_shading[b, f, k, c], g_val[NA + c] * tex * wp[k])
+            g_tex = g_val[NA + c] * sh
+            ti.atomic_add(g_texture[bt, y0, x0, c], g_tex * (1 - fx) * (1 - fy))
+            ti.atomic_add(g_texture[bt, y0, x1, c], g_tex * fx * (1 - fy))
+            ti.atomic_add(g_texture[bt, y1, x0, c], g_tex * (1 - fx) * fy)
+            ti.atomic_add(g_texture[bt, y1, x1, c], g_tex * fx * fy)
+            # The texture also moves under the pixel as the barycentrics change (through uv).
+            dtex_du = ((1 - fy) * (t10 - t00) + fy * (t11 - t01)) * dx_du
+            dtex_dv = ((1 - fx) * (t01 - t00) + fx * (t11 - t10)) * dy_dv
+            for k in ti.static(range(3)):
+                g_wp[k] += g_tex * (dtex_du * face_uvs[bu, f, k, 0] + dtex_dv * face_uvs[bu, f, k, 1])
+    return g_wp
+
+
+@ti.func
+def _barycentric_backward(p, p0, p1, p2, z, w, wp, zp, wc, Q, g_wp, g_zp):
+    """Chain dL/d(wp) and dL/d(zp) back through perspective correction, clipping and the screen
+    barycentrics to the corners: returns (g_p0, g_p1, g_p2) (2,) each and g_z (3,)."""
+    g_q = (g_wp - g_wp.dot(wp)) / Q - g_zp * zp * zp  # wp = q / Q, zp = 1 / Q, q = wc / z
+    g_wc = g_q / z
+    g_z = -g_q * wc / (z * z)
+    c = ti.math.clamp(w, 0.0, 1.0)
+    g_c = (g_wc - g_wc.dot(wc)) / c.sum()
+    g_w = ti.Vector([ti.select(w[k] > 0 and w[k] < 1, g_c[k], 0.0) for k in ti.static(range(3))])
+    area2 = _cross(p1 - p0, p2 - p0)
+    g_e = (g_w - g_w.dot(w)) / area2  # w_k = E_k / area2 with E the sub-triangle areas (x2)
+    a0, a1, a2 = p0 - p, p1 - p, p2 - p
+    # d cross(u, v) / du = (v.y, -v.x), / dv = (-u.y, u.x); E0 = a1 x a2, E1 = a2 x a0, E2 = a0 x a1.
+    g_p0 = g_e[1] * ti.Vector([-a2[1], a2[0]]) + g_e[2] * ti.Vector([a1[1], -a1[0]])
+    g_p1 = g_e[0] * ti.Vector([a2[1], -a2[0]]) + g_e[2] * ti.Vector([-a0[1], a0[0]])
+    g_p2 = g_e[0] * ti.Vector([-a1[1], a1[0]]) + g_e[1] * ti.Vector([a0[1], -a0[0]])
+    return g_p0, g_p1, g_p2, g_z
+
+
+# ----------------------------------------------------------------------------------------------------
+# Binning: which faces may touch which screen tiles (bounding box grown by the coverage cut-off radius).
+
+
+@ti.func
+def _tile_range(face_verts: ti.template(), params: ti.template(), b, f, width, height, tile,
+                cull: ti.template(), fp: ti.template()):
+    """Tiles (tx0..tx1, ty0..ty1) reached by face f's window; an empty range when it takes no part."""
+    p0, p1, p2, z = _corners(face_verts, b, f, fp)
+    tx0, tx1, ty0, ty1 = 0, -1, 0, -1
+    if _face_ok(p0, p1, p2, z, params[NEAR], cull):
+        lo, hi = ti.min(p0, p1, p2), ti.max(p0, p1, p2)
+        x0, x1 = _pixel_range(lo[0], hi[0], params[RADIUS], width)
+        y0, y1 = _pixel_range(lo[1], hi[1], params[RADIUS], height)
+        if x0 <= x1 and y0 <= y1:
+            tx0, tx1, ty0, ty1 = x0 // tile, x1 // tile, y0 // tile, y1 // tile
+    return tx0, tx1, ty0, ty1
+
+
+# One thread per view walks its faces in order, with plain loads and stores: every tile then lists its faces
+# in ascending order, so the forward sums in a fixed order (deterministic, the same on every backend), and
+# no integer atomics are needed (measured: on Vulkan/lavapipe, integer atomics inside a loop with a
+# run-time bound drop all but the first two iterations).
+
+
+@ti.kernel
+def count_tiles(face_verts: nd, params: nd, counts: nd, width: ti.i32, height: ti.i32, tile: ti.i32,
+                tiles_x: ti.i32, cull: ti.template(), fp: ti.template()):
+    for b in range(face_verts.shape[0]):
+        for f in range(face_verts.shape[1]):
+            tx0, tx1, ty0, ty1 = _tile_range(face_verts, params, b, f, width, height, tile, cull, fp)
+            for ty in range(ty0, ty1 + 1):
+                for tx in range(tx0, tx1 + 1):
+                    counts[b, ty * tiles_x + tx] = counts[b, ty * tiles_x + tx] + 1
+
+
+@ti.kernel
+def fill_tiles(face_verts: nd, params: nd, offsets: nd, cursor: nd, tile_faces: nd, width: ti.i32,
+               height: ti.i32, tile: ti.i32, tiles_x: ti.i32, cull: ti.template(), fp: ti.template()):
+    for b in range(face_verts.shape[0]):
+        for f in range(face_verts.shape[1]):
+            tx0, tx1, ty0, ty1 = _tile_range(face_verts, params, b, f, width, height, tile, cull, fp)
+            for ty in range(ty0, ty1 + 1):
+                for tx in range(tx0, tx1 + 1):
+                    s = ty * tiles_x + tx
+                    c = cursor[b, s]
+                    tile_faces[offsets[b * cursor.shape[1] + s] + c] = f
+                    cursor[b, s] = c + 1
+
+
+@ti.func
+def _add_corner_grads(g_verts: ti.template(), b, f, g_p0, g_p1, g_p2, g_z, with_z: ti.template()):
+    for c in ti.static(range(2)):
+        ti.atomic_add(g_verts[b, f, 0, c], g_p0[c])
+        ti.atomic_add(g_verts[b, f, 1, c], g_p1[c])
+        ti.atomic_add(g_verts[b, f, 2, c], g_p2[c])
+    if ti.static(with_z):
+        for k in ti.static(range(3)):
+            ti.atomic_add(g_verts[b, f, k, 2], g_z[k])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward and backward over pixels. Each pixel walks its tile's face list.
+
+
+@ti.func
+def _in_window(p, p0, p1, p2, radius):
+    lo, hi = ti.min(p0, p1, p2) - radius, ti.max(p0, p1, p2) + radius
+    return p[0] >= lo[0] and p[0] <= hi[0] and p[1] >= lo[1] and p[1] <= hi[1]
+
+
+@ti.kernel
+def rasterize_forward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd, face_shading: nd,
+                      params: nd, background: nd, offsets: nd, tile_faces: nd,
+                      alpha: nd, image: nd, pix_to_face: nd, stats: nd,
+                      tile: ti.i32, tiles_x: ti.i32, n_tiles: ti.i32,
+                      NA: ti.template(), NT: ti.template(), shaded: ti.template(), hard: ti.template(),
+                      cull: ti.template(), fp: ti.template()):
+    for b, y, x in ti.ndrange(alpha.shape[0], alpha.shape[1], alpha.shape[2]):
+        s = b * n_tiles + (y // tile) * tiles_x + x // tile
+        p = ti.Vector([x + 0.5, y + 0.5], dt=fp)
+        sigma, cutoff, gamma = params[SIGMA], params[CUTOFF], params[GAMMA]
+        near, far, radius = params[NEAR], params[FAR], params[RADIUS]
+        log_transmit = ti.cast(0.0, fp)  # log(1 - alpha) = sum_j log(1 - D_j) = -sum_j softplus(x_j)
+        m = params[EPS]  # running softmax shift: max(eps, max_j zn_j)
+        denom = ti.cast(1.0, fp)  # background weight exp((eps - m) / gamma), rescaled as m grows
+        acc = ti.Vector([background[c] for c in ti.static(range(max(NA + NT, 1)))], dt=fp)
+        best_f, best_z = -1, far
+        for i in range(offsets[s], offsets[s + 1]):
+            f = tile_faces[i]
+            p0, p1, p2, z = _corners(face_verts, b, f, fp)
+            if not _in_window(p, p0, p1, p2, radius):
+                continue
+            w, d2, _edge, _t = _pair(p, p0, p1, p2)
+            inside = w.min() >= 0
+            if not inside and d2 > cutoff:
+                continue
+            wp, zp, _wc, _q = _perspective(w, z)
+            if zp < near or zp > far:
+                continue
+            if inside and zp < best_z:
+                best_f, best_z = f, zp
+            if ti.static(not hard):
+                xs = (d2 if inside else -d2) / sigma
+                log_transmit -= ti.max(xs, 0.0) + ti.log(1.0 + ti.exp(-ti.abs(xs)))
+                if ti.static(NA + NT > 0):
+                    zn = (far - zp) / (far - near)
+                    if zn > m:
+                        scale = ti.exp((m - zn) / gamma)
+                        denom *= scale
+                        acc *= scale
+                        m = zn
+                    e = ti.exp((zn - m) / gamma) / (1.0 + ti.exp(-xs))
+                    denom += e
+                    acc += e * _face_value(face_attrs, texture, face_uvs, face_shading, b, f, wp,
+                                           NA, NT, shaded, fp)
+        pix_to_face[b, y, x] = best_f
+        if ti.static(hard):
+            alpha[b, y, x] = 1.0 if best_f >= 0 else 0.0
+            if best_f >= 0:
+                p0, p1, p2, z = _corners(face_verts, b, best_f, fp)
+                w, _d2, _edge, _t = _pair(p, p0, p1, p2)
+                wp, _zp, _wc, _q = _perspective(w, z)
+                acc = _face_value(face_attrs, texture, face_uvs, face_shading, b, best_f, wp, NA, NT, shaded, fp)
+        else:
+            alpha[b, y, x] = 1.0 - ti.exp(log_transmit)
+            stats[b, y, x, 0] = m
+            stats[b, y, x, 1] = denom
+            acc = acc / denom
+        for c in ti.static(range(max(NA + NT, 1))):
+            image[b, y, x, c] = acc[c]
+
+
+@ti.kernel
+def rasterize_backward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd, face_shading: nd,
+                       params: nd, offsets: nd, tile_faces: nd,
+                       alpha: nd, image: nd, pix_to_face: nd, stats: nd, g_alpha: nd, g_image: nd,
+                       g_verts: nd, g_attrs: nd, g_texture: nd, g_shading: nd,
+                       tile: ti.i32, tiles_x: ti.i32, n_tiles: ti.i32,
+                       NA: ti.template(), NT: ti.template(), shaded: ti.template(), hard: ti.template(),
+                       cull: ti.template(), fp: ti.template()):
+    for b, y, x in ti.ndrange(alpha.shape[0], alpha.shape[1], alpha.shape[2]):
+        s = b * n_tiles + (y // tile) * tiles_x + x // tile
+        p = ti.Vector([x + 0.5, y + 0.5], dt=fp)
+        sigma, cutoff, gamma = params[SIGMA], params[CUTOFF], params[GAMMA]
+        near, far, radius = params[NEAR], params[FAR], params[RADIUS]
+        g_img = ti.Vector([g_image[b, y, x, c] for c in ti.static(range(max(NA + NT, 1)))], dt=fp)
+        img = ti.Vector([image[b, y, x, c] for c in ti.static(range(max(NA + NT, 1)))], dt=fp)
+        # Hard mode: only the visible face's value depends on anything smooth.
+        first, last = offsets[s], offsets[s + 1]
+        if ti.static(hard):
+            first, last = 0, 0
+            if pix_to_face[b, y, x] >= 0:
+                first, last = -1, 0  # one pass with f = pix_to_face
+        transmit = 1.0 - alpha[b, y, x]
+        m, denom = stats[b, y, x, 0], stats[b, y, x, 1]
+        for i in range(first, last):
+            f = 0
+            if ti.static(hard):
+                f = pix_to_face[b, y, x]
+            else:
+                f = tile_faces[i]
+            p0, p1, p2, z = _corners(face_verts, b, f, fp)
+            if not _in_window(p, p0, p1, p2, radius):
+                continue
+            w, d2, edge, t = _pair(p, p0, p1, p2)
+            inside = w.min() >= 0
+            if not inside and d2 > cutoff:
+                continue
+            wp, zp, wc, Q = _perspective(w, z)
+            if zp < near or zp > far:
+                continue
+            g_val = g_img
+            g_x = ti.cast(0.0, fp)
+            g_zp = ti.cast(0.0, fp)
+            if ti.static(not hard):
+                xs = (d2 if inside else -d2) / sigma
+                D = 1.0 / (1.0 + ti.exp(-xs))
+                g_x = g_alpha[b, y, x] * transmit * D  # d alpha / d x_j = (1 - alpha) * D_j
+                if ti.static(NA + NT > 0):
+                    zn = (far - zp) / (far - near)
+                    ez = ti.exp((zn - m) / gamma)
+                    weight = D * ez / denom
+                    val = _face_value(face_attrs, texture, face_uvs, face_shading, b, f, wp, NA, NT, shaded, fp)
+                    proj = g_img.dot(val - img)
+                    g_x += proj * ez / denom * D * (1.0 - D)
+                    g_zp = -proj * weight / gamma / (far - near)
+                    g_val = g_img * weight
+            g_p0, g_p1, g_p2 = ti.Vector.zero(fp, 2), ti.Vector.zero(fp, 2), ti.Vector.zero(fp, 2)
+            g_z = ti.Vector.zero(fp, 3)
+            if ti.static(NA + NT > 0):
+                g_wp = _face_value_backward(face_attrs, texture, face_uvs, face_shading, g_attrs, g_texture,
+                                            g_shading, b, f, wp, g_val, NA, NT, shaded, fp)
+                g_p0, g_p1, g_p2, g_z = _barycentric_backward(p, p0, p1, p2, z, w, wp, zp, wc, Q, g_wp, g_zp)
+            if ti.static(not hard):
+                # d2 = |p - q|^2 with q = a + t (e - a) the closest point of the nearest edge (a, e); t is
+                # optimal there, so only the explicit dependence on the edge's end points remains.
+                r = ti.Vector.zero(fp, 2)
+                if edge == 0:
+                    r = -2.0 * g_x * (1.0 if inside else -1.0) / sigma * (p - (p0 + t * (p1 - p0)))
+                    g_p0 += r * (1.0 - t)
+                    g_p1 += r * t
+                elif edge == 1:
+                    r = -2.0 * g_x * (1.0 if inside else -1.0) / sigma * (p - (p1 + t * (p2 - p1)))
+                    g_p1 += r * (1.0 - t)
+                    g_p2 += r * t
+                else:
+                    r = -2.0 * g_x * (1.0 if inside else -1.0) / sigma * (p - (p2 + t * (p0 - p2)))
+                    g_p2 += r * (1.0 - t)
+                    g_p0 += r * t
+            _add_corner_grads(g_verts, b, f, g_p0, g_p1, g_p2, g_z, NA + NT > 0)

@@ -1,0 +1,70 @@
+"""Settings of the soft rasterizer (see docs/design.md for the exact formulas)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RasterSettings:
+    """How faces become pixels.
+
+    sigma: sharpness of the coverage D = sigmoid(±d²/sigma), in SoftRas's NDC units (the longer image side
+        spans 2), so SoftRas's values carry over: 1e-4 is crisp, 1e-2 blurry.
+    gamma: temperature of the softmax over normalised inverse depth (smaller = harder z-buffer).
+    eps: background weight offset (SoftRas's epsilon).
+    dist_eps: coverage cut-off; a face skips pixels where D < dist_eps (SoftRas: 1e-4).
+    near, far: depth range; faces are clipped at `near` and pixels outside [near, far] ignored.
+    mode: "soft" (SoftRas aggregation) or "hard" (binary coverage, nearest face).
+    cull_backfaces: skip faces whose outward normal points away from the camera.
+    background: value of the image where no face covers (a float, or one per channel).
+    tile_size: pixels per side of a screen tile for binning (speed only).
+    """
+
+    sigma: float = 1e-4
+    gamma: float = 1e-4
+    eps: float = 1e-3
+    dist_eps: float = 1e-4
+    near: float = 0.1
+    far: float = 100.0
+    mode: str = "soft"
+    cull_backfaces: bool = False
+    background: float | tuple[float, ...] = 0.0
+    tile_size: int = 8
+
+    def __post_init__(self):
+        checks = [
+            (self.sigma > 0, "sigma must be > 0"),
+            (self.gamma > 0, "gamma must be > 0"),
+            (0 < self.dist_eps < 0.5, "dist_eps must be in (0, 0.5)"),
+            (0 < self.near < self.far, "need 0 < near < far"),
+            (self.mode in ("soft", "hard"), "mode must be 'soft' or 'hard'"),
+            (isinstance(self.tile_size, int) and 2 <= self.tile_size <= 64, "tile_size must be an int in [2, 64]"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"RasterSettings: {msg} (got {self})")
+        if not all(math.isfinite(x) for x in (self.sigma, self.gamma, self.eps, self.near, self.far)):
+            raise ValueError(f"RasterSettings: values must be finite (got {self})")
+
+    def sigma_px(self, image_size: tuple[int, int]) -> float:
+        """sigma in pixels²: NDC units scaled so the longer image side spans 2."""
+        half = max(image_size) / 2.0
+        return self.sigma * half * half
+
+    def cutoff_d2_px(self, image_size: tuple[int, int]) -> float:
+        """Squared pixel distance beyond which an outside pixel's coverage is below dist_eps."""
+        return self.sigma_px(image_size) * math.log(1.0 / self.dist_eps - 1.0)
+
+    def background_values(self, channels: int) -> list[float]:
+        bg = self.background
+        if isinstance(bg, (int, float)):
+            return [float(bg)] * channels
+        bg = [float(b) for b in bg]
+        if len(bg) == 1:
+            return bg * channels
+        if len(bg) != channels:
+            raise ValueError(f"RasterSettings.background has {len(bg)} values but the image has "
+                             f"{channels} channels")
+        return bg

@@ -1,0 +1,208 @@
+"""Mesh renderer: mesh + cameras + lights -> images, by composing the small pieces.
+
+    world verts --cameras--> camera space --shade (torch)--> per-corner values --clip_near--> projected
+    corners --soft_rasterize (Taichi)--> alpha, image channels --split--> rgb / depth / normals
+
+Everything before the rasterizer is torch, so gradients reach vertices, colours, textures, cameras and
+lights; the rasterizer's own backward is hand-written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from . import bridge
+from .camera import Cameras
+from .mesh import Mesh, face_normals, vertex_normals
+from .raster.clip import clip_near
+from .raster.settings import RasterSettings
+from .raster.soft import soft_rasterize
+from .shading import Lights, shade
+
+OUTPUTS = ("rgb", "depth", "normals")
+
+
+@dataclass
+class RenderOutput:
+    """alpha (B, H, W) soft silhouette; rgb (B, H, W, 3); depth (B, H, W) camera-space depth
+    (softmax-aggregated, 0 on the background); normals (B, H, W, 3) world-space, aggregated;
+    pix_to_face (B, H, W) int32 nearest covering face (-1 for none). Unrequested outputs are None."""
+
+    alpha: torch.Tensor
+    pix_to_face: torch.Tensor
+    rgb: torch.Tensor | None = None
+    depth: torch.Tensor | None = None
+    normals: torch.Tensor | None = None
+
+
+def _per_view(x: torch.Tensor, B: int) -> torch.Tensor:
+    return x.expand(B, *x.shape[1:]) if x.shape[0] == 1 else x
+
+
+def _corner_gather(values: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """values (B, V, C), faces (F, 3) -> (B, F, 3, C)."""
+    return values[:, faces]
+
+
+def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
+                settings: RasterSettings | None = None, *, shading: str = "gouraud",
+                outputs=("rgb",)) -> RenderOutput:
+    """Render a mesh from every camera of a batch.
+
+    mesh.verts (V, 3) or (B, V, 3) (one set per camera; may require grad); albedo from vertex colours,
+    face colours or the UV texture (white if none). lights=None renders unlit albedo. shading: "gouraud"
+    (lighting at vertices, interpolated) or "flat" (per face, as SoftRas). outputs: any of "rgb", "depth",
+    "normals"; alpha and pix_to_face are always computed. Returns a RenderOutput with (B, H, W, ...) maps.
+    """
+    settings = settings or RasterSettings()
+    outputs = tuple(outputs)
+    unknown = set(outputs) - set(OUTPUTS)
+    if unknown:
+        raise ValueError(f"outputs: unknown {sorted(unknown)}; choose from {OUTPUTS}")
+    if shading not in ("gouraud", "flat"):
+        raise ValueError(f"shading: expected 'gouraud' or 'flat', got {shading!r}")
+    if not isinstance(cameras, Cameras):
+        raise TypeError(f"cameras: expected taichi_dr.Cameras, got {type(cameras).__name__}")
+    B = len(cameras)
+    verts, faces = mesh.verts, mesh.faces
+    if verts.dim() == 3 and verts.shape[0] not in (1, B):
+        raise ValueError(f"mesh.verts: batch {verts.shape[0]} does not match {B} cameras")
+    if verts.dtype != cameras.dtype:
+        raise TypeError(f"mesh.verts is {verts.dtype} but the cameras are {cameras.dtype}")
+    bridge.check_tensor("mesh.verts", verts, None, finite=True)
+    world = _per_view(verts if verts.dim() == 3 else verts[None], B)  # (B, V, 3)
+    cam = cameras.world_to_camera(world)  # (B, V, 3)
+
+    # Per-corner channels, laid out [camera xyz | rgb or specular | depth | normals] (+ texture channels).
+    chans: list[torch.Tensor] = [_corner_gather(cam, faces)]
+    names: list[tuple[str, int]] = []
+    background: list[float] = []
+    textured = mesh.texture is not None and mesh.uvs is not None and "rgb" in outputs
+    face_shading = None
+    need_normals = "normals" in outputs or ("rgb" in outputs and lights is not None)
+    if need_normals:
+        if shading == "flat":
+            n_face = face_normals(world, faces)  # (B, F, 3)
+            normals_c = n_face[:, :, None, :].expand(-1, -1, 3, -1)
+        else:
+            normals_c = _corner_gather(vertex_normals(world, faces), faces)
+    if "rgb" in outputs:
+        albedo = None if textured else _albedo(mesh, B, world)
+        diffuse = specular = None
+        if lights is not None:
+            lights.validate()
+            points_c = _corner_gather(world, faces)
+            eyes = cameras.camera_centers()
+            Bf = points_c.shape[:2]
+            diffuse, specular = shade(points_c.reshape(B, -1, 3), normals_c.reshape(B, -1, 3), eyes, lights)
+            diffuse, specular = diffuse.reshape(*Bf, 3, 3), specular.reshape(*Bf, 3, 3)
+        if textured:
+            face_shading = diffuse  # multiplies the sampled texture (None: unlit)
+            if specular is not None:
+                chans.append(specular)
+                names.append(("specular", 3))
+                background += [0.0] * 3
+        else:
+            rgb_c = albedo if diffuse is None else albedo * diffuse + specular
+            chans.append(rgb_c)
+            names.append(("rgb", 3))
+            background += _background_rgb(settings)
+    if "depth" in outputs:
+        chans.append(_corner_gather(cam, faces)[..., 2:])
+        names.append(("depth", 1))
+        background += [0.0]
+    if "normals" in outputs:
+        chans.append(normals_c)
+        names.append(("normals", 3))
+        background += [0.0] * 3
+
+    corners = torch.cat([c.expand(B, *c.shape[1:]) if c.shape[0] != B else c for c in chans], -1)
+    n_plain = corners.shape[-1] - 3
+    tex_extra = None
+    if textured:
+        uv_c = mesh.corner_uvs()[None].expand(B, -1, -1, -1).to(corners)
+        tex_extra = [uv_c] + ([face_shading] if face_shading is not None else [])
+        corners = torch.cat([corners, *tex_extra], -1)
+    corners, face_index = clip_near(corners, settings.near)
+
+    # Project the (clipped) corners; dropped faces (z = -1) get a dummy depth so nothing divides by zero.
+    xyz = corners[..., :3]
+    z = xyz[..., 2:]
+    z_safe = torch.where(z >= settings.near, z, torch.ones_like(z))
+    Kb = cameras.K[:, None, None]  # (B, 1, 1, 3, 3)
+    uv = (Kb[..., :2, :2] @ (xyz[..., :2] / z_safe)[..., None])[..., 0] + Kb[..., :2, 2]
+    face_verts = torch.cat([uv, z], -1).contiguous()
+    attrs = corners[..., 3:3 + n_plain].contiguous() if n_plain > 0 else None
+    texture = face_uvs = shading_c = None
+    if textured:
+        texture = mesh.texture[None].to(corners)
+        face_uvs = corners[..., 3 + n_plain:5 + n_plain].contiguous()
+        if face_shading is not None:
+            shading_c = corners[..., 5 + n_plain:].contiguous()
+        background += _background_rgb(settings)
+    raster_settings = dataclasses.replace(settings, background=tuple(background) if background else 0.0)
+    alpha, image, pix_to_face = soft_rasterize(face_verts, cameras.image_size, attrs, raster_settings,
+                                               texture, face_uvs, shading_c)
+    if face_index is not None:
+        valid = pix_to_face >= 0
+        mapped = torch.gather(face_index, 1, pix_to_face.clamp_min(0).long().flatten(1)).view_as(pix_to_face)
+        pix_to_face = torch.where(valid, mapped.to(pix_to_face.dtype), pix_to_face)
+
+    out = RenderOutput(alpha=alpha, pix_to_face=pix_to_face)
+    offset = 0
+    for name, n in names:
+        chunk = image[..., offset:offset + n]
+        offset += n
+        if name == "rgb":
+            out.rgb = chunk
+        elif name == "specular":
+            out.rgb = chunk  # the texture channels are added below
+        elif name == "depth":
+            out.depth = chunk[..., 0]
+        elif name == "normals":
+            out.normals = chunk
+    if textured:
+        tex_rgb = image[..., offset:offset + 3]
+        out.rgb = tex_rgb if out.rgb is None else out.rgb + tex_rgb
+    return out
+
+
+def _background_rgb(settings: RasterSettings) -> list[float]:
+    bg = settings.background
+    if isinstance(bg, (int, float)):
+        return [float(bg)] * 3
+    bg = [float(b) for b in bg]
+    if len(bg) == 1:
+        return bg * 3
+    if len(bg) != 3:
+        raise ValueError(f"RasterSettings.background: expected a float or 3 values for rgb, got {len(bg)}")
+    return bg
+
+
+def _albedo(mesh: Mesh, B: int, world: torch.Tensor) -> torch.Tensor:
+    """Per-corner albedo (B or 1, F, 3, 3) from vertex colours, face colours, or white."""
+    if mesh.vert_colors is not None:
+        vc = mesh.vert_colors
+        vc = vc if vc.dim() == 3 else vc[None]
+        return vc[:, mesh.faces].to(world)
+    if mesh.face_colors is not None:
+        fc = mesh.face_colors
+        fc = fc if fc.dim() == 3 else fc[None]
+        return fc[:, :, None, :].expand(-1, -1, 3, -1).to(world)
+    return torch.ones((1, mesh.faces.shape[0], 3, 3), dtype=world.dtype, device=world.device)
+
+
+class MeshRenderer:
+    """Rasterizer settings and lights held together (PyTorch3D style): ``renderer(mesh, cameras)``."""
+
+    def __init__(self, settings: RasterSettings | None = None, lights: Lights | None = None,
+                 shading: str = "gouraud"):
+        self.settings = settings or RasterSettings()
+        self.lights = lights
+        self.shading = shading
+
+    def __call__(self, mesh: Mesh, cameras: Cameras, outputs=("rgb",)) -> RenderOutput:
+        return render_mesh(mesh, cameras, self.lights, self.settings, shading=self.shading, outputs=outputs)

@@ -1,0 +1,106 @@
+"""The one place that initialises Taichi.
+
+Taichi can be initialised once per process; everything in taichi_dr calls :func:`ensure_init` before
+launching a kernel, so the first kernel call initialises with the user's choice (``init(arch=...)`` or the
+``TAICHI_DR_ARCH`` environment variable) and nothing happens at import time.
+
+Kernels are not thread-safe: launch them from the main thread only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import taichi as ti
+import torch
+
+_ARCH_NAMES = ("auto", "cpu", "cuda", "vulkan")
+_state: dict = {"arch": None}
+
+
+def _cuda_usable() -> bool:
+    return torch.cuda.is_available()
+
+
+_SOFTWARE_ICDS = ("lvp_icd", "swiftshader")
+_ICD_DIRS = ("/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d", "/usr/local/share/vulkan/icd.d")
+
+
+def _hardware_vulkan_likely() -> bool:
+    """Whether a Vulkan driver other than a software one (lavapipe, SwiftShader) is installed.
+
+    "auto" should not pick a CPU emulation of a GPU: Taichi's own CPU backend is faster than lavapipe.
+    A driver named explicitly (VK_ICD_FILENAMES / VK_DRIVER_FILES) is trusted unless it is a software one.
+    """
+    named = os.environ.get("VK_DRIVER_FILES") or os.environ.get("VK_ICD_FILENAMES")
+    files = named.split(os.pathsep) if named else [str(p) for d in _ICD_DIRS for p in Path(d).glob("*.json")]
+    hardware = [f for f in files if not any(sw in Path(f).name for sw in _SOFTWARE_ICDS)]
+    if not hardware:
+        return False
+    # Mesa installs ICD files for every GPU family it supports; only count them if a GPU device node exists.
+    return bool(named) or Path("/dev/dri").exists() or Path("/dev/nvidia0").exists()
+
+
+def _try_init(arch_name: str, **kwargs) -> bool:
+    arch = {"cpu": ti.cpu, "cuda": ti.cuda, "vulkan": ti.vulkan}[arch_name]
+    ti.init(arch=arch, **kwargs)
+    # ti.init silently falls back to CPU when the asked-for backend is missing.
+    got = ti.lang.impl.current_cfg().arch
+    if arch_name != "cpu" and got != arch:
+        return False
+    return True
+
+
+def init(arch: str | None = None, *, debug: bool = False, offline_cache: bool = True) -> str:
+    """Initialise Taichi for taichi_dr and return the arch in use (``"cpu"``, ``"cuda"`` or ``"vulkan"``).
+
+    arch: ``"auto"`` (cuda, then vulkan, then cpu), ``"cpu"``, ``"cuda"`` or ``"vulkan"``. ``None`` reads
+    ``TAICHI_DR_ARCH`` and defaults to ``"auto"``. Idempotent: a second call with the same (or no) arch is a
+    no-op; asking for a different arch after initialisation raises, since Taichi cannot switch in-process.
+    """
+    requested = (arch or os.environ.get("TAICHI_DR_ARCH") or "auto").strip().lower()
+    if requested not in _ARCH_NAMES:
+        raise ValueError(f"taichi_dr.init: arch must be one of {_ARCH_NAMES}, got {requested!r} "
+                         "(from the argument or TAICHI_DR_ARCH)")
+    if _state["arch"] is not None:
+        if arch is not None and requested not in ("auto", _state["arch"]):
+            raise RuntimeError(f"taichi_dr is already initialised on {_state['arch']!r}; Taichi cannot "
+                               f"switch to {requested!r} within one process")
+        return _state["arch"]
+
+    kwargs = dict(debug=debug, offline_cache=offline_cache, default_fp=ti.f32, default_ip=ti.i32,
+                  log_level=ti.WARN)
+    if requested == "auto":
+        candidates = ((["cuda"] if _cuda_usable() else []) + (["vulkan"] if _hardware_vulkan_likely() else [])
+                      + ["cpu"])
+    else:
+        candidates = [requested]
+    for name in candidates:
+        if _try_init(name, **kwargs):
+            _state["arch"] = name
+            return name
+        ti.reset()
+    raise RuntimeError(f"taichi_dr.init: the {requested!r} backend is not available on this machine "
+                       "(for vulkan install a driver, e.g. apt-get install mesa-vulkan-drivers libvulkan1)")
+
+
+def ensure_init() -> str:
+    """Initialise with the default choice if nobody has yet; return the arch."""
+    return _state["arch"] or init()
+
+
+def arch() -> str | None:
+    """The arch in use, or None before initialisation."""
+    return _state["arch"]
+
+
+def device() -> torch.device:
+    """The torch device whose tensors the kernels read without copies."""
+    return torch.device("cuda") if ensure_init() == "cuda" else torch.device("cpu")
+
+
+def sync() -> None:
+    """Wait for queued kernels (for timing)."""
+    if _state["arch"] is not None:
+        ti.sync()

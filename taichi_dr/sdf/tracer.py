@@ -1,0 +1,387 @@
+"""Sphere tracing of a signed distance function (IDR, Yariv et al. 2020), Taichi kernels + a torch SDF.
+
+The SDF is any torch callable ``sdf_fn(points (M, 3)) -> (M,)`` (a neural network, or an analytic SDF from
+:mod:`taichi_dr.sdf.analytic`). Finding the surface is a forward-only search, so it runs without autograd:
+
+1. :func:`intersect_sphere`: rays enter the bounding sphere at ``t_near`` and leave it at ``t_far``.
+2. Marching (Taichi kernel ``_march_step``): ``t += f(o + t d)`` until ``|f| < threshold`` (hit),
+   ``t > t_far`` (exited) or ``max_steps``. Only the still-active rays are evaluated: the kernel appends
+   them to a compacted index list each step, so the SDF cost follows the rays that are left, not all rays
+   times all steps. A step that lands inside the surface (``f < 0``, an overshoot, which happens with an
+   SDF that is not an exact distance) keeps the last outside point, and the two bracket the surface.
+3. Sampler (kernel ``_sample_scan``): rays that did not converge (and, for the mask loss, rays that exited)
+   get ``n_samples`` SDF samples along ``[t_near, t_far]``; the first sign change brackets the surface, and
+   a ray without one is a miss whose minimum-SDF sample is kept (IDR's mask loss is evaluated there).
+4. Secant refinement (kernel ``_secant_update``) of every bracket.
+
+The result (``t`` per ray, hit flags) carries no gradient. :func:`differentiable_intersection` then makes the
+surface point a differentiable function of the SDF's parameters and of the rays (hence the cameras) with
+IDR's first-order formula ``x = c + v (t0 - (f(x; θ) - f(x0; θ0)) / (∇f(x0) · v0))``, exact in its first
+derivatives at the traced point.
+
+Kernels read torch tensors in place (float32 or float64 rays; the kernels compile per dtype) and run on the
+main thread.
+"""
+
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import taichi as ti
+import torch
+
+from .. import runtime
+from ..bridge import check_tensor, to_kernel
+
+SdfFn = Callable[[torch.Tensor], torch.Tensor]
+
+# Per-ray status codes written by the kernels.
+ACTIVE = 0
+HIT = 1          # converged: |f| < threshold (or the ray starts inside the surface)
+EXITED = 2       # marched past t_far without converging
+BRACKETED = 3    # a sign change between t_lo (f > 0) and t_hi (f < 0), awaiting secant refinement
+OUTSIDE = 4      # the ray misses the bounding sphere
+
+
+@dataclass(frozen=True)
+class TracerSettings:
+    """How rays find the zero level set.
+
+    bounding_radius: radius of the sphere (centred at the origin) that holds the surface; rays start where
+        they enter it. IDR's normalised scenes put the object inside the unit sphere.
+    max_steps: sphere-tracing steps before a ray is handed to the sampler.
+    threshold: a ray has converged when ``|f| < threshold`` (IDR: 5e-5).
+    step_scale: fraction of ``f`` stepped each time (1 = plain sphere tracing; < 1 is more cautious with a
+        network whose gradient norm exceeds 1).
+    n_samples: uniform samples along ``[t_near, t_far]`` for rays that did not converge.
+    n_secant: secant iterations per bracket.
+    chunk: points per SDF call (bounds peak memory of the network's activations).
+    """
+
+    bounding_radius: float = 1.0
+    max_steps: int = 64
+    threshold: float = 5e-5
+    step_scale: float = 1.0
+    n_samples: int = 64
+    n_secant: int = 8
+    chunk: int = 65536
+
+    def __post_init__(self):
+        checks = [
+            (self.bounding_radius > 0, "bounding_radius must be > 0"),
+            (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.threshold > 0, "threshold must be > 0"),
+            (0 < self.step_scale <= 1, "step_scale must be in (0, 1]"),
+            (self.n_samples >= 2, "n_samples must be >= 2"),
+            (self.n_secant >= 0, "n_secant must be >= 0"),
+            (self.chunk >= 1, "chunk must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"TracerSettings: {msg}")
+
+
+@dataclass
+class TraceResult:
+    """Output of :func:`sphere_trace` (no gradients).
+
+    t: (N,) ray parameter of the surface point for hits; for misses the minimum-SDF point along the ray
+        (when ``miss_min_sdf``) or the point of closest approach to the bounding sphere's centre.
+    hit: (N,) bool, the ray found the surface.
+    in_sphere: (N,) bool, the ray crosses the bounding sphere.
+    points: (N, 3) ``origins + t * dirs``.
+    sdf_evals: number of SDF evaluations (points) spent, a cost measure.
+    steps: marching steps taken (until no ray was active, at most ``max_steps``).
+    """
+
+    t: torch.Tensor
+    hit: torch.Tensor
+    in_sphere: torch.Tensor
+    points: torch.Tensor
+    sdf_evals: int
+    steps: int
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels. Arrays are torch tensors passed as ndarrays; their dtype (f32 or f64) picks the instantiation.
+
+
+@ti.kernel
+def _init_rays(o: ti.types.ndarray(), d: ti.types.ndarray(), radius: float, t: ti.types.ndarray(),
+               t_far: ti.types.ndarray(), t_prev: ti.types.ndarray(), status: ti.types.ndarray()):
+    for i in range(t.shape[0]):
+        # |o + s d|^2 = r^2 with |d| = 1: s^2 + 2 b s + c = 0
+        b = o[i, 0] * d[i, 0] + o[i, 1] * d[i, 1] + o[i, 2] * d[i, 2]
+        c = o[i, 0] * o[i, 0] + o[i, 1] * o[i, 1] + o[i, 2] * o[i, 2] - radius * radius
+        disc = b * b - c
+        s_far = -b
+        if disc > 0:
+            s_far = -b + ti.sqrt(disc)
+        if disc <= 0 or s_far <= 0:
+            status[i] = OUTSIDE
+            t[i] = ti.max(-b, 0.0)       # closest approach to the centre
+            t_far[i] = t[i]
+        else:
+            status[i] = ACTIVE
+            t[i] = ti.max(-b - ti.sqrt(disc), 0.0)   # a camera inside the sphere starts at its centre
+            t_far[i] = s_far
+        t_prev[i] = t[i]
+
+
+@ti.kernel
+def _march_step(idx: ti.types.ndarray(), m: ti.i32, sdf: ti.types.ndarray(), t: ti.types.ndarray(),
+                t_far: ti.types.ndarray(), t_prev: ti.types.ndarray(), f_prev: ti.types.ndarray(),
+                status: ti.types.ndarray(), threshold: float, step_scale: float, first: ti.i32,
+                next_idx: ti.types.ndarray(), counter: ti.types.ndarray()):
+    for k in range(m):
+        i = idx[k]
+        s = sdf[k]
+        if ti.abs(s) < threshold:
+            status[i] = HIT
+        elif s < 0:
+            if first == 1:
+                status[i] = HIT          # the ray enters the bounding sphere inside the surface
+            else:
+                status[i] = BRACKETED    # overshoot: the surface lies in (t_prev, t)
+        else:
+            t_prev[i] = t[i]
+            f_prev[i] = s
+            tn = t[i] + step_scale * s
+            if tn > t_far[i]:
+                status[i] = EXITED
+            else:
+                t[i] = tn
+                j = ti.atomic_add(counter[0], 1)
+                next_idx[j] = i
+
+
+@ti.kernel
+def _sample_scan(sdf: ti.types.ndarray(), ts: ti.types.ndarray(), rays: ti.types.ndarray(),
+                 t: ti.types.ndarray(), t_prev: ti.types.ndarray(), f_prev: ti.types.ndarray(),
+                 status: ti.types.ndarray()):
+    """Per sampled ray: the first sign change (+ to -) brackets the surface; else keep the min-SDF sample."""
+    for k in range(rays.shape[0]):
+        i = rays[k]
+        n = sdf.shape[1]
+        found = 0
+        best = 0
+        for s in range(1, n):
+            if found == 0:
+                if sdf[k, s - 1] > 0 and sdf[k, s] <= 0:
+                    found = 1
+                    t_prev[i] = ts[k, s - 1]
+                    f_prev[i] = sdf[k, s - 1]
+                    t[i] = ts[k, s]
+                elif sdf[k, s] < sdf[k, best]:
+                    best = s
+        if found == 1:
+            status[i] = BRACKETED
+        else:
+            status[i] = EXITED
+            t[i] = ts[k, best]
+
+
+@ti.kernel
+def _secant_propose(rays: ti.types.ndarray(), t_lo: ti.types.ndarray(), f_lo: ti.types.ndarray(),
+                    t_hi: ti.types.ndarray(), f_hi: ti.types.ndarray(), t_mid: ti.types.ndarray()):
+    for k in range(rays.shape[0]):
+        i = rays[k]
+        denom = f_hi[i] - f_lo[i]
+        w = denom * 0.0 + 0.5   # (typed like the arrays: f32 or f64)
+        if ti.abs(denom) > 1e-12:
+            w = ti.min(ti.max(-f_lo[i] / denom, 0.0), 1.0)
+        t_mid[k] = t_lo[i] + w * (t_hi[i] - t_lo[i])
+
+
+@ti.kernel
+def _secant_update(rays: ti.types.ndarray(), t_mid: ti.types.ndarray(), f_mid: ti.types.ndarray(),
+                   t_lo: ti.types.ndarray(), f_lo: ti.types.ndarray(), t_hi: ti.types.ndarray(),
+                   f_hi: ti.types.ndarray(), side: ti.types.ndarray()):
+    """Shrink the bracket (Illinois rule: when one end is kept twice in a row its SDF value is halved, so
+    plain regula falsi's one-sided, linear convergence on convex SDFs becomes superlinear)."""
+    for k in range(rays.shape[0]):
+        i = rays[k]
+        if f_mid[k] > 0:
+            t_lo[i] = t_mid[k]
+            f_lo[i] = f_mid[k]
+            if side[k] == 1:
+                f_hi[i] *= 0.5
+            side[k] = 1
+        else:
+            t_hi[i] = t_mid[k]
+            f_hi[i] = f_mid[k]
+            if side[k] == -1:
+                f_lo[i] *= 0.5
+            side[k] = -1
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def intersect_sphere(origins: torch.Tensor, dirs: torch.Tensor, radius: float = 1.0):
+    """Where rays cross a sphere of ``radius`` centred at the origin (torch, differentiable).
+
+    origins, dirs: (N, 3), dirs of unit length. Returns ``t_near (N,)``, ``t_far (N,)`` and ``hit (N,)``
+    bool; for rays that miss, both distances are the closest approach ``-o·d``.
+    """
+    b = (origins * dirs).sum(-1)
+    c = (origins * origins).sum(-1) - radius * radius
+    disc = b * b - c
+    hit = disc > 0
+    root = torch.sqrt(torch.where(hit, disc, torch.ones_like(disc)))
+    t_near = torch.where(hit, -b - root, -b)
+    t_far = torch.where(hit, -b + root, -b)
+    hit = hit & (t_far > 0)
+    return t_near, t_far, hit
+
+
+def _evaluate(sdf_fn: SdfFn, points: torch.Tensor, chunk: int) -> torch.Tensor:
+    """SDF values (M,) of points (M, 3) in chunks, without autograd, in the points' dtype."""
+    out = []
+    for start in range(0, points.shape[0], chunk):
+        f = sdf_fn(points[start:start + chunk])
+        if f.dim() == 2 and f.shape[1] >= 1:
+            f = f[:, 0]
+        if f.dim() != 1 or f.shape[0] != min(chunk, points.shape[0] - start):
+            raise ValueError(f"sdf_fn: expected values shaped (M,) or (M, C) for points (M, 3), got "
+                             f"{tuple(f.shape)} for M={min(chunk, points.shape[0] - start)}")
+        out.append(f.detach().to(points.dtype))
+    if not out:
+        return points.new_zeros(0)
+    return torch.cat(out).contiguous()
+
+
+def _check_rays(origins, dirs):
+    check_tensor("origins", origins, (None, 3), dtype=(torch.float32, torch.float64), finite=True)
+    check_tensor("dirs", dirs, (origins.shape[0], 3), dtype=origins.dtype, finite=True)
+    norms = dirs.detach().norm(dim=-1)
+    if norms.numel() and not bool(((norms - 1).abs() < 1e-3).all()):
+        raise ValueError("dirs: ray directions must have unit length")
+
+
+@torch.no_grad()
+def sphere_trace(sdf_fn: SdfFn, origins: torch.Tensor, dirs: torch.Tensor,
+                 settings: TracerSettings = TracerSettings(), *, miss_min_sdf: bool = True,
+                 generator: torch.Generator | None = None) -> TraceResult:
+    """Find the first zero of ``sdf_fn`` along each ray.
+
+    sdf_fn: ``points (M, 3) -> (M,)`` (or ``(M, C)``, whose first column is the SDF); called without autograd
+        on the rays that are still active only.
+    origins, dirs: (N, 3) float32 or float64 on the kernel device, dirs of unit length.
+    miss_min_sdf: run the sampler on rays that marched out of the bounding sphere too, so that a surface
+        skipped by marching is still found and a miss reports its minimum-SDF point (what IDR's mask loss
+        needs); False (rendering) reports such rays as misses at once.
+    generator: if given, the sampler's positions are jittered (stratified) with it, as in training.
+    """
+    runtime.ensure_init()
+    _check_rays(origins, dirs)
+    dtype = origins.dtype
+    o = to_kernel("origins", origins)
+    d = to_kernel("dirs", dirs)
+    n = o.shape[0]
+    dev = o.device
+    t = torch.empty(n, dtype=dtype, device=dev)
+    t_far = torch.empty(n, dtype=dtype, device=dev)
+    t_prev = torch.empty(n, dtype=dtype, device=dev)
+    f_prev = torch.full((n,), -1.0, dtype=dtype, device=dev)
+    status = torch.empty(n, dtype=torch.int32, device=dev)
+    sdf_evals = 0
+    steps = 0
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.bool, device=dev)
+        return TraceResult(t, empty, empty, o.new_zeros(0, 3), 0, 0)
+    _init_rays(o, d, float(settings.bounding_radius), t, t_far, t_prev, status)
+    in_sphere = status != OUTSIDE
+    t_near = t.clone()
+
+    # Marching with compaction: `idx` holds the active rays, in increasing order (sorted after the
+    # kernel's atomic appends so that results never depend on thread scheduling).
+    idx = torch.nonzero(in_sphere).flatten().to(torch.int32)
+    next_idx = torch.empty(n, dtype=torch.int32, device=dev)
+    counter = torch.zeros(1, dtype=torch.int32, device=dev)
+    while idx.numel() > 0 and steps < settings.max_steps:
+        il = idx.long()
+        f = _evaluate(sdf_fn, o[il] + t[il, None] * d[il], settings.chunk)
+        sdf_evals += idx.numel()
+        counter.zero_()
+        _march_step(idx, idx.numel(), f, t, t_far, t_prev, f_prev, status, float(settings.threshold),
+                    float(settings.step_scale), int(steps == 0), next_idx, counter)
+        steps += 1
+        m = int(counter.item())
+        idx = torch.sort(next_idx[:m]).values
+
+    # Sampler for rays that did not converge (and for exited ones, when asked).
+    todo = status == ACTIVE
+    if miss_min_sdf:
+        todo |= status == EXITED
+    rays = torch.nonzero(todo).flatten().to(torch.int32)
+    if rays.numel() > 0:
+        rl = rays.long()
+        s = settings.n_samples
+        u = torch.linspace(0.0, 1.0, s, dtype=dtype, device=dev).expand(rays.numel(), s)
+        if generator is not None:
+            jitter = torch.rand(rays.numel(), s, generator=generator, dtype=dtype, device=generator.device)
+            u = (u + (jitter.to(dev) - 0.5) / (s - 1)).clamp(0.0, 1.0)
+        ts = (t_near[rl, None] + u * (t_far[rl] - t_near[rl])[:, None]).contiguous()
+        pts = o[rl, None, :] + ts[..., None] * d[rl, None, :]
+        f = _evaluate(sdf_fn, pts.reshape(-1, 3), settings.chunk).reshape(-1, s).contiguous()
+        sdf_evals += f.numel()
+        _sample_scan(f, ts, rays, t, t_prev, f_prev, status)
+
+    # Secant refinement of brackets: t_prev/f_prev is the outside end, t and its SDF the inside end.
+    br = torch.nonzero(status == BRACKETED).flatten().to(torch.int32)
+    if br.numel() > 0 and settings.n_secant > 0:
+        bl = br.long()
+        t_lo, f_lo, t_hi = t_prev, f_prev, t.clone()
+        f_hi = torch.zeros_like(t)
+        f_hi[bl] = _evaluate(sdf_fn, o[bl] + t_hi[bl, None] * d[bl], settings.chunk)
+        sdf_evals += br.numel()
+        t_mid = torch.empty(br.numel(), dtype=dtype, device=dev)
+        side = torch.zeros(br.numel(), dtype=torch.int32, device=dev)
+        for _ in range(settings.n_secant):
+            _secant_propose(br, t_lo, f_lo, t_hi, f_hi, t_mid)
+            f_mid = _evaluate(sdf_fn, o[bl] + t_mid[:, None] * d[bl], settings.chunk)
+            sdf_evals += br.numel()
+            _secant_update(br, t_mid, f_mid, t_lo, f_lo, t_hi, f_hi, side)
+        t[bl] = t_mid
+    hit = (status == HIT) | (status == BRACKETED)
+    points = o + t[:, None] * d
+    return TraceResult(t=t, hit=hit, in_sphere=in_sphere, points=points, sdf_evals=sdf_evals, steps=steps)
+
+
+def sdf_gradient(sdf_fn: SdfFn, points: torch.Tensor, *, create_graph: bool = False):
+    """SDF values (M,) and their spatial gradient (M, 3) by autograd.
+
+    With ``create_graph`` the gradient stays differentiable (eikonal loss, normals that train the network).
+    """
+    with torch.enable_grad():
+        x = points if points.requires_grad else points.detach().requires_grad_(True)
+        f = sdf_fn(x)
+        if f.dim() == 2:
+            f = f[:, 0]
+        (g,) = torch.autograd.grad(f, x, torch.ones_like(f), create_graph=create_graph)
+    return f, g
+
+
+def differentiable_intersection(sdf_fn: SdfFn, origins: torch.Tensor, dirs: torch.Tensor, t0: torch.Tensor,
+                                *, min_cos: float = 1e-3) -> torch.Tensor:
+    """Surface points (M, 3) that are differentiable in the SDF's parameters and in the rays.
+
+    origins, dirs: (M, 3) rays (may require grad, e.g. built from learnable cameras); t0: (M,) the traced
+    distances (detached). Implements IDR's ``x = c + v (t0 - (f(x0; θ) - f(x0; θ0)) / (∇f(x0) · v0))`` with
+    ``x0 = c + t0 v``: equal to the traced point in value, and with the first derivatives of the true
+    intersection point with respect to θ, c and v. ``|∇f · v|`` is kept above ``min_cos`` so grazing rays
+    cannot produce huge or infinite gradients.
+    """
+    check_tensor("t0", t0, (origins.shape[0],))
+    t0 = t0.detach()
+    x0 = origins + t0[:, None] * dirs
+    f = sdf_fn(x0)
+    if f.dim() == 2:
+        f = f[:, 0]
+    _, g0 = sdf_gradient(sdf_fn, x0.detach())
+    dot = (g0 * dirs.detach()).sum(-1)
+    sign = torch.where(dot < 0, -torch.ones_like(dot), torch.ones_like(dot))
+    dot = torch.where(dot.abs() < min_cos, sign * min_cos, dot)
+    t = t0 - (f - f.detach()) / dot
+    return origins + t[:, None] * dirs

@@ -1,0 +1,113 @@
+"""IDR networks and losses: encoding, geometric initialisation, gradients, loss formulas."""
+
+import math
+
+import pytest
+import torch
+
+from taichi_dr.networks import GeometryNetwork, PositionalEncoding, RenderingNetwork
+from taichi_dr.sdf.tracer import sphere_trace
+from taichi_dr.sdf.losses import alpha_schedule, eikonal_loss, mask_loss, rgb_loss
+
+
+def test_positional_encoding():
+    enc = PositionalEncoding(3, 2)
+    x = torch.tensor([[0.1, -0.2, 0.3]])
+    y = enc(x)
+    assert y.shape == (1, 15) and enc.out_dim == 15
+    want = torch.cat([x, torch.sin(x), torch.cos(x), torch.sin(2 * x), torch.cos(2 * x)], dim=-1)
+    assert torch.allclose(y, want)
+    assert torch.equal(PositionalEncoding(3, 0)(x), x)
+
+
+@pytest.mark.parametrize("frequencies", [0, 6])
+def test_geometric_init_is_roughly_a_sphere(frequencies):
+    """IDR's initialisation: f(x) ~ |x| - r up to the random fluctuations of a finite-width network."""
+    torch.manual_seed(0)
+    net = GeometryNetwork(feature_dim=16, n_frequencies=frequencies, init_radius=0.6)   # IDR's 8 x 256
+    u = torch.randn(400, 3)
+    u = u / u.norm(dim=-1, keepdim=True)
+    with torch.no_grad():
+        res = sphere_trace(net.sdf, 3 * u, -u)                    # radial rays from outside
+    radius = res.points.norm(dim=-1)
+    assert res.hit.all() and 0.5 < radius.mean() < 0.75 and radius.min() > 0.4
+    out, g = net.gradient(u * 0.6, create_graph=False)
+    assert out.shape == (400, 17)
+    assert (out[:, 0] - 0.0).abs().mean() < 0.12
+    assert (g.norm(dim=-1) - 1).abs().mean() < 0.3
+    assert net.sdf(torch.zeros(1, 3)).item() < -0.3              # inside at the centre
+
+
+def test_gradient_matches_finite_differences():
+    torch.manual_seed(1)
+    net = GeometryNetwork(feature_dim=4, depth=4, width=32, skip_in=(2,), n_frequencies=3).double()
+    x = torch.randn(5, 3, dtype=torch.float64) * 0.5
+    _, g = net.gradient(x)
+    eps = 1e-6
+    for k in range(3):
+        e = torch.zeros(3, dtype=torch.float64)
+        e[k] = eps
+        fd = (net.sdf(x + e) - net.sdf(x - e)) / (2 * eps)
+        assert torch.allclose(g[:, k], fd, atol=1e-6)
+    # create_graph: the gradient is differentiable in the weights (needed by the eikonal loss)
+    _, g = net.gradient(x, create_graph=True)
+    (w_grad,) = torch.autograd.grad(eikonal_loss(g), [net.layers[0].parametrizations.weight.original1])
+    assert torch.isfinite(w_grad).all() and w_grad.abs().sum() > 0
+
+
+def test_skip_connection_and_errors():
+    net = GeometryNetwork(feature_dim=2, depth=4, width=40, skip_in=(2,), n_frequencies=1)
+    assert net.layers[1].weight.shape[0] == 40 - 9       # layer before the skip leaves room for the input
+    assert net.layers[2].weight.shape[1] == 40
+    with pytest.raises(ValueError, match="skip_in"):
+        GeometryNetwork(depth=3, skip_in=(4,))
+    with pytest.raises(ValueError, match="too small"):
+        GeometryNetwork(depth=4, width=8, skip_in=(2,), n_frequencies=6)
+
+
+def test_rendering_network():
+    net = RenderingNetwork(feature_dim=8, depth=2, width=16, n_frequencies=4)
+    m = 7
+    rgb = net(torch.randn(m, 3), torch.randn(m, 3), torch.randn(m, 3), torch.randn(m, 8))
+    assert rgb.shape == (m, 3) and ((rgb > 0) & (rgb < 1)).all()
+    # the view direction matters (view-dependent colour)
+    p, n, z = torch.randn(1, 3), torch.randn(1, 3), torch.randn(1, 8)
+    a = net(p, n, torch.tensor([[0.0, 0, 1]]), z)
+    b = net(p, n, torch.tensor([[1.0, 0, 0]]), z)
+    assert not torch.allclose(a, b)
+
+
+def test_eikonal_loss():
+    g = torch.tensor([[1.0, 0, 0], [0, 2.0, 0], [0, 0, 0.5]])
+    assert eikonal_loss(g).item() == pytest.approx((0 + 1 + 0.25) / 3)
+    assert eikonal_loss(torch.zeros(0, 3)).item() == 0
+
+
+def test_mask_loss_formula_and_gradient():
+    sdf = torch.tensor([0.1, -0.05, 0.0, 0.3], dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([False, True, True, True])
+    alpha = 50.0
+    loss = mask_loss(sdf, target, alpha, n_rays=10)
+    p = torch.sigmoid(-alpha * sdf)
+    bce = -(target * torch.log(p) + (~target) * torch.log(1 - p))
+    assert loss.item() == pytest.approx(bce.sum().item() / (alpha * 10))
+    (g,) = torch.autograd.grad(loss, sdf)
+    # descent pulls an object ray's SDF down (negative = inside) and pushes a background ray's up:
+    # d loss / d f = (target - sigmoid(-alpha f)) / n_rays
+    assert g[1] > 0 and g[3] > 0 and g[0] < 0
+    assert torch.allclose(g, (target.double() - p.detach()) / 10, rtol=1e-9)
+    # huge alpha and SDF: still finite
+    big = mask_loss(torch.tensor([1e3, -1e3]), torch.tensor([True, False]), 1e4)
+    assert math.isfinite(big.item())
+    with pytest.raises(ValueError, match="alpha"):
+        mask_loss(sdf, target, 0.0)
+
+
+def test_rgb_loss_and_alpha_schedule():
+    pred = torch.tensor([[0.5, 0.5, 0.5], [1.0, 0.0, 0.0]])
+    target = torch.tensor([[0.5, 0.25, 0.5], [0.0, 0.0, 0.0]])
+    assert rgb_loss(pred, target, n_rays=4).item() == pytest.approx(1.25 / 4)
+    assert alpha_schedule(0, 2000) == 50
+    assert alpha_schedule(250, 2000) == 100          # IDR: doubled every 250 of 2000 epochs
+    assert alpha_schedule(1249, 2000) == 50 * 2 ** 4
+    assert alpha_schedule(1999, 2000) == 50 * 2 ** 5
