@@ -7,6 +7,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,22 @@ def handle_errors(fn: Callable) -> Callable:
             raise typer.Exit(EXIT_ERROR) from None
 
     return wrapper
+
+
+@contextmanager
+def option_errors(option: str):
+    """Prefix errors raised while reading an option's input with the option's name (``--targets: ...``)."""
+    try:
+        yield
+    except CLIError:
+        raise
+    except (ValueError, TypeError, OSError) as e:
+        if debug_enabled():
+            raise
+        msg = str(e) or type(e).__name__
+        if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
+            msg = f"{e.filename}: {msg}"
+        raise CLIError(f"{option}: {msg}") from e
 
 
 def init_runtime(arch: str | None) -> str:

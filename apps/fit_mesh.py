@@ -30,6 +30,7 @@ from apps.common import (
     handle_errors,
     hstack,
     init_runtime,
+    option_errors,
     prepare_out_dir,
     progress_bar,
     save_png,
@@ -163,12 +164,13 @@ def check_identity(saved: dict, current: dict, path: Path) -> None:
     diffs = []
     for key, option in IDENTITY_OPTIONS.items():
         a, b = saved.get(key), current.get(key)
-        if a != b:
-            if isinstance(a, dict) and isinstance(b, dict):  # {"path", "digest"}: say which changed
+        if isinstance(a, dict) and isinstance(b, dict):
+            # {"path", "digest"}: the content decides (the same file may be named another way).
+            if a.get("digest") != b.get("digest"):
                 what = "content" if a.get("path") == b.get("path") else f"{a.get('path')} -> {b.get('path')}"
                 diffs.append(f"{option} ({what})")
-            else:
-                diffs.append(f"{option} ({a} -> {b})")
+        elif a != b:
+            diffs.append(f"{option} ({a} -> {b})")
     if diffs:
         raise CLIError(f"--resume: {str(path)!r} was made with different {', '.join(diffs)}; resume with "
                        "the original options, or start a new run in another folder (or with --overwrite)")
@@ -178,16 +180,18 @@ def check_identity(saved: dict, current: dict, path: Path) -> None:
 def progress_image(fitter, views: list[int], target_rgb: torch.Tensor | None) -> np.ndarray:
     """Rows of ``target | current render`` for ``views``: (H', W', 3) uint8, upscaled for viewing.
 
-    The target shows its colours over white (or the silhouette in grey); the render is the current mesh,
-    Lambert-shaded under the default lights with its learned colours (white without), over white.
+    The target shows its colours over white (or the silhouette in grey); the render is the current mesh
+    over white: with learned colours as they are (they already hold the targets' shading), without them
+    white and Lambert-shaded under the default lights, so the shape shows.
     """
     from taichi_dr.renderer import render_mesh
     from taichi_dr.shading import Lights
 
     mesh = fitter.current_mesh()
     views_t = torch.as_tensor(views)
-    out = render_mesh(mesh, fitter.cameras[views_t.to(fitter.device)], Lights.default(device=fitter.device),
-                      fitter.raster, outputs=("rgb",))
+    lights = None if mesh.vert_colors is not None else Lights.default(device=fitter.device)
+    out = render_mesh(mesh, fitter.cameras[views_t.to(fitter.device)], lights, fitter.raster,
+                      outputs=("rgb",))
     factor = upscale_factor(fitter.cameras.image_size, 128)
     rows = []
     for k, i in enumerate(views):
@@ -213,7 +217,7 @@ def _progress_views(n: int, k: int = 3) -> list[int]:
 def run_fit(out: Path, *, silhouettes: torch.Tensor, cameras, template, settings, identity: dict,
             rgb: torch.Tensor | None = None, learn_rgb: bool = False, template_scale: float = 1.0,
             seed: int = 0, log_every: int = 25, checkpoint_every: int = 100, resume: bool = False,
-            resume_hint: str | None = None, console=None, quiet: bool = False) -> FitResult:
+            resume_hint: str | None = None, console=None) -> FitResult:
     """Fit ``template`` to ``silhouettes (N, H, W)`` seen by ``cameras`` (N); write the job files in ``out``.
 
     rgb: (N, H, W, 3) target colours, learned as per-vertex colours when ``learn_rgb``.
@@ -264,18 +268,16 @@ def run_fit(out: Path, *, silhouettes: torch.Tensor, cameras, template, settings
     stop = _StopFlag()
     t0 = time.perf_counter()
     interrupted = False
-    last = {"loss": float("nan"), "iou": initial["iou_soft"]}
     try:
-        with stop.installed(), progress_bar(console, transient=quiet) as bar:
-            task = bar.add_task("fit-mesh", total=max(total, start), completed=start, loss=last["loss"],
-                                iou=last["iou"])
+        with stop.installed(), progress_bar(console) as bar:
+            task = bar.add_task("fit-mesh", total=max(total, start), completed=start, loss=float("nan"),
+                                iou=initial["iou_soft"])
             while fitter.iteration < total:
                 terms = fitter.step()
                 it = fitter.iteration
                 if not all(math.isfinite(v) for v in terms.values()):
-                    raise RuntimeError(f"fit-mesh: the loss became non-finite at iteration {it} ({terms}); "
-                                       "try a smaller --lr")
-                last = terms
+                    raise CLIError(f"the loss became non-finite at iteration {it} ({terms}); "
+                                   "try a smaller --lr")
                 log.write({"iter": it, **terms, "time_s": elapsed0 + time.perf_counter() - t0})
                 bar.update(task, completed=it, loss=terms["loss"], iou=terms["iou"])
                 if it % log_every == 0 or it == total:
@@ -321,8 +323,10 @@ def load_problem(targets_path: Path, cameras_path: Path, fov: float):
     from taichi_dr.camera import load_cameras
     from taichi_dr.targets import load_targets
 
-    targets = load_targets(targets_path)
-    cameras = load_cameras(cameras_path, image_size=targets.image_size, fov=fov)
+    with option_errors("--targets"):
+        targets = load_targets(targets_path)
+    with option_errors("--cameras"):
+        cameras = load_cameras(cameras_path, image_size=targets.image_size, fov=fov)
     if len(cameras) != targets.num_views:
         raise CLIError(f"--cameras {str(cameras_path)!r} has {len(cameras)} cameras but --targets "
                        f"{str(targets_path)!r} has {targets.num_views} views; they must pair up one to one")
@@ -341,7 +345,8 @@ def load_template(template: Path | None):
         return icosphere(level=3), "icosphere(level=3)"
     if not Path(template).is_file():
         raise CLIError(f"--template {str(template)!r} does not exist or is not a file")
-    mesh = load_mesh(template)
+    with option_errors("--template"):
+        mesh = load_mesh(template)
     if len(mesh.degenerate_faces()) == mesh.num_faces:
         raise CLIError(f"--template {str(template)!r}: every face is degenerate (zero area)")
     # Colours and textures of the template play no part in the fit.
@@ -362,7 +367,7 @@ def fit_identity(targets_path, cameras_path, targets, cameras, template_label: s
 
 
 def resume_command_line(targets, cameras, out, *, template=None, template_scale=1.0, rgb=False, fov=30.0,
-                iters=300) -> str:
+                        iters=300, views_per_step=0) -> str:
     """The ``tdr fit-mesh ... --resume`` command line that continues a run."""
     hint = ["tdr", "fit-mesh", "--targets", str(targets), "--cameras", str(cameras), "--out", str(out)]
     if template is not None:
@@ -373,6 +378,8 @@ def resume_command_line(targets, cameras, out, *, template=None, template_scale=
         hint += ["--rgb"]
     if fov != 30.0:
         hint += ["--fov", str(fov)]
+    if views_per_step:
+        hint += ["--views-per-step", str(views_per_step)]
     return shlex.join(hint + ["--iters", str(iters), "--resume"])
 
 
@@ -393,7 +400,8 @@ def fit_mesh_command(
     template_scale: float = typer.Option(1.0, help="Multiplier of the template radius estimated from the "
                                          "silhouettes."),
     iters: int = typer.Option(300, help="Total number of iterations (with --resume: up to this many)."),
-    lr: float = typer.Option(0.01, help="Adam learning rate."),
+    lr: float = typer.Option(0.01, help="Adam learning rate of the geometry."),
+    color_lr: float = typer.Option(0.05, help="Adam learning rate of the colours (with --rgb)."),
     fov: float = typer.Option(30.0, help="Full horizontal field of view in degrees, for .npy/.csv cameras."),
     sigma: float = typer.Option(1e-4, help="Soft rasterizer sharpness during fitting."),
     gamma: float = typer.Option(1e-4, help="Soft rasterizer depth temperature."),
@@ -422,7 +430,7 @@ def fit_mesh_command(
     if not (math.isfinite(template_scale) and template_scale > 0):
         raise CLIError(f"--template-scale: expected a number > 0, got {template_scale}")
     try:
-        settings = FitSettings(iters=iters, lr=lr, sigma=sigma, gamma=gamma,
+        settings = FitSettings(iters=iters, lr=lr, color_lr=color_lr, sigma=sigma, gamma=gamma,
                                laplacian_weight=laplacian_weight, flatten_weight=flatten_weight,
                                rgb_weight=rgb_weight,
                                views_per_step=views_per_step or None)
@@ -439,7 +447,7 @@ def fit_mesh_command(
 
     identity = fit_identity(targets, cameras, tgt, cams, template_label, template_mesh, template_scale, rgb)
     hint = resume_command_line(targets, cameras, out, template=template, template_scale=template_scale,
-                               rgb=rgb, fov=fov, iters=iters)
+                               rgb=rgb, fov=fov, iters=iters, views_per_step=views_per_step)
     result = run_fit(out, silhouettes=tgt.silhouettes, cameras=cams, template=template_mesh,
                      settings=settings, identity=identity, rgb=tgt.rgb, learn_rgb=rgb,
                      template_scale=template_scale, seed=seed, log_every=log_every,

@@ -19,6 +19,7 @@ from apps.common import (
     CLIError,
     handle_errors,
     init_runtime,
+    option_errors,
     prepare_out_dir,
     save_png,
     to_rgb,
@@ -78,10 +79,9 @@ def render_views(mesh, cameras, *, sigma: float = 1e-5, gamma: float = 1e-4, lit
     Lambert shading under the default lights (``lit``) of the mesh's texture / colours (white without
     them). Renders ``batch`` views at a time to bound memory.
     """
+    from taichi_dr.raster import RasterSettings
     from taichi_dr.renderer import render_mesh
     from taichi_dr.shading import Lights
-
-    from taichi_dr.raster import RasterSettings
 
     dev = _device()
     mesh = mesh.to(device=dev)
@@ -148,7 +148,8 @@ def render_command(
     dist = parse_distance(distance, fov)
     if not Path(mesh).is_file():
         raise CLIError(f"MESH {str(mesh)!r} does not exist or is not a file")
-    loaded = load_mesh(mesh)
+    with option_errors("MESH"):
+        loaded = load_mesh(mesh)
     prepare_out_dir(out, overwrite=overwrite, stale=STALE)
     init_runtime(arch)
 

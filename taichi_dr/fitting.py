@@ -42,7 +42,8 @@ class FitSettings:
     """Optimisation settings.
 
     iters: total number of Adam steps.
-    lr, betas: Adam (SoftRas: 0.01, (0.5, 0.99)).
+    lr, betas: Adam for the geometry (SoftRas: 0.01, (0.5, 0.99)).
+    color_lr: Adam learning rate of the per-vertex colour logits (when colours are learned).
     sigma, gamma: soft rasterizer sharpness and depth temperature during fitting.
     laplacian_weight, flatten_weight: regulariser weights (means; see the module docstring).
     rgb_weight: weight of the L1 colour loss when colours are learned.
@@ -52,6 +53,7 @@ class FitSettings:
     iters: int = 300
     lr: float = 0.01
     betas: tuple[float, float] = (0.5, 0.99)
+    color_lr: float = 0.05
     sigma: float = 1e-4
     gamma: float = 1e-4
     laplacian_weight: float = 20.0
@@ -62,7 +64,7 @@ class FitSettings:
     def __post_init__(self):
         if not (isinstance(self.iters, int) and self.iters >= 0):
             raise ValueError(f"FitSettings: iters must be an int >= 0, got {self.iters!r}")
-        for name in ("lr", "sigma", "gamma"):
+        for name in ("lr", "color_lr", "sigma", "gamma"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"FitSettings: {name} must be finite and > 0, got {v!r}")
@@ -254,7 +256,10 @@ class MeshFitter:
         self.cameras = cameras.detach().to(device=self.device, dtype=torch.float32)
         self.settings = settings
         self.raster = RasterSettings(sigma=settings.sigma, gamma=settings.gamma, far=1000.0)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.lr, betas=settings.betas)
+        groups = [{"params": [self.model.displacement, self.model.shift], "lr": settings.lr}]
+        if learn_colors:
+            groups.append({"params": [self.model.color_logits], "lr": settings.color_lr})
+        self.optimizer = torch.optim.Adam(groups, betas=settings.betas)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.iteration = 0
 
@@ -347,8 +352,9 @@ class MeshFitter:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         # Settings may change on resume (e.g. lr): the optimiser keeps its moments but takes the new lr.
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.settings.lr
+        for group, lr in zip(self.optimizer.param_groups, (self.settings.lr, self.settings.color_lr),
+                             strict=False):
+            group["lr"] = lr
             group["betas"] = self.settings.betas
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])

@@ -207,11 +207,13 @@ class Mesh:
         return None
 
     def with_verts(self, verts: Tensor) -> Mesh:
-        """The same topology and appearance with new (V, 3) positions (e.g. deformed, requiring grad)."""
-        if not isinstance(verts, torch.Tensor) or tuple(verts.shape) != tuple(self.verts.shape):
+        """The same topology and appearance with new positions (e.g. deformed, requiring grad): (V, 3), or
+        (B, V, 3) for one set per camera (the renderer accepts both)."""
+        V = self.verts.shape[-2]
+        ok = isinstance(verts, torch.Tensor) and verts.dim() in (2, 3) and tuple(verts.shape[-2:]) == (V, 3)
+        if not ok:
             got = tuple(verts.shape) if isinstance(verts, torch.Tensor) else type(verts).__name__
-            raise ValueError(f"mesh {self.name!r}: with_verts expects shape {tuple(self.verts.shape)}, "
-                             f"got {got}")
+            raise ValueError(f"mesh {self.name!r}: with_verts expects shape ({V}, 3) or (B, {V}, 3), got {got}")
         return dataclasses.replace(self, verts=verts)
 
     def normalized(self) -> tuple[Mesh, Tensor, float]:

@@ -85,14 +85,3 @@ def hard_iou(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -
     inter = (p & t).flatten(1).sum(1).float()
     union = (p | t).flatten(1).sum(1).float()
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-
-
-def soft_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-view soft IoU ``sum(p t) / sum(p + t - p t)`` of (B, H, W) silhouettes; (B,), empty views 1."""
-    if pred.shape != target.shape or pred.dim() != 3:
-        raise ValueError(f"soft_iou: expected two (B, H, W) tensors of the same shape, got "
-                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
-    p, t = pred.detach(), target.detach().to(pred.device)
-    inter = (p * t).flatten(1).sum(1)
-    union = (p + t - p * t).flatten(1).sum(1)
-    return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.ones_like(union))

@@ -119,33 +119,35 @@ def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
         names.append(("normals", 3))
         background += [0.0] * 3
 
-    corners = torch.cat([c.expand(B, *c.shape[1:]) if c.shape[0] != B else c for c in chans], -1)
-    n_plain = corners.shape[-1] - 3
-    tex_extra = None
+    attr_chans = [c.expand(B, *c.shape[1:]) if c.shape[0] != B else c for c in chans[1:]]
+    n_plain = sum(c.shape[-1] for c in attr_chans)
     if textured:
-        uv_c = mesh.corner_uvs()[None].expand(B, -1, -1, -1).to(corners)
-        tex_extra = [uv_c] + ([face_shading] if face_shading is not None else [])
-        corners = torch.cat([corners, *tex_extra], -1)
-    corners, face_index = clip_near(corners, settings.near)
-
-    # Project the (clipped) corners; dropped faces (z = -1) get a dummy depth so nothing divides by zero.
-    xyz = corners[..., :3]
-    z = xyz[..., 2:]
-    z_safe = torch.where(z >= settings.near, z, torch.ones_like(z))
-    Kb = cameras.K[:, None, None]  # (B, 1, 1, 3, 3)
-    uv = (Kb[..., :2, :2] @ (xyz[..., :2] / z_safe)[..., None])[..., 0] + Kb[..., :2, 2]
-    face_verts = torch.cat([uv, z], -1).contiguous()
-    attrs = corners[..., 3:3 + n_plain].contiguous() if n_plain > 0 else None
+        attr_chans.append(mesh.corner_uvs()[None].expand(B, -1, -1, -1).to(cam))
+        if face_shading is not None:
+            attr_chans.append(face_shading)
+    if bool((cam[..., 2] < settings.near).any()):
+        # Some vertex is nearer than the near plane: clip per face corner, then project the corners.
+        corners, face_index = clip_near(torch.cat([chans[0], *attr_chans], -1), settings.near)
+        face_verts = _project(corners[..., :3], cameras.K[:, None, None], settings.near)
+        corner_attrs = corners[..., 3:]
+    else:
+        # The common case: project the V vertices once, then gather them into faces.
+        face_verts = _project(cam, cameras.K[:, None], settings.near)[:, faces]
+        corner_attrs = torch.cat(attr_chans, -1) if attr_chans else None
+        face_index = None
+    face_verts = face_verts.contiguous()
+    attrs = corner_attrs[..., :n_plain].contiguous() if n_plain > 0 else None
     texture = face_uvs = shading_c = None
     if textured:
-        texture = mesh.texture[None].to(corners)
-        face_uvs = corners[..., 3 + n_plain:5 + n_plain].contiguous()
+        texture = mesh.texture[None].to(face_verts)
+        face_uvs = corner_attrs[..., n_plain:n_plain + 2].contiguous()
         if face_shading is not None:
-            shading_c = corners[..., 5 + n_plain:].contiguous()
+            shading_c = corner_attrs[..., n_plain + 2:].contiguous()
         background += _background_rgb(settings)
     raster_settings = dataclasses.replace(settings, background=tuple(background) if background else 0.0)
+    # Inputs were checked above (finite vertices, validated cameras): skip the per-corner NaN scan.
     alpha, image, pix_to_face = soft_rasterize(face_verts, cameras.image_size, attrs, raster_settings,
-                                               texture, face_uvs, shading_c)
+                                               texture, face_uvs, shading_c, check_finite=False)
     if face_index is not None:
         valid = pix_to_face >= 0
         mapped = torch.gather(face_index, 1, pix_to_face.clamp_min(0).long().flatten(1)).view_as(pix_to_face)
@@ -168,6 +170,15 @@ def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
         tex_rgb = image[..., offset:offset + 3]
         out.rgb = tex_rgb if out.rgb is None else out.rgb + tex_rgb
     return out
+
+
+def _project(xyz: torch.Tensor, K: torch.Tensor, near: float) -> torch.Tensor:
+    """Camera-space points (B, ..., 3) -> (u, v, z), K broadcast as (B, ..., 3, 3). Points nearer than `near`
+    (only on faces the rasterizer skips) get a dummy divisor so nothing divides by zero."""
+    x, y, z = xyz.unbind(-1)
+    z_safe = torch.where(z >= near, z, torch.ones_like(z))
+    x, y = x / z_safe, y / z_safe
+    return torch.stack([K[..., 0, 0] * x + K[..., 0, 1] * y + K[..., 0, 2], K[..., 1, 1] * y + K[..., 1, 2], z], -1)
 
 
 def _background_rgb(settings: RasterSettings) -> list[float]:

@@ -10,8 +10,16 @@ import pytest
 import torch
 
 from taichi_dr.camera import Cameras
-from taichi_dr.data import (MultiViewDataset, dataset_from_sdf, load_dataset, load_idr, load_nerf_synthetic,
-                            sample_rays, split_holdout, write_idr)
+from taichi_dr.data import (
+    MultiViewDataset,
+    dataset_from_sdf,
+    load_dataset,
+    load_idr,
+    load_nerf_synthetic,
+    sample_rays,
+    split_holdout,
+    write_idr,
+)
 from taichi_dr.sdf.analytic import sphere_sdf
 
 DTU = Path(__file__).resolve().parents[2] / "shared" / "data" / "dtu_scan24"
@@ -20,7 +28,8 @@ DTU = Path(__file__).resolve().parents[2] / "shared" / "data" / "dtu_scan24"
 def _cameras(n=4, size=(20, 24), dist=3.0):
     az = torch.linspace(0, 360, n + 1, dtype=torch.float64)[:-1]
     el = torch.tensor([20.0, -15.0] * n, dtype=torch.float64)[:n]
-    return Cameras.from_spherical(torch.full((n,), dist, dtype=torch.float64), el, az, fov=45, image_size=size)
+    d = torch.full((n,), dist, dtype=torch.float64)
+    return Cameras.from_spherical(d, el, az, fov=45, image_size=size)
 
 
 def _fixture(tmp_path, n=4, scale=None):
@@ -126,7 +135,8 @@ def _nerf_fixture(root: Path, size=(16, 16)):
         img[4:12, 4:12, 3] = alpha_value
         iio.imwrite(root / "train" / f"r_{i}.png", img)
         frames.append({"file_path": f"./train/r_{i}", "transform_matrix": c2w.tolist()})
-    (root / "transforms_train.json").write_text(json.dumps({"camera_angle_x": math.radians(40), "frames": frames}))
+    doc = {"camera_angle_x": math.radians(40), "frames": frames}
+    (root / "transforms_train.json").write_text(json.dumps(doc))
 
 
 def test_nerf_synthetic(tmp_path):
@@ -190,7 +200,8 @@ def test_sample_rays_pass_through_their_pixels():
         uvz = ds.cameras[v].project((b.origins[k] + 2.0 * b.dirs[k])[None])[0, 0]
         assert torch.allclose(uvz[:2], b.pixels[k], atol=1e-3)
         col, row = int(b.pixels[k, 0]), int(b.pixels[k, 1])
-        assert torch.equal(b.rgb[k], ds.images[v, row, col]) and bool(b.mask[k]) == bool(ds.masks[v, row, col])
+        assert torch.equal(b.rgb[k], ds.images[v, row, col])
+        assert bool(b.mask[k]) == bool(ds.masks[v, row, col])
 
 
 def test_dataset_container_checks():

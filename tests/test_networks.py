@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from taichi_dr.networks import GeometryNetwork, PositionalEncoding, RenderingNetwork
-from taichi_dr.sdf.tracer import sphere_trace
 from taichi_dr.sdf.losses import alpha_schedule, eikonal_loss, mask_loss, rgb_loss
+from taichi_dr.sdf.tracer import sphere_trace
 
 
 def test_positional_encoding():

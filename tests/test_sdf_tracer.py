@@ -10,8 +10,13 @@ import torch
 from taichi_dr.camera import Cameras, axis_angle_to_matrix
 from taichi_dr.networks import GeometryNetwork
 from taichi_dr.sdf.analytic import box_sdf, sphere_sdf, torus_sdf
-from taichi_dr.sdf.tracer import (TracerSettings, differentiable_intersection, intersect_sphere, sdf_gradient,
-                                  sphere_trace)
+from taichi_dr.sdf.tracer import (
+    TracerSettings,
+    differentiable_intersection,
+    intersect_sphere,
+    sdf_gradient,
+    sphere_trace,
+)
 
 F64 = torch.float64
 
@@ -259,7 +264,8 @@ def test_intersection_gradient_camera_parameters():
     for j in range(theta.numel()):
         e = torch.zeros_like(theta.detach())
         e[j] = eps
-        fd[:, j] = (exact_points(theta.detach() + e) - exact_points(theta.detach() - e)).reshape(-1) / (2 * eps)
+        th = theta.detach()
+        fd[:, j] = (exact_points(th + e) - exact_points(th - e)).reshape(-1) / (2 * eps)
     assert fd.abs().max() > 0.1
     assert torch.allclose(jac, fd, atol=1e-6)
 
@@ -268,7 +274,8 @@ def test_intersection_gradient_network_weights():
     """Through a geometry network: a directional derivative in weight space against re-traced
     intersections of perturbed weights (float64)."""
     torch.manual_seed(0)
-    net = GeometryNetwork(feature_dim=0, depth=2, width=16, skip_in=(), n_frequencies=1, init_radius=0.5).double()
+    net = GeometryNetwork(feature_dim=0, depth=2, width=16, skip_in=(), n_frequencies=1, init_radius=0.5)
+    net = net.double()
     o, d = _rays(6, seed=5, spread=0.5)
     settings = TracerSettings(threshold=1e-12, max_steps=300, n_secant=40)
     res = sphere_trace(net.sdf, o, d, settings)

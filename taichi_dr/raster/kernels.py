@@ -70,16 +70,9 @@ def _seg_closest(p, a, b):
 
 
 @ti.func
-def _pair(p, p0, p1, p2):
-    """Screen geometry of pixel centre p against triangle (p0, p1, p2).
-
-    Returns (w, d2, edge, t): unclipped barycentrics (3,), squared distance to the nearest edge segment,
-    that edge (0: p0p1, 1: p1p2, 2: p2p0) and the closest point's parameter along it.
-    """
-    area2 = _cross(p1 - p0, p2 - p0)
-    w0 = _cross(p1 - p, p2 - p) / area2
-    w1 = _cross(p2 - p, p0 - p) / area2
-    w = ti.Vector([w0, w1, 1.0 - w0 - w1])
+def _nearest_edge(p, p0, p1, p2):
+    """Squared distance from p to the nearest edge segment, that edge (0: p0p1, 1: p1p2, 2: p2p0) and the
+    closest point's parameter t along it."""
     t, d2 = _seg_closest(p, p0, p1)
     edge = 0
     t1, d1 = _seg_closest(p, p1, p2)
@@ -88,7 +81,45 @@ def _pair(p, p0, p1, p2):
     t2, dd2 = _seg_closest(p, p2, p0)
     if dd2 < d2:
         t, d2, edge = t2, dd2, 2
-    return w, d2, edge, t
+    return d2, edge, t
+
+
+# Per-face setup (nvdiffrast-style triangle setup), SETUP floats per face:
+#   [0:4]   window: bounding box grown by the cut-off radius (lo.x, lo.y, hi.x, hi.y)
+#   [4:13]  three edge lines (n.x, n.y, c) with unit inward normals: s_k(p) = n_k . p + c_k is the signed
+#           distance from p to the line of edge k (P_k -> P_k+1), >= 0 on the triangle's side
+#   [13:16] |edge k| / |area2|, so the barycentric of the vertex opposite edge k is s_k * that
+SETUP = 16
+
+
+@ti.func
+def _coverage(setup: ti.template(), b, f, p, radius, fp: ti.template()):
+    """Cheap tests of pixel centre p against face f: (near, s) where near says p lies within the cut-off
+    radius of every edge line (a necessary condition for coverage) and s (3,) are the line distances."""
+    s = ti.Vector([-radius - 1.0, 0.0, 0.0], dt=fp)
+    near = p[0] >= setup[b, f, 0] and p[1] >= setup[b, f, 1] and p[0] <= setup[b, f, 2] and p[1] <= setup[b, f, 3]
+    if near:
+        s = ti.Vector([setup[b, f, 4 + 3 * k] * p[0] + setup[b, f, 5 + 3 * k] * p[1] + setup[b, f, 6 + 3 * k]
+                       for k in ti.static(range(3))])
+        near = s.min() >= -radius
+    return near, s
+
+
+@ti.func
+def _barycentrics(setup: ti.template(), b, f, s):
+    """Screen barycentrics (w0, w1, w2) from the edge-line distances (w_k is opposite edge k + 1)."""
+    return ti.Vector([s[1] * setup[b, f, 14], s[2] * setup[b, f, 15], s[0] * setup[b, f, 13]])
+
+
+@ti.func
+def _pair(setup: ti.template(), face_verts: ti.template(), b, f, p, s, fp: ti.template()):
+    """Barycentrics w (3,), inside flag and squared distance to the boundary for a pixel near face f."""
+    inside = s.min() >= 0
+    d2 = s.min() * s.min()  # inside a convex polygon the nearest boundary point is on the nearest line
+    if not inside:
+        p0, p1, p2, _z = _corners(face_verts, b, f, fp)
+        d2, _edge, _t = _nearest_edge(p, p0, p1, p2)
+    return _barycentrics(setup, b, f, s), inside, d2
 
 
 @ti.func
@@ -249,6 +280,26 @@ def fill_tiles(face_verts: nd, params: nd, offsets: nd, cursor: nd, tile_faces: 
                     cursor[b, s] = c + 1
 
 
+@ti.kernel
+def face_setup(face_verts: nd, params: nd, setup: nd, fp: ti.template()):
+    for b, f in ti.ndrange(face_verts.shape[0], face_verts.shape[1]):
+        p0, p1, p2, _z = _corners(face_verts, b, f, fp)
+        lo, hi = ti.min(p0, p1, p2) - params[RADIUS], ti.max(p0, p1, p2) + params[RADIUS]
+        area2 = _cross(p1 - p0, p2 - p0)
+        inward = 1.0 if area2 > 0 else -1.0  # interior is left of each edge when area2 > 0 (y down)
+        abs_area2 = ti.max(ti.abs(area2), 1e-30)  # degenerate faces are never binned; keep them finite
+        setup[b, f, 0], setup[b, f, 1], setup[b, f, 2], setup[b, f, 3] = lo[0], lo[1], hi[0], hi[1]
+        for k in ti.static(range(3)):
+            a = p0 if k == 0 else (p1 if k == 1 else p2)
+            e = (p1 if k == 0 else (p2 if k == 1 else p0)) - a
+            length = ti.max(e.norm(), 1e-30)
+            n = inward * ti.Vector([-e[1], e[0]]) / length
+            setup[b, f, 4 + 3 * k] = n[0]
+            setup[b, f, 5 + 3 * k] = n[1]
+            setup[b, f, 6 + 3 * k] = -n.dot(a)
+            setup[b, f, 13 + k] = length / abs_area2
+
+
 @ti.func
 def _add_corner_grads(g_verts: ti.template(), b, f, g_p0, g_p1, g_p2, g_z, with_z: ti.template()):
     for c in ti.static(range(2)):
@@ -264,15 +315,9 @@ def _add_corner_grads(g_verts: ti.template(), b, f, g_p0, g_p1, g_p2, g_z, with_
 # Forward and backward over pixels. Each pixel walks its tile's face list.
 
 
-@ti.func
-def _in_window(p, p0, p1, p2, radius):
-    lo, hi = ti.min(p0, p1, p2) - radius, ti.max(p0, p1, p2) + radius
-    return p[0] >= lo[0] and p[0] <= hi[0] and p[1] >= lo[1] and p[1] <= hi[1]
-
-
 @ti.kernel
 def rasterize_forward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd, face_shading: nd,
-                      params: nd, background: nd, offsets: nd, tile_faces: nd,
+                      setup: nd, params: nd, background: nd, offsets: nd, tile_faces: nd,
                       alpha: nd, image: nd, pix_to_face: nd, stats: nd,
                       tile: ti.i32, tiles_x: ti.i32, n_tiles: ti.i32,
                       NA: ti.template(), NT: ti.template(), shaded: ti.template(), hard: ti.template(),
@@ -282,28 +327,34 @@ def rasterize_forward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd,
         p = ti.Vector([x + 0.5, y + 0.5], dt=fp)
         sigma, cutoff, gamma = params[SIGMA], params[CUTOFF], params[GAMMA]
         near, far, radius = params[NEAR], params[FAR], params[RADIUS]
-        log_transmit = ti.cast(0.0, fp)  # log(1 - alpha) = sum_j log(1 - D_j) = -sum_j softplus(x_j)
+        transmit = ti.cast(1.0, fp)  # 1 - alpha = prod_j (1 - D_j); underflow to 0 just means alpha = 1
         m = params[EPS]  # running softmax shift: max(eps, max_j zn_j)
         denom = ti.cast(1.0, fp)  # background weight exp((eps - m) / gamma), rescaled as m grows
         acc = ti.Vector([background[c] for c in ti.static(range(max(NA + NT, 1)))], dt=fp)
         best_f, best_z = -1, far
         for i in range(offsets[s], offsets[s + 1]):
             f = tile_faces[i]
-            p0, p1, p2, z = _corners(face_verts, b, f, fp)
-            if not _in_window(p, p0, p1, p2, radius):
+            near_face, s_lines = _coverage(setup, b, f, p, radius, fp)
+            if not near_face:
                 continue
-            w, d2, _edge, _t = _pair(p, p0, p1, p2)
-            inside = w.min() >= 0
+            w, inside, d2 = _pair(setup, face_verts, b, f, p, s_lines, fp)
             if not inside and d2 > cutoff:
                 continue
-            wp, zp, _wc, _q = _perspective(w, z)
-            if zp < near or zp > far:
-                continue
+            z = ti.Vector([face_verts[b, f, 0, 2], face_verts[b, f, 1, 2], face_verts[b, f, 2, 2]], dt=fp)
+            # zp is a weighted harmonic mean of the corner depths, so it can only leave [near, far] if the
+            # face crosses `far`; silhouettes need it only to pick the nearest covering face.
+            zp = far
+            wp = ti.Vector([1.0, 0.0, 0.0], dt=fp)
+            if ti.static(NA + NT > 0 or hard) or inside or z.max() > far:
+                wp, zp, _wc, _q = _perspective(w, z)
+                if zp < near or zp > far:
+                    continue
             if inside and zp < best_z:
                 best_f, best_z = f, zp
             if ti.static(not hard):
                 xs = (d2 if inside else -d2) / sigma
-                log_transmit -= ti.max(xs, 0.0) + ti.log(1.0 + ti.exp(-ti.abs(xs)))
+                one_minus_d = 1.0 / (1.0 + ti.exp(xs))  # sigmoid(-x); exp overflow gives exactly 0
+                transmit *= one_minus_d
                 if ti.static(NA + NT > 0):
                     zn = (far - zp) / (far - near)
                     if zn > m:
@@ -311,7 +362,7 @@ def rasterize_forward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd,
                         denom *= scale
                         acc *= scale
                         m = zn
-                    e = ti.exp((zn - m) / gamma) / (1.0 + ti.exp(-xs))
+                    e = ti.exp((zn - m) / gamma) * (1.0 - one_minus_d)
                     denom += e
                     acc += e * _face_value(face_attrs, texture, face_uvs, face_shading, b, f, wp,
                                            NA, NT, shaded, fp)
@@ -319,12 +370,12 @@ def rasterize_forward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd,
         if ti.static(hard):
             alpha[b, y, x] = 1.0 if best_f >= 0 else 0.0
             if best_f >= 0:
-                p0, p1, p2, z = _corners(face_verts, b, best_f, fp)
-                w, _d2, _edge, _t = _pair(p, p0, p1, p2)
-                wp, _zp, _wc, _q = _perspective(w, z)
+                _near, s_lines = _coverage(setup, b, best_f, p, radius, fp)
+                _p0, _p1, _p2, z = _corners(face_verts, b, best_f, fp)
+                wp, _zp, _wc, _q = _perspective(_barycentrics(setup, b, best_f, s_lines), z)
                 acc = _face_value(face_attrs, texture, face_uvs, face_shading, b, best_f, wp, NA, NT, shaded, fp)
         else:
-            alpha[b, y, x] = 1.0 - ti.exp(log_transmit)
+            alpha[b, y, x] = 1.0 - transmit
             stats[b, y, x, 0] = m
             stats[b, y, x, 1] = denom
             acc = acc / denom
@@ -334,7 +385,7 @@ def rasterize_forward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd,
 
 @ti.kernel
 def rasterize_backward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd, face_shading: nd,
-                       params: nd, offsets: nd, tile_faces: nd,
+                       setup: nd, params: nd, offsets: nd, tile_faces: nd,
                        alpha: nd, image: nd, pix_to_face: nd, stats: nd, g_alpha: nd, g_image: nd,
                        g_verts: nd, g_attrs: nd, g_texture: nd, g_shading: nd,
                        tile: ti.i32, tiles_x: ti.i32, n_tiles: ti.i32,
@@ -355,19 +406,23 @@ def rasterize_backward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd
                 first, last = -1, 0  # one pass with f = pix_to_face
         transmit = 1.0 - alpha[b, y, x]
         m, denom = stats[b, y, x, 0], stats[b, y, x, 1]
+        if ti.static(NA + NT == 0 and not hard):
+            if transmit * g_alpha[b, y, x] == 0:
+                last = first  # every pair's gradient g * (1 - alpha) * D is exactly zero here
         for i in range(first, last):
             f = 0
             if ti.static(hard):
                 f = pix_to_face[b, y, x]
             else:
                 f = tile_faces[i]
-            p0, p1, p2, z = _corners(face_verts, b, f, fp)
-            if not _in_window(p, p0, p1, p2, radius):
+            near_face, s_lines = _coverage(setup, b, f, p, radius, fp)
+            if not near_face:
                 continue
-            w, d2, edge, t = _pair(p, p0, p1, p2)
-            inside = w.min() >= 0
+            w, inside, d2 = _pair(setup, face_verts, b, f, p, s_lines, fp)
             if not inside and d2 > cutoff:
                 continue
+            p0, p1, p2, z = _corners(face_verts, b, f, fp)
+            _d2, edge, t = _nearest_edge(p, p0, p1, p2)
             wp, zp, wc, Q = _perspective(w, z)
             if zp < near or zp > far:
                 continue

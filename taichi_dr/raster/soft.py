@@ -90,17 +90,19 @@ class SoftRasterizeOp(bridge.KernelOp):
         background = torch.tensor(self.settings.background_values(max(nc, 1)), **opts)
         inputs = [x if x is not None else _dummy(face_verts)
                   for x in (face_attrs, texture, face_uvs, face_shading)]
-        K.rasterize_forward(face_verts, *inputs, params, background, offsets, tile_faces,
+        setup = torch.empty((B, face_verts.shape[1], K.SETUP), **opts)
+        K.face_setup(face_verts, params, setup, _FP[face_verts.dtype])
+        K.rasterize_forward(face_verts, *inputs, setup, params, background, offsets, tile_faces,
                             alpha, image, pix_to_face, stats, self.settings.tile_size, tiles_x, n_tiles,
                             *self._static_args(face_verts))
         # alpha and image become autograd outputs (non-leaf) once returned; keep detached aliases so the
         # backward kernel never touches an autograd tensor.
-        saved = (face_verts, inputs, params, offsets, tile_faces, tiles_x, n_tiles, alpha.detach(),
+        saved = (face_verts, inputs, setup, params, offsets, tile_faces, tiles_x, n_tiles, alpha.detach(),
                  image.detach(), pix_to_face, stats, (face_attrs is not None, texture is not None, face_shading is not None))
         return (alpha, image[..., :nc], pix_to_face), saved
 
     def backward(self, saved, g_alpha, g_image, _g_pix_to_face):
-        (face_verts, inputs, params, offsets, tile_faces, tiles_x, n_tiles, alpha, image, pix_to_face,
+        (face_verts, inputs, setup, params, offsets, tile_faces, tiles_x, n_tiles, alpha, image, pix_to_face,
          stats, present) = saved
         face_attrs, texture, face_uvs, face_shading = inputs
         if g_image.shape[-1] == 0:
@@ -109,7 +111,7 @@ class SoftRasterizeOp(bridge.KernelOp):
         g_attrs = torch.zeros_like(face_attrs)
         g_texture = torch.zeros_like(texture)
         g_shading = torch.zeros_like(face_shading)
-        K.rasterize_backward(face_verts, face_attrs, texture, face_uvs, face_shading, params, offsets,
+        K.rasterize_backward(face_verts, face_attrs, texture, face_uvs, face_shading, setup, params, offsets,
                              tile_faces, alpha, image, pix_to_face, stats, g_alpha, g_image,
                              g_verts, g_attrs, g_texture, g_shading, self.settings.tile_size, tiles_x, n_tiles,
                              *self._static_args(face_verts))
@@ -120,7 +122,8 @@ class SoftRasterizeOp(bridge.KernelOp):
 
 def soft_rasterize(face_verts: torch.Tensor, image_size: tuple[int, int], face_attrs: torch.Tensor | None = None,
                    settings: RasterSettings | None = None, texture: torch.Tensor | None = None,
-                   face_uvs: torch.Tensor | None = None, face_shading: torch.Tensor | None = None):
+                   face_uvs: torch.Tensor | None = None, face_shading: torch.Tensor | None = None,
+                   check_finite: bool = True):
     """Soft-rasterize screen-space triangles, differentiably.
 
     Args:
@@ -132,6 +135,7 @@ def soft_rasterize(face_verts: torch.Tensor, image_size: tuple[int, int], face_a
         settings: RasterSettings (sigma, gamma, ...); defaults to SoftRas's.
         texture: (1 or B, Ht, Wt, Ct) image sampled bilinearly at the interpolated ``face_uvs``
             (1 or B, F, 3, 2), optionally multiplied by interpolated ``face_shading`` (B, F, 3, Ct).
+        check_finite: scan the inputs for NaN/Inf (a caller that validated its own inputs may skip it).
 
     Returns:
         alpha (B, H, W): soft silhouette 1 - prod(1 - D_j);
@@ -144,7 +148,7 @@ def soft_rasterize(face_verts: torch.Tensor, image_size: tuple[int, int], face_a
             and all(isinstance(n, int) and n > 0 for n in image_size)):
         raise ValueError(f"image_size: expected (H, W) positive ints, got {image_size!r}")
     image_size = (int(image_size[0]), int(image_size[1]))
-    bridge.check_tensor("face_verts", face_verts, (None, None, 3, 3), dtype=bridge.FLOAT_DTYPES, finite=True)
+    bridge.check_tensor("face_verts", face_verts, (None, None, 3, 3), dtype=bridge.FLOAT_DTYPES, finite=check_finite)
     if face_verts.dtype == torch.float64 and runtime.ensure_init() == "vulkan":
         raise TypeError("face_verts: float64 is not supported on the vulkan backend (SPIR-V has no 64-bit "
                         "exp); use float32, or the cpu/cuda backend for float64")
@@ -154,21 +158,21 @@ def soft_rasterize(face_verts: torch.Tensor, image_size: tuple[int, int], face_a
     dt = face_verts.dtype
     n_attrs = n_tex = 0
     if face_attrs is not None:
-        bridge.check_tensor("face_attrs", face_attrs, (B, F, 3, None), dtype=dt, finite=True)
+        bridge.check_tensor("face_attrs", face_attrs, (B, F, 3, None), dtype=dt, finite=check_finite)
         n_attrs = face_attrs.shape[-1]
     shaded = False
     if texture is not None:
-        bridge.check_tensor("texture", texture, (None, None, None, None), dtype=dt, finite=True)
+        bridge.check_tensor("texture", texture, (None, None, None, None), dtype=dt, finite=check_finite)
         if texture.shape[0] not in (1, B) or min(texture.shape[1:]) < 1:
             raise ValueError(f"texture: expected (1 or {B}, Ht, Wt, C), got {tuple(texture.shape)}")
         if face_uvs is None:
             raise ValueError("face_uvs: required when a texture is given, shape (1 or B, F, 3, 2)")
-        bridge.check_tensor("face_uvs", face_uvs, (None, F, 3, 2), dtype=dt, finite=True)
+        bridge.check_tensor("face_uvs", face_uvs, (None, F, 3, 2), dtype=dt, finite=check_finite)
         if face_uvs.shape[0] not in (1, B):
             raise ValueError(f"face_uvs: expected batch 1 or {B}, got {face_uvs.shape[0]}")
         n_tex = texture.shape[-1]
         if face_shading is not None:
-            bridge.check_tensor("face_shading", face_shading, (B, F, 3, n_tex), dtype=dt, finite=True)
+            bridge.check_tensor("face_shading", face_shading, (B, F, 3, n_tex), dtype=dt, finite=check_finite)
             shaded = True
     elif face_uvs is not None or face_shading is not None:
         raise ValueError("face_uvs / face_shading: given without a texture")

@@ -382,6 +382,7 @@ def train_idr(train: MultiViewDataset, config: IDRConfig = IDRConfig(), out_dir=
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        sched.milestones = _make_optimizer(model, cam_params, config)[1].milestones   # this config's schedule
         generator.set_state(state["generator"])
         if cam_params is not None and state["cameras"] is not None:
             cam_params.load_state_dict(state["cameras"])

@@ -1,0 +1,1136 @@
+"""6-DoF pose refinement of a known mesh through the soft rasterizer.
+
+Aligning a known 3D model to an object in an image: render the mesh at the current pose, compare with the
+target (silhouette IoU/MSE, RGB, a distance-transform silhouette loss that attracts from far away, or any
+differentiable image-space function such as a feature extractor), and follow the gradient to the pose.
+Instead of a loss, the caller may supply the gradient itself: a per-pixel ``dL/d(image)`` field, or a 2D
+displacement per pixel (e.g. a learned correspondence field, Grabner et al. 2020, "Geometric Correspondence
+Fields"), which is turned into ``dL/d(image) = grad(image) . displacement`` and propagated through the
+rasterizer's backward pass to the pose with no other loss.
+
+Frames. A :class:`Pose` ``(R, t)`` maps object (mesh) coordinates into the world frame of the camera it is
+used with: ``x_world = R x_obj + t``. For a camera given only by its intrinsics (identity extrinsics, the
+usual case for a photo) that is the object-to-camera transform ``x_cam = R x_obj + t`` (OpenCV axes). The
+renderer sees the mesh in object coordinates and a camera whose extrinsics are the full object-to-camera
+transform ``E o P`` (E the camera's world->camera extrinsics, P the pose). :meth:`Pose.camera_to_object`
+gives the inverse (the camera's pose in object coordinates) and :meth:`Pose.from_camera_to_object` reads one.
+
+What moves during the optimisation (``PoseSettings.parameterization``):
+
+* ``"object_to_camera"``: the object rotates about its bounding-box centre (axes of the camera) and
+  translates along the camera axes; rotation and translation are decoupled, which suits an object seen by
+  a fixed camera.
+* ``"camera_to_object"``: the camera rotates about its own centre and its centre moves in object axes, as in
+  refining a camera's extrinsics against a fixed model.
+
+Both reach the same optimum. The rotation update is an axis-angle vector (exp map) or a quaternion; the
+update is folded into the base pose at every stage, so it stays small. The intrinsics are fixed unless
+``refine_focal`` / ``refine_principal_point`` is set.
+
+Coarse-to-fine (``PoseSettings.stages``): early stages render a downsampled image with a large sigma (blurry
+coverage reaching far, cheap because the image is small), later ones sharpen at full resolution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .camera import (
+    Cameras,
+    _rotation_errors,
+    axis_angle_to_matrix,
+    matrix_to_axis_angle,
+    quaternion_to_matrix,
+)
+from .losses import neg_iou_loss
+from .mesh import Mesh
+from .raster.settings import RasterSettings
+from .renderer import RenderOutput, render_mesh
+from .shading import Lights
+
+__all__ = [
+    "DisplacementField",
+    "PixelGradientField",
+    "Pose",
+    "PoseParameters",
+    "PoseResult",
+    "PoseSettings",
+    "PoseStep",
+    "PoseTarget",
+    "Stage",
+    "LOSSES",
+    "distance_transform_loss",
+    "draw_overlay",
+    "feature_loss",
+    "image_gradient",
+    "load_pose",
+    "refine_pose",
+    "reprojection_flow",
+    "rgb_loss",
+    "rotation_error_deg",
+    "save_pose",
+    "silhouette_iou_loss",
+    "silhouette_mse_loss",
+    "translation_error",
+]
+
+# A rotation matrix read from a file or given by a user must be this close to orthonormal with det +1
+# (the same tolerance as Cameras: float32 text round-trips pass, reflections and scalings do not).
+ROTATION_ATOL = 1e-3
+CONVENTIONS = ("object_to_camera", "camera_to_object")
+ROTATIONS = ("axis_angle", "quaternion")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pose
+# ----------------------------------------------------------------------------------------------------------
+
+def _as_float_tensor(x, name: str, shape: tuple[int, ...], dtype=None, device=None) -> Tensor:
+    if isinstance(x, Tensor):
+        if not x.is_floating_point():
+            x = x.to(torch.float64)
+    else:
+        try:
+            arr = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name}: expected an array of numbers with shape {shape}, got {x!r}") from e
+        x = torch.from_numpy(arr)
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: contains NaN or Inf")
+    return x.to(dtype=dtype or x.dtype, device=device)
+
+
+def _check_rotation(R: Tensor, name: str) -> None:
+    with torch.no_grad():
+        ortho, det = _rotation_errors(R.double())
+    if float(ortho) > ROTATION_ATOL or float(det) > ROTATION_ATOL:
+        d = float(torch.linalg.det(R.double()))
+        raise ValueError(f"{name} is not a rotation matrix (max |R R^T - I| = {float(ortho):.3g}, "
+                         f"det = {d:.4g}); expected an orthonormal 3x3 matrix with determinant +1")
+
+
+@dataclass(frozen=True, eq=False)
+class Pose:
+    """Rigid transform ``x' = R x + t``: object coordinates -> the camera's world frame (object -> camera
+    for a camera with identity extrinsics).
+
+    R (3, 3) rotation, t (3,). Construction checks that R is a rotation (within ``ROTATION_ATOL``) unless
+    ``validate=False``. Both tensors share dtype and device.
+    """
+
+    R: Tensor
+    t: Tensor
+
+    def __init__(self, R, t, *, validate: bool = True, name: str = "pose"):
+        R = _as_float_tensor(R, f"{name}: R", (3, 3))
+        t = _as_float_tensor(t, f"{name}: t", (3,), dtype=R.dtype, device=R.device)
+        if validate:
+            _check_rotation(R, f"{name}: R")
+        object.__setattr__(self, "R", R)
+        object.__setattr__(self, "t", t)
+
+    # -- constructors ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def identity(dtype=torch.float32, device=None) -> Pose:
+        return Pose(torch.eye(3, dtype=dtype, device=device), torch.zeros(3, dtype=dtype, device=device))
+
+    @staticmethod
+    def from_matrix(M, name: str = "pose") -> Pose:
+        """From a ``(4, 4)`` (last row 0 0 0 1) or ``(3, 4)`` matrix ``[R | t]``."""
+        M = M if isinstance(M, Tensor) else torch.from_numpy(np.asarray(M, dtype=np.float64))
+        if tuple(M.shape) not in ((4, 4), (3, 4)):
+            raise ValueError(f"{name}: expected a 4x4 or 3x4 matrix [R | t], got shape {tuple(M.shape)}")
+        if M.shape[0] == 4:
+            last = M[3].double()
+            if not torch.allclose(last, torch.tensor([0.0, 0, 0, 1], dtype=torch.float64), atol=1e-6):
+                raise ValueError(f"{name}: the last row of a 4x4 pose must be (0, 0, 0, 1), "
+                                 f"got {last.tolist()}")
+        return Pose(M[:3, :3], M[:3, 3], name=name)
+
+    @staticmethod
+    def from_camera_to_object(R, t, name: str = "pose") -> Pose:
+        """From the camera's pose in object coordinates (``x_obj = R x_cam + t``, OpenCV camera axes)."""
+        inv = Pose(R, t, name=name)
+        return inv.inverse()
+
+    @staticmethod
+    def from_cameras(cameras: Cameras, index: int = 0) -> Pose:
+        """The extrinsics of camera ``index`` as a pose (mesh in world coordinates = object coordinates)."""
+        if not isinstance(cameras, Cameras):
+            raise TypeError(f"Pose.from_cameras: expected Cameras, got {type(cameras).__name__}")
+        c = cameras.detach()
+        return Pose(c.R[index], c.t[index])
+
+    # -- conversions -----------------------------------------------------------------------------------
+
+    def matrix(self) -> Tensor:
+        """(4, 4) homogeneous matrix."""
+        M = torch.eye(4, dtype=self.R.dtype, device=self.R.device)
+        M[:3, :3] = self.R
+        M[:3, 3] = self.t
+        return M
+
+    def inverse(self) -> Pose:
+        Rt = self.R.transpose(0, 1)
+        return Pose(Rt, -(Rt @ self.t), validate=False)
+
+    def camera_to_object(self) -> Pose:
+        """The inverse transform: for an object-to-camera pose, the camera's pose in object coordinates."""
+        return self.inverse()
+
+    def compose(self, other: Pose) -> Pose:
+        """``self o other``: apply ``other`` first."""
+        other = other.to(self.R.device, self.R.dtype)
+        return Pose(self.R @ other.R, self.R @ other.t + self.t, validate=False)
+
+    def apply(self, points: Tensor) -> Tensor:
+        """Transform points ``(..., 3)``."""
+        return points @ self.R.transpose(0, 1).to(points) + self.t.to(points)
+
+    def to(self, device=None, dtype=None) -> Pose:
+        R, t = self.R.to(device=device, dtype=dtype), self.t.to(device=device, dtype=dtype)
+        return Pose(R, t, validate=False)
+
+    def detach(self) -> Pose:
+        return Pose(self.R.detach(), self.t.detach(), validate=False)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: both conventions, float64 text."""
+        p = self.detach().to("cpu", torch.float64)
+        inv = p.inverse()
+        return {"R": p.R.tolist(), "t": p.t.tolist(), "matrix": p.matrix().tolist(),
+                "camera_to_object": {"R": inv.R.tolist(), "t": inv.t.tolist()}}
+
+    def __repr__(self) -> str:
+        aa = matrix_to_axis_angle(self.R.detach().double())
+        deg = math.degrees(float(aa.norm()))
+        return f"Pose(rotation={deg:.3f} deg about {aa.tolist()}, t={self.t.detach().tolist()})"
+
+
+def rotation_error_deg(R1, R2) -> float:
+    """Angle (degrees) of the rotation ``R1 R2^T`` between two rotations ``(3, 3)`` (or Poses), in float64."""
+    R1 = (R1.R if isinstance(R1, Pose) else torch.as_tensor(R1)).detach().cpu().double()
+    R2 = (R2.R if isinstance(R2, Pose) else torch.as_tensor(R2)).detach().cpu().double()
+    # Through the quaternion (atan2), accurate at small angles where acos((tr - 1) / 2) is not.
+    return math.degrees(float(matrix_to_axis_angle(R1 @ R2.transpose(0, 1)).norm()))
+
+
+def translation_error(t1, t2, relative_to: float | None = None) -> float:
+    """``|t1 - t2|`` (Poses or (3,) vectors), divided by ``relative_to`` when given (e.g. the distance)."""
+    t1 = (t1.t if isinstance(t1, Pose) else torch.as_tensor(t1)).detach().cpu().double()
+    t2 = (t2.t if isinstance(t2, Pose) else torch.as_tensor(t2)).detach().cpu().double()
+    err = float((t1 - t2).norm())
+    return err / relative_to if relative_to else err
+
+
+def load_pose(path) -> Pose:
+    """Read a pose from JSON: ``{"R": 3x3, "t": 3}`` or ``{"matrix": 4x4 | 3x4}``, with an optional
+    ``"convention": "object_to_camera" (default) | "camera_to_object"``. Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: pose file not found")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON pose file ({e})") from e
+    if isinstance(doc, list):
+        doc = {"matrix": doc}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'R' and 't', or 'matrix'")
+    convention = doc.get("convention", "object_to_camera")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"{path}: 'convention' must be one of {CONVENTIONS}, got {convention!r}")
+    name = str(path)
+    try:
+        if "matrix" in doc:
+            pose = Pose.from_matrix(_json_array(doc["matrix"], path, "matrix"), name=name)
+        elif "R" in doc and "t" in doc:
+            pose = Pose(_json_array(doc["R"], path, "R"), _json_array(doc["t"], path, "t"), name=name)
+        else:
+            raise ValueError(f"{path}: expected keys 'R' and 't', or 'matrix' (got {sorted(doc)})")
+    except TypeError as e:
+        raise ValueError(str(e)) from e
+    return pose.inverse() if convention == "camera_to_object" else pose
+
+
+def _json_array(value, path: Path, key: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: {key!r} must be an array of numbers, got {value!r}") from None
+    return arr
+
+
+def save_pose(pose: Pose, path, **extra) -> None:
+    """Write ``pose`` (object -> camera, plus its inverse) as JSON; ``extra`` keys are added as they are."""
+    doc = {"convention": "object_to_camera", **pose.to_dict(), **extra}
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Targets
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class PoseTarget:
+    """What the render is compared with.
+
+    mask: (H, W) float in [0, 1] (the object's silhouette), or None.
+    rgb:  (H, W, 3) float in [0, 1], or None. For the RGB loss the render (over a black background) is
+          compared with ``rgb * mask`` when there is a mask, else with ``rgb`` as it is.
+    """
+
+    mask: Tensor | None
+    rgb: Tensor | None
+
+    def __post_init__(self):
+        if self.mask is None and self.rgb is None:
+            raise ValueError("PoseTarget: give a mask, an rgb image, or both")
+        for name, x, nd in (("mask", self.mask, 2), ("rgb", self.rgb, 3)):
+            if x is None:
+                continue
+            if not isinstance(x, Tensor) or not x.is_floating_point():
+                raise TypeError(f"PoseTarget.{name}: expected a float tensor")
+            if x.dim() != nd or (nd == 3 and x.shape[-1] != 3):
+                want = "(H, W)" if nd == 2 else "(H, W, 3)"
+                raise ValueError(f"PoseTarget.{name}: expected shape {want}, got {tuple(x.shape)}")
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"PoseTarget.{name}: contains NaN or Inf")
+        if self.mask is not None and self.rgb is not None and self.mask.shape != self.rgb.shape[:2]:
+            raise ValueError(f"PoseTarget: mask {tuple(self.mask.shape)} and rgb {tuple(self.rgb.shape)} "
+                             "sizes differ")
+
+    @staticmethod
+    def from_image(image, name: str = "target") -> PoseTarget:
+        """A target from an image: ``(H, W)`` or ``(H, W, 1)`` is a mask, ``(H, W, 3)`` an RGB image without
+        mask, ``(H, W, 4)`` RGB + alpha (the silhouette). uint8 is divided by 255; floats must lie in
+        [0, 1]. Tensors or arrays; float64 arrays stay float64, anything else becomes float32."""
+        if isinstance(image, PoseTarget):
+            return image
+        if isinstance(image, Tensor):
+            x = image.detach()
+        else:
+            arr = np.asarray(image)
+            if arr.dtype.kind not in "uif":
+                raise TypeError(f"{name}: expected an image of numbers, got dtype {arr.dtype}")
+            x = torch.from_numpy(np.ascontiguousarray(arr))
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        elif not x.is_floating_point():
+            raise TypeError(f"{name}: expected uint8 or float pixels, got {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name}: contains NaN or Inf")
+        if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+            raise ValueError(f"{name}: float pixels must lie in [0, 1], got [{float(x.min()):.3g}, "
+                             f"{float(x.max()):.3g}]")
+        if x.dim() == 3 and x.shape[-1] == 1:
+            x = x[..., 0]
+        if x.dim() == 2:
+            return PoseTarget(mask=x, rgb=None)
+        if x.dim() == 3 and x.shape[-1] == 3:
+            return PoseTarget(mask=None, rgb=x)
+        if x.dim() == 3 and x.shape[-1] == 4:
+            return PoseTarget(mask=x[..., 3].contiguous(), rgb=x[..., :3].contiguous())
+        raise ValueError(f"{name}: expected an image shaped (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got "
+                         f"{tuple(x.shape)}")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        x = self.mask if self.mask is not None else self.rgb
+        return int(x.shape[0]), int(x.shape[1])
+
+    def to(self, device=None, dtype=None) -> PoseTarget:
+        def mv(x):
+            return None if x is None else x.to(device=device, dtype=dtype)
+
+        return PoseTarget(mv(self.mask), mv(self.rgb))
+
+    def resized(self, image_size: tuple[int, int]) -> PoseTarget:
+        """Area-averaged to ``(H, W)`` (the same as rendering at that size for an exact factor)."""
+        if tuple(image_size) == self.image_size:
+            return self
+
+        def down(x, chans_last):
+            x = x[None, None] if not chans_last else x.permute(2, 0, 1)[None]
+            y = F.interpolate(x, size=tuple(image_size), mode="area")
+            return y[0, 0] if not chans_last else y[0].permute(1, 2, 0).contiguous()
+
+        return PoseTarget(None if self.mask is None else down(self.mask, False),
+                          None if self.rgb is None else down(self.rgb, True))
+
+    @cached_property
+    def distance_maps(self) -> tuple[Tensor, Tensor]:
+        """``(outside, inside)`` (H, W), computed once: the distance from each pixel outside the (binarised)
+        mask to the mask, and from each pixel inside to the background; 0 elsewhere. In units of the longer
+        image side, so losses do not depend on the resolution."""
+        from scipy.ndimage import distance_transform_edt
+
+        m = self._require_mask("the distance-transform loss")
+        binary = (m.detach().cpu().numpy() >= 0.5)
+        if not binary.any():
+            raise ValueError("target mask: empty after thresholding at 0.5; the distance-transform loss "
+                             "needs an object in the target")
+        scale = 1.0 / max(binary.shape)
+        outside = distance_transform_edt(~binary) * scale  # distance to the nearest mask pixel
+        inside = distance_transform_edt(binary) * scale  # distance to the nearest background pixel
+        return (torch.from_numpy(outside).to(device=m.device, dtype=m.dtype),
+                torch.from_numpy(inside).to(device=m.device, dtype=m.dtype))
+
+    def _require_mask(self, what: str) -> Tensor:
+        if self.mask is None:
+            raise ValueError(f"{what} needs a target mask (a (H, W) mask or an RGBA image), but the target "
+                             "has only RGB")
+        return self.mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses and fields
+# ----------------------------------------------------------------------------------------------------------
+# A loss is fn(rendered: RenderOutput, target: PoseTarget, camera: Cameras) -> scalar tensor, with rendered
+# maps batched (1, H, W, ...) at the stage's resolution and target at the same size.
+
+def silhouette_iou_loss(rendered: RenderOutput, target: PoseTarget, camera: Cameras | None = None) -> Tensor:
+    """``1 - soft IoU`` of the rendered silhouette and the target mask."""
+    return neg_iou_loss(rendered.alpha, target._require_mask("the silhouette IoU loss")[None])
+
+
+def silhouette_mse_loss(rendered: RenderOutput, target: PoseTarget, camera: Cameras | None = None) -> Tensor:
+    """Mean squared difference of the rendered silhouette and the target mask."""
+    return (rendered.alpha - target._require_mask("the silhouette MSE loss")[None]).square().mean()
+
+
+def rgb_loss(rendered: RenderOutput, target: PoseTarget, camera: Cameras | None = None) -> Tensor:
+    """Mean squared colour difference; the render is over black, so the target is ``rgb * mask`` when it has
+    a mask (a photo with clutter needs one) and ``rgb`` otherwise."""
+    if target.rgb is None:
+        raise ValueError("the RGB loss needs a target with colour (an (H, W, 3) or (H, W, 4) image), but the "
+                         "target is a mask")
+    if rendered.rgb is None:
+        raise ValueError("the RGB loss needs the rendered rgb (outputs must include 'rgb')")
+    ref = target.rgb if target.mask is None else target.rgb * target.mask[..., None]
+    return (rendered.rgb - ref[None]).square().mean()
+
+
+def distance_transform_loss(rendered: RenderOutput, target: PoseTarget,
+                            camera: Cameras | None = None) -> Tensor:
+    """Silhouette loss that attracts from far away:
+    ``mean_p alpha_p D_out(p) + (1 - alpha_p) D_in(p)``.
+
+    ``D_out`` is the distance from a pixel outside the target mask to the mask, ``D_in`` from a pixel inside
+    to the background (:attr:`PoseTarget.distance_maps`, computed once per target). Rendered coverage far
+    from the target costs in proportion to its distance, so even a render that does not overlap the target
+    at all is pulled towards it; uncovered parts of the target cost likewise, so shrinking is no way out.
+    Zero only when the binarised silhouettes agree.
+    """
+    outside, inside = target.distance_maps
+    a = rendered.alpha
+    return (a * outside[None] + (1 - a) * inside[None]).mean()
+
+
+LOSSES: dict[str, Callable] = {
+    "silhouette_iou": silhouette_iou_loss,
+    "silhouette_mse": silhouette_mse_loss,
+    "rgb": rgb_loss,
+    "distance_transform": distance_transform_loss,
+}
+_ALIASES = {"iou": "silhouette_iou", "silhouette": "silhouette_iou", "mse": "silhouette_mse",
+            "dt": "distance_transform"}
+
+
+def feature_loss(extractor: Callable[[Tensor], Tensor], channel: str = "rgb") -> Callable:
+    """A loss comparing images in a feature space: ``mean |phi(render) - phi(target)|^2``.
+
+    extractor: differentiable ``(1, C, H, W) -> (1, ...)`` (e.g. a frozen CNN). channel: ``"rgb"`` (3
+    channels; the target is ``rgb * mask`` when it has a mask) or ``"alpha"`` (1 channel). The target's
+    features are computed once per target resolution and cached.
+    """
+    if channel not in ("rgb", "alpha"):
+        raise ValueError(f"feature_loss: channel must be 'rgb' or 'alpha', got {channel!r}")
+    cache: dict = {}
+
+    def target_image(target: PoseTarget) -> Tensor:
+        if channel == "alpha":
+            return target._require_mask("feature_loss(channel='alpha')")[None, None]
+        if target.rgb is None:
+            raise ValueError("feature_loss(channel='rgb') needs a target with colour")
+        ref = target.rgb if target.mask is None else target.rgb * target.mask[..., None]
+        return ref.permute(2, 0, 1)[None]
+
+    def loss(rendered: RenderOutput, target: PoseTarget, camera: Cameras | None = None) -> Tensor:
+        key = (id(target), target.image_size)
+        if key not in cache:
+            with torch.no_grad():
+                # Keep the target alive with its features, so its id() is not reused by another object.
+                cache[key] = (target, extractor(target_image(target)).detach())
+        feats_t = cache[key][1]
+        if channel == "alpha":
+            img = rendered.alpha[:, None]
+        else:
+            if rendered.rgb is None:
+                raise ValueError("feature_loss(channel='rgb') needs the rendered rgb")
+            img = rendered.rgb.permute(0, 3, 1, 2)
+        feats = extractor(img)
+        if feats.shape != feats_t.shape:
+            raise ValueError(f"feature_loss: the extractor gave {tuple(feats.shape)} for the render but "
+                             f"{tuple(feats_t.shape)} for the target")
+        return (feats - feats_t).square().mean()
+
+    loss.channel = channel
+    return loss
+
+
+@dataclass(frozen=True)
+class PixelGradientField:
+    """Replace the loss by its gradient with respect to the rendered image.
+
+    fn(rendered, target, camera) returns ``dL/d alpha (1, H, W)``, or a dict with any of ``"alpha"``
+    ``(1, H, W)`` and ``"rgb"`` ``(1, H, W, 3)``, at the stage's resolution; it is propagated with
+    ``torch.autograd.backward(rendered maps, field)`` through the rasterizer to the pose. ``camera`` is the
+    detached render camera (its R, t the current object-to-camera pose, K the stage's intrinsics).
+    """
+
+    fn: Callable
+    name: str = "pixel_gradient"
+
+
+@dataclass(frozen=True)
+class DisplacementField:
+    """Replace the loss by a 2D displacement per pixel: where the content at each pixel should move.
+
+    fn(rendered, target, camera) returns ``(1, H, W, 2)`` displacements ``(du, dv)`` in pixels at the
+    stage's resolution (0 or NaN where it has no opinion). It becomes ``dL/dI = grad(I) . d`` for each
+    rendered map I in ``channels`` (``"alpha"``, ``"rgb"``): the gradient of ``|I - I_target|^2 / 2`` when
+    ``I_target`` is I moved by d to first order, so a descent step moves the content along d.
+    """
+
+    fn: Callable
+    channels: tuple[str, ...] = ("alpha",)
+    name: str = "displacement"
+
+    def __post_init__(self):
+        bad = set(self.channels) - {"alpha", "rgb"}
+        if bad or not self.channels:
+            raise ValueError(f"DisplacementField.channels: expected a non-empty subset of ('alpha', 'rgb'), "
+                             f"got {self.channels!r}")
+
+
+def image_gradient(image: Tensor) -> tuple[Tensor, Tensor]:
+    """Central differences of ``image (B, H, W)`` or ``(B, H, W, C)`` along u (columns) and v (rows);
+    one-sided at the borders. Returns ``(dI/du, dI/dv)`` shaped like ``image``."""
+    x = image if image.dim() == 4 else image[..., None]
+    gu = torch.zeros_like(x)
+    gv = torch.zeros_like(x)
+    if x.shape[2] > 1:
+        gu[:, :, 1:-1] = 0.5 * (x[:, :, 2:] - x[:, :, :-2])
+        gu[:, :, 0] = x[:, :, 1] - x[:, :, 0]
+        gu[:, :, -1] = x[:, :, -1] - x[:, :, -2]
+    if x.shape[1] > 1:
+        gv[:, 1:-1] = 0.5 * (x[:, 2:] - x[:, :-2])
+        gv[:, 0] = x[:, 1] - x[:, 0]
+        gv[:, -1] = x[:, -1] - x[:, -2]
+    if image.dim() == 3:
+        return gu[..., 0], gv[..., 0]
+    return gu, gv
+
+
+def reprojection_flow(depth: Tensor, mask: Tensor, camera: Cameras, other: Cameras) -> Tensor:
+    """Where the surface seen at each pixel of ``camera`` appears in ``other``: ``(B, H, W, 2)`` pixel
+    displacements (0 outside ``mask``).
+
+    depth (B, H, W) camera-space depth as rendered by ``camera``; mask (B, H, W) bool, the pixels to use
+    (e.g. ``pix_to_face >= 0``). With ``other`` the camera at the true pose this is the oracle
+    correspondence field of a pose benchmark. Both cameras share the image size; no gradient.
+    """
+    with torch.no_grad():
+        B, H, W = depth.shape
+        v, u = torch.meshgrid(torch.arange(H, dtype=depth.dtype, device=depth.device) + 0.5,
+                              torch.arange(W, dtype=depth.dtype, device=depth.device) + 0.5, indexing="ij")
+        _, dirs = camera.pixel_rays(torch.stack([u, v], -1).reshape(-1, 2))  # unit, world
+        R = camera.R.to(depth)
+        # pixel_rays gives unit directions; depth is along the camera z axis, so scale by 1 / (d . z_axis).
+        cos = (dirs @ R[:, 2:3, :].transpose(-1, -2))[..., 0].clamp_min(1e-6)  # (B, N)
+        z = torch.where(mask, depth, torch.ones_like(depth)).reshape(B, -1)
+        pts = camera.camera_centers()[:, None, :].to(depth) + dirs * (z / cos)[..., None]
+        proj = other.project(pts)[..., :2].reshape(B, H, W, 2)
+        flow = proj - torch.stack([u, v], -1)[None]
+        return torch.where(mask[..., None], flow, torch.zeros_like(flow))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the coarse-to-fine schedule.
+
+    size: longest image side in pixels to render at (None or >= the target's: full resolution).
+    sigma: the rasterizer's sigma (SoftRas NDC units: 1e-2 blurry and long-range, 1e-4 crisp).
+    iters: optimisation steps.
+    lr: multiplier on PoseSettings' learning rates; within the stage it decays (cosine) to ``lr * 0.1``.
+    """
+
+    size: int | None
+    sigma: float
+    iters: int
+    lr: float = 1.0
+
+    def __post_init__(self):
+        if self.size is not None and not (isinstance(self.size, int) and self.size >= 4):
+            raise ValueError(f"Stage.size: expected None or an int >= 4, got {self.size!r}")
+        if not (self.sigma > 0 and math.isfinite(self.sigma)):
+            raise ValueError(f"Stage.sigma: expected a finite value > 0, got {self.sigma!r}")
+        if not (isinstance(self.iters, int) and self.iters >= 0):
+            raise ValueError(f"Stage.iters: expected an int >= 0, got {self.iters!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"Stage.lr: expected a finite value > 0, got {self.lr!r}")
+
+
+DEFAULT_STAGES = (
+    Stage(size=64, sigma=3e-3, iters=40, lr=1.0),
+    Stage(size=128, sigma=3e-4, iters=20, lr=0.3),
+    Stage(size=None, sigma=1e-4, iters=15, lr=0.1),
+)
+
+
+@dataclass(frozen=True)
+class PoseSettings:
+    """How :func:`refine_pose` optimises.
+
+    stages: the coarse-to-fine schedule (see :class:`Stage`).
+    rotation: the rotation update, ``"axis_angle"`` (exp map) or ``"quaternion"`` (normalised 4-vector).
+    parameterization: ``"object_to_camera"`` (the object moves) or ``"camera_to_object"`` (the camera moves);
+        see the module docstring.
+    refine_focal: also learn a focal-length scale (fx, fy together, about the principal point).
+    refine_principal_point: also learn the principal point.
+    lr_rotation: Adam learning rate of the rotation update (radians).
+    lr_translation: of the translation update, in units of the object's bounding radius.
+    lr_focal: of the log focal scale. lr_principal_point: of the principal point, in half-image-widths.
+    multi_start: number of starts; the first is the initial pose, the others it rotated by
+        ``multi_start_angle`` degrees about the object's centre (axes spread over the sphere). Each start runs
+        the first stage; the one with the lowest loss continues.
+    gamma: the rasterizer's depth-softmax temperature (RGB aggregation).
+    shading: "gouraud" or "flat", when lights are given.
+    """
+
+    stages: tuple[Stage, ...] = DEFAULT_STAGES
+    rotation: str = "axis_angle"
+    parameterization: str = "object_to_camera"
+    refine_focal: bool = False
+    refine_principal_point: bool = False
+    lr_rotation: float = 0.05
+    lr_translation: float = 0.05
+    lr_focal: float = 0.01
+    lr_principal_point: float = 0.005
+    multi_start: int = 1
+    multi_start_angle: float = 45.0
+    gamma: float = 1e-4
+    shading: str = "gouraud"
+
+    def __post_init__(self):
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"PoseSettings.rotation: expected one of {ROTATIONS}, got {self.rotation!r}")
+        if self.parameterization not in CONVENTIONS:
+            raise ValueError(f"PoseSettings.parameterization: expected one of {CONVENTIONS}, got "
+                             f"{self.parameterization!r}")
+        stages = tuple(self.stages)
+        if not stages or not all(isinstance(s, Stage) for s in stages):
+            raise ValueError("PoseSettings.stages: expected a non-empty sequence of Stage")
+        object.__setattr__(self, "stages", stages)
+        for name in ("lr_rotation", "lr_translation", "lr_focal", "lr_principal_point", "gamma"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"PoseSettings.{name}: expected a finite value > 0, got {v!r}")
+        if not (isinstance(self.multi_start, int) and self.multi_start >= 1):
+            raise ValueError(f"PoseSettings.multi_start: expected an int >= 1, got {self.multi_start!r}")
+        if self.shading not in ("gouraud", "flat"):
+            raise ValueError(f"PoseSettings.shading: expected 'gouraud' or 'flat', got {self.shading!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The learnable pose
+# ----------------------------------------------------------------------------------------------------------
+
+class PoseParameters(torch.nn.Module):
+    """A learnable object-to-camera pose (and optionally intrinsics) around a base value.
+
+    object_to_camera ``(R0, t0)`` and intrinsics ``K0 (3, 3)`` at ``image_size``; ``pivot (3,)``: the object
+    point the object rotates about (its centre); ``scale``: length unit of the translation update (the
+    object's radius), so one learning rate fits any mesh size.
+
+    * ``parameterization="object_to_camera"``: ``R = D R0``, ``t = t0 + R0 c - D R0 c + scale * dt``
+      (rotation D about the object's centre c, in camera axes; translation in camera axes);
+    * ``"camera_to_object"``: ``R = D R0``, camera centre ``C = C0 + scale * dt`` (object axes),
+      ``t = -R C`` (rotation D about the camera centre).
+
+    D is ``exp(rot)`` (``rotation="axis_angle"``, rot (3,) starting at 0) or from the quaternion rot (4,)
+    starting at (1, 0, 0, 0). With ``refine_focal`` fx, fy are scaled by ``exp(log_focal)``; with
+    ``refine_principal_point`` the principal point moves by ``pp * (W / 2)`` pixels. At initialisation
+    :meth:`cameras` reproduces the base pose and K exactly.
+    """
+
+    def __init__(self, R0: Tensor, t0: Tensor, K0: Tensor, image_size: tuple[int, int], pivot: Tensor,
+                 scale: float, rotation: str = "axis_angle", parameterization: str = "object_to_camera",
+                 refine_focal: bool = False, refine_principal_point: bool = False):
+        super().__init__()
+        if rotation not in ROTATIONS:
+            raise ValueError(f"rotation: expected one of {ROTATIONS}, got {rotation!r}")
+        if parameterization not in CONVENTIONS:
+            raise ValueError(f"parameterization: expected one of {CONVENTIONS}, got {parameterization!r}")
+        if not scale > 0:
+            raise ValueError(f"scale: expected > 0, got {scale}")
+        self.rotation, self.parameterization = rotation, parameterization
+        self.image_size = tuple(image_size)
+        self.scale = float(scale)
+        kw = dict(dtype=R0.dtype, device=R0.device)
+        self.register_buffer("R0", R0.detach().clone())
+        self.register_buffer("t0", t0.detach().clone().to(**kw))
+        self.register_buffer("K0", K0.detach().clone().to(**kw))
+        self.register_buffer("pivot", pivot.detach().clone().to(**kw))
+        self.rot = torch.nn.Parameter(self._rot_zero(**kw))
+        self.dt = torch.nn.Parameter(torch.zeros(3, **kw))
+        self.log_focal = torch.nn.Parameter(torch.zeros(1, **kw)) if refine_focal else None
+        self.pp = torch.nn.Parameter(torch.zeros(2, **kw)) if refine_principal_point else None
+
+    def _rot_zero(self, **kw) -> Tensor:
+        return torch.zeros(3, **kw) if self.rotation == "axis_angle" else torch.tensor([1.0, 0, 0, 0], **kw)
+
+    def rotation_delta(self) -> Tensor:
+        """D (3, 3)."""
+        if self.rotation == "axis_angle":
+            return axis_angle_to_matrix(self.rot)
+        return quaternion_to_matrix(self.rot)
+
+    def object_to_camera(self) -> tuple[Tensor, Tensor]:
+        """``(R (3, 3), t (3,))``, differentiable in the parameters."""
+        D = self.rotation_delta()
+        R = D @ self.R0
+        if self.parameterization == "object_to_camera":
+            c = self.R0 @ self.pivot
+            t = self.t0 + c - D @ c + self.scale * self.dt
+        else:
+            centre = -(self.R0.transpose(0, 1) @ self.t0) + self.scale * self.dt
+            t = -(R @ centre)
+        return R, t
+
+    def intrinsics(self, image_size: tuple[int, int] | None = None) -> Tensor:
+        """K (3, 3) at ``image_size`` (default the base size): rows 0 and 1 scaled by the size ratio, which
+        is exact for area-downsampled targets (pixel coordinates start at the image corner)."""
+        K = self.K0
+        if self.log_focal is not None or self.pp is not None:
+            (fx, skew, cx), (zero, fy, cy) = K[0], K[1]
+            if self.log_focal is not None:
+                f = torch.exp(self.log_focal[0])
+                fx, skew, fy = fx * f, skew * f, fy * f
+            if self.pp is not None:
+                half_w = self.image_size[1] / 2
+                cx, cy = cx + self.pp[0] * half_w, cy + self.pp[1] * half_w
+            K = torch.stack([torch.stack([fx, skew, cx]), torch.stack([zero, fy, cy]), K[2]])
+        if image_size is not None and tuple(image_size) != self.image_size:
+            sy = image_size[0] / self.image_size[0]
+            sx = image_size[1] / self.image_size[1]
+            s = torch.tensor([sx, sy, 1.0], dtype=K.dtype, device=K.device)[:, None]
+            K = K * s
+        return K
+
+    def cameras(self, image_size: tuple[int, int] | None = None) -> Cameras:
+        """The render camera (B = 1): intrinsics at ``image_size``, extrinsics the object-to-camera pose."""
+        R, t = self.object_to_camera()
+        size = tuple(image_size) if image_size is not None else self.image_size
+        return Cameras(self.intrinsics(size), R, t, size, validate=False)
+
+    @torch.no_grad()
+    def bake(self) -> None:
+        """Fold the current update into the base (R0, t0, K0) and reset it to zero, so the next updates
+        start small again (the exp map and quaternion stay well conditioned)."""
+        R, t = self.object_to_camera()
+        K = self.intrinsics()
+        # Re-orthonormalise: many small float32 updates would otherwise drift off SO(3).
+        U, _, Vh = torch.linalg.svd(R)
+        R = U @ Vh
+        self.R0.copy_(R)
+        self.t0.copy_(t)
+        self.K0.copy_(K)
+        self.rot.copy_(self._rot_zero(dtype=self.rot.dtype, device=self.rot.device))
+        self.dt.zero_()
+        if self.log_focal is not None:
+            self.log_focal.zero_()
+        if self.pp is not None:
+            self.pp.zero_()
+
+    def param_groups(self, settings: PoseSettings, mult: float = 1.0) -> list[dict]:
+        groups = [{"params": [self.rot], "lr": settings.lr_rotation * mult},
+                  {"params": [self.dt], "lr": settings.lr_translation * mult}]
+        if self.log_focal is not None:
+            groups.append({"params": [self.log_focal], "lr": settings.lr_focal * mult})
+        if self.pp is not None:
+            groups.append({"params": [self.pp], "lr": settings.lr_principal_point * mult})
+        return groups
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Refinement
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PoseStep:
+    """Passed to ``refine_pose``'s callback after every optimisation step."""
+
+    start: int  # which start (multi-start), 0-based
+    stage: int  # which stage, 0-based
+    iteration: int  # overall step of this start, 0-based
+    total: int  # steps of one start over all stages
+    loss: float
+    pose: Pose  # current pose (same frame as the initial pose)
+
+
+@dataclass
+class PoseResult:
+    """What :func:`refine_pose` returns.
+
+    pose: refined pose, in the frame of ``init_pose`` (object -> the camera's world frame).
+    init_pose: the initial pose.
+    K: (3, 3) refined intrinsics (the input K when they are fixed).
+    camera: the refined camera (B = 1), K and world->camera extrinsics as given.
+    history: loss (for fields: RMS of the field) at every step of the winning start.
+    history_stage: the stage of each history entry.
+    start: index of the winning start; start_losses: final first-stage loss of every start.
+    overlay: (H, W, 3) float, the target with the model's outline at the refined pose drawn on it.
+    overlay_init: the same at the initial pose.
+    silhouette: (H, W) hard silhouette at the refined pose (full resolution).
+    seconds: wall-clock time of the whole refinement.
+    """
+
+    pose: Pose
+    init_pose: Pose
+    K: Tensor
+    camera: Cameras
+    history: list[float]
+    history_stage: list[int]
+    start: int
+    start_losses: list[float]
+    overlay: Tensor
+    overlay_init: Tensor
+    silhouette: Tensor
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def _resolve_loss(loss) -> tuple[str, Callable | PixelGradientField | DisplacementField, bool]:
+    """-> (kind, what, needs_rgb). kind: 'loss' or 'field'."""
+    if isinstance(loss, (PixelGradientField, DisplacementField)):
+        needs_rgb = isinstance(loss, DisplacementField) and "rgb" in loss.channels
+        return "field", loss, needs_rgb
+    if isinstance(loss, str):
+        return "loss", _named_loss(loss), loss in ("rgb",)
+    if callable(loss):
+        return "loss", loss, getattr(loss, "channel", "rgb") == "rgb"
+    if isinstance(loss, Mapping):
+        if not loss:
+            raise ValueError("loss: an empty mapping; give at least one {name or callable: weight}")
+        terms = []
+        needs_rgb = False
+        for key, w in loss.items():
+            if isinstance(key, str):
+                fn = _named_loss(key)
+                needs_rgb |= _ALIASES.get(key, key) == "rgb"
+            elif callable(key):
+                fn = key
+                needs_rgb |= getattr(key, "channel", "rgb") == "rgb"
+            else:
+                raise TypeError(f"loss: mapping keys must be loss names or callables, got {key!r}")
+            try:
+                w = float(w)
+            except (TypeError, ValueError):
+                raise TypeError(f"loss: weight of {key!r} must be a number, got {w!r}") from None
+            if not math.isfinite(w):
+                raise ValueError(f"loss: weight of {key!r} must be finite, got {w}")
+            terms.append((fn, w))
+
+        def combined(rendered, target, camera):
+            return sum(w * fn(rendered, target, camera) for fn, w in terms)
+
+        return "loss", combined, needs_rgb
+    raise TypeError(f"loss: expected a name ({', '.join(LOSSES)}), a callable, a {{loss: weight}} mapping, a "
+                    f"PixelGradientField or a DisplacementField, got {type(loss).__name__}")
+
+
+def _named_loss(name: str) -> Callable:
+    key = _ALIASES.get(name, name)
+    if key not in LOSSES:
+        raise ValueError(f"loss: unknown loss {name!r}; choose from {sorted(LOSSES)} (or pass a callable)")
+    return LOSSES[key]
+
+
+def _stage_size(stage: Stage, image_size: tuple[int, int]) -> tuple[int, int]:
+    H, W = image_size
+    if stage.size is None or stage.size >= max(H, W):
+        return H, W
+    s = stage.size / max(H, W)
+    return max(1, round(H * s)), max(1, round(W * s))
+
+
+def _start_rotations(n: int, angle_deg: float, dtype, device) -> list[Tensor]:
+    """Identity, then rotations by ``angle_deg`` about n - 1 axes spread over the sphere (Fibonacci)."""
+    out = [torch.zeros(3, dtype=dtype, device=device)]
+    m = n - 1
+    golden = math.pi * (3 - math.sqrt(5))
+    for i in range(m):
+        z = 1 - 2 * (i + 0.5) / m
+        r = math.sqrt(max(0.0, 1 - z * z))
+        axis = torch.tensor([r * math.cos(golden * i), r * math.sin(golden * i), z], dtype=dtype,
+                            device=device)
+        out.append(axis * math.radians(angle_deg))
+    return out
+
+
+def _field_gradients(fld, rendered: RenderOutput, target: PoseTarget, camera: Cameras):
+    """-> (list of rendered maps, list of gradients, rms)."""
+    H, W = camera.image_size
+    with torch.no_grad():
+        out = fld.fn(rendered, target, camera)
+    if isinstance(fld, PixelGradientField):
+        grads = out if isinstance(out, Mapping) else {"alpha": out}
+        unknown = set(grads) - {"alpha", "rgb"}
+        if unknown:
+            raise ValueError(f"{fld.name}: the field function returned unknown keys {sorted(unknown)}; "
+                             "expected 'alpha' and/or 'rgb'")
+    else:
+        if not isinstance(out, Tensor) or tuple(out.shape) != (1, H, W, 2):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"{fld.name}: the displacement function must return a (1, {H}, {W}, 2) tensor "
+                             f"of pixel displacements, got {got}")
+        flow = torch.nan_to_num(out.detach().to(rendered.alpha), nan=0.0, posinf=0.0, neginf=0.0)
+        grads = {}
+        for ch in fld.channels:
+            img = rendered.alpha if ch == "alpha" else rendered.rgb
+            gu, gv = image_gradient(img.detach())
+            fu, fv = (flow[..., 0], flow[..., 1]) if ch == "alpha" else (flow[..., :1], flow[..., 1:])
+            grads[ch] = gu * fu + gv * fv
+    maps, gs = [], []
+    sq, n = 0.0, 0
+    for ch, g in grads.items():
+        img = rendered.alpha if ch == "alpha" else rendered.rgb
+        if img is None:
+            raise ValueError(f"{fld.name}: gradient for {ch!r} given but it was not rendered")
+        if not isinstance(g, Tensor) or g.shape != img.shape:
+            got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+            raise ValueError(f"{fld.name}: the gradient for {ch!r} must have shape {tuple(img.shape)}, "
+                             f"got {got}")
+        g = torch.nan_to_num(g.detach().to(img), nan=0.0, posinf=0.0, neginf=0.0)
+        maps.append(img)
+        gs.append(g)
+        sq += float(g.square().sum())
+        n += g.numel()
+    return maps, gs, math.sqrt(sq / max(n, 1))
+
+
+def refine_pose(mesh: Mesh, target, camera: Cameras, init_pose: Pose | None = None, *,
+                loss="silhouette_iou", settings: PoseSettings | None = None, lights: Lights | None = None,
+                outputs: Sequence[str] | None = None, callback: Callable[[PoseStep], None] | None = None
+                ) -> PoseResult:
+    """Refine the 6-DoF pose of ``mesh`` so that its render matches ``target``.
+
+    Args:
+        mesh: the object, in its own coordinates (its colours/texture are used by the RGB loss).
+        target: a :class:`PoseTarget`, or an image ``(H, W)`` mask / ``(H, W, 3)`` RGB / ``(H, W, 4)`` RGBA
+            (tensor or array, uint8 or float in [0, 1]); its size must be the camera's image size.
+        camera: one camera (``Cameras`` with B = 1): intrinsics, image size and world->camera extrinsics.
+        init_pose: object -> world pose (object -> camera for identity extrinsics); a Pose, a (4, 4) matrix,
+            or None for the identity (the mesh is already placed in the world).
+        loss: ``"silhouette_iou"``, ``"silhouette_mse"``, ``"rgb"``, ``"distance_transform"``, a callable
+            ``fn(rendered, target, camera) -> scalar`` (e.g. :func:`feature_loss`), a ``{loss: weight}``
+            mapping of those, or a :class:`PixelGradientField` / :class:`DisplacementField`.
+        settings: :class:`PoseSettings` (stages, parameterization, what is refined, learning rates).
+        lights: shading for the rendered rgb, with directions in *camera* coordinates (OpenCV: x right,
+            y down, z forward; e.g. (0, -1, -1) is above and behind the camera), so the lighting stays put
+            while the object moves. None: unlit albedo.
+        outputs: the render outputs the loss or field reads besides alpha (any of "rgb", "depth",
+            "normals"); default: "rgb" for the RGB loss, callables and rgb fields, else none.
+        callback: called with a :class:`PoseStep` after every step (progress bars).
+
+    Returns a :class:`PoseResult` with the refined pose, loss history and overlays.
+    """
+    t_start = time.perf_counter()
+    settings = settings or PoseSettings()
+    if not isinstance(settings, PoseSettings):
+        raise TypeError(f"settings: expected PoseSettings, got {type(settings).__name__}")
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh: expected taichi_dr.Mesh, got {type(mesh).__name__}")
+    if not isinstance(camera, Cameras):
+        raise TypeError(f"camera: expected taichi_dr.Cameras, got {type(camera).__name__}")
+    if len(camera) != 1:
+        raise ValueError(f"camera: expected one camera (B = 1), got {len(camera)}; select one with camera[i]")
+    dtype, device = mesh.verts.dtype, mesh.verts.device
+    target = PoseTarget.from_image(target).to(device=device, dtype=dtype)
+    if target.image_size != tuple(camera.image_size):
+        raise ValueError(f"target: image size {target.image_size} (H, W) does not match the camera's "
+                         f"image_size {tuple(camera.image_size)}")
+    kind, objective, needs_rgb = _resolve_loss(loss)
+    if outputs is None:
+        outputs = ("rgb",) if needs_rgb else ()
+    outputs = tuple(outputs)
+    if init_pose is None:
+        init_pose = Pose.identity(dtype, device)
+    elif not isinstance(init_pose, Pose):
+        init_pose = Pose.from_matrix(init_pose, name="init_pose")
+    init_pose = init_pose.to(device, dtype)
+    cam = camera.detach().to(device=device, dtype=dtype)
+    extr = Pose(cam.R[0], cam.t[0], validate=False)
+    T0 = extr.compose(init_pose)  # object -> camera
+
+    verts = mesh.verts.detach()
+    lo, hi = verts.amin(0), verts.amax(0)
+    pivot = 0.5 * (lo + hi)
+    radius = float((verts - pivot).norm(dim=1).max())
+    if not radius > 0:
+        raise ValueError(f"mesh {mesh.name!r}: all vertices coincide; its pose is undefined")
+    static = mesh.with_verts(verts)
+
+    stage_targets = {}
+
+    def target_at(size):
+        if size not in stage_targets:
+            stage_targets[size] = target.resized(size)
+        return stage_targets[size]
+
+    def make_params(R0, t0) -> PoseParameters:
+        return PoseParameters(R0, t0, cam.K[0], cam.image_size, pivot, radius, settings.rotation,
+                              settings.parameterization, settings.refine_focal,
+                              settings.refine_principal_point)
+
+    total = sum(s.iters for s in settings.stages)
+
+    def run_stages(params: PoseParameters, stages, start_idx: int, offset: int, history, history_stage):
+        """Optimise ``params`` through ``stages``; returns the last loss."""
+        last = float("nan")
+        it_global = offset
+        for si, stage in stages:
+            size = _stage_size(stage, cam.image_size)
+            tgt = target_at(size)
+            raster = RasterSettings(sigma=stage.sigma, gamma=settings.gamma)
+            params.bake()
+            opt = torch.optim.Adam(params.param_groups(settings, stage.lr))
+            base_lrs = [g["lr"] for g in opt.param_groups]
+            for it in range(stage.iters):
+                # Cosine decay to 10% over the stage: large early steps, fine convergence at the end.
+                decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * it / max(stage.iters - 1, 1)))
+                for g, lr0 in zip(opt.param_groups, base_lrs, strict=True):
+                    g["lr"] = lr0 * decay
+                opt.zero_grad(set_to_none=True)
+                render_cam = params.cameras(size)
+                lights_obj = _lights_in_object(lights, render_cam.R[0]) if lights is not None else None
+                rendered = render_mesh(static, render_cam, lights_obj, raster, shading=settings.shading,
+                                       outputs=outputs)
+                if kind == "loss":
+                    value = objective(rendered, tgt, render_cam.detach())
+                    if not isinstance(value, Tensor) or value.numel() != 1:
+                        raise ValueError("loss: the loss function must return a scalar tensor, got "
+                                         f"{value if not isinstance(value, Tensor) else tuple(value.shape)}")
+                    value = value.reshape(())
+                    if not bool(torch.isfinite(value)):
+                        raise FloatingPointError(f"loss became {float(value)} at stage {si}, step {it}")
+                    if value.requires_grad:
+                        value.backward()
+                    last = float(value)
+                else:
+                    maps, grads, rms = _field_gradients(objective, rendered, tgt, render_cam.detach())
+                    if any(m.requires_grad for m in maps):
+                        torch.autograd.backward(maps, grads)
+                    last = rms
+                for p in params.parameters():
+                    if p.grad is not None:
+                        torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+                opt.step()
+                history.append(last)
+                history_stage.append(si)
+                if callback is not None:
+                    with torch.no_grad():
+                        R, t = params.object_to_camera()
+                    callback(PoseStep(start_idx, si, it_global, total, last,
+                                      extr.inverse().compose(Pose(R.detach(), t.detach(), validate=False))))
+                it_global += 1
+        params.bake()
+        return last
+
+    stages = list(enumerate(settings.stages))
+    first, rest = stages[:1], stages[1:]
+    starts = _start_rotations(settings.multi_start, settings.multi_start_angle, dtype, device)
+    best = None
+    start_losses = []
+    for k, aa in enumerate(starts):
+        # Start k: the initial pose rotated about the object's centre (in camera axes).
+        D = axis_angle_to_matrix(aa)
+        c = T0.R @ pivot
+        params = make_params(D @ T0.R, T0.t + c - D @ c)
+        hist, hstage = [], []
+        value = run_stages(params, first, k, 0, hist, hstage)
+        start_losses.append(value)
+        if best is None or value < best[0]:
+            best = (value, k, params, hist, hstage)
+    _, k_best, params, history, history_stage = best
+    run_stages(params, rest, k_best, len(history), history, history_stage)
+
+    with torch.no_grad():
+        R, t = params.object_to_camera()
+        K = params.intrinsics().detach()
+    T = Pose(R.detach(), t.detach(), validate=False)
+    pose = extr.inverse().compose(T)
+    refined_cam = Cameras(K, cam.R, cam.t, cam.image_size)
+    sil = _hard_silhouette(static, K, T, cam.image_size)
+    sil0 = _hard_silhouette(static, cam.K[0], T0, cam.image_size)
+    background = target.rgb if target.rgb is not None else target.mask
+    return PoseResult(pose=pose, init_pose=init_pose, K=K, camera=refined_cam, history=history,
+                      history_stage=history_stage, start=k_best, start_losses=start_losses,
+                      overlay=draw_overlay(background, sil), overlay_init=draw_overlay(background, sil0),
+                      silhouette=sil, seconds=time.perf_counter() - t_start)
+
+
+def _lights_in_object(lights: Lights, R: Tensor) -> Lights:
+    """Camera-space light directions -> object space (``d_obj = R^T d_cam``), differentiable in R."""
+    dirs = lights.directions.to(R) @ R  # row vectors: (R^T d)^T = d^T R
+    return dataclasses.replace(lights, directions=dirs)
+
+
+@torch.no_grad()
+def _hard_silhouette(mesh: Mesh, K: Tensor, T: Pose, image_size) -> Tensor:
+    cam = Cameras(K, T.R, T.t, image_size, validate=False)
+    out = render_mesh(mesh, cam, None, RasterSettings(mode="hard"), outputs=())
+    return out.alpha[0]
+
+
+def draw_overlay(image: Tensor, mask: Tensor, color=(0.0, 1.0, 0.0), width: int = 1) -> Tensor:
+    """The outline of ``mask (H, W)`` (thresholded at 0.5) drawn over ``image`` ((H, W) grey or (H, W, 3))
+    in ``color``, ``width`` pixels wide: ``(H, W, 3)`` float."""
+    from scipy.ndimage import binary_dilation, binary_erosion
+
+    img = image.detach().cpu().float()
+    if img.dim() == 2:
+        img = img[..., None].expand(-1, -1, 3)
+    if img.dim() != 3 or img.shape[-1] != 3:
+        raise ValueError(f"draw_overlay: image must be (H, W) or (H, W, 3), got {tuple(image.shape)}")
+    if tuple(mask.shape) != tuple(img.shape[:2]):
+        raise ValueError(f"draw_overlay: mask {tuple(mask.shape)} and image {tuple(img.shape[:2])} "
+                         "sizes differ")
+    m = mask.detach().cpu().numpy() >= 0.5
+    edge = m & ~binary_erosion(m, border_value=0)
+    if width > 1:
+        edge = binary_dilation(edge, iterations=width - 1)
+    out = img.clone()
+    out[torch.from_numpy(edge)] = torch.tensor(color, dtype=out.dtype)
+    return out

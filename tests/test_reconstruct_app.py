@@ -1,0 +1,74 @@
+"""The reconstruct / evaluate / make-dataset commands end to end on tiny inputs, and their input errors."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from apps.reconstruct import app, mesh_metrics
+from taichi_dr.mesh import icosphere, save_mesh
+
+runner = CliRunner()
+TINY = ["--iterations", "4", "--rays", "64", "--depth", "2", "--width", "32", "--frequencies", "2",
+        "--feature-dim", "4", "--render-depth", "1", "--render-width", "16", "--resolution", "24",
+        "--holdout-every", "4", "--render-scale", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    mesh = icosphere(2, 2.0)
+    mesh.verts += 5.0                      # world units away from the origin: scale_mat must undo it
+    save_mesh(mesh, root / "ball.ply")
+    r = runner.invoke(app, ["make-dataset", str(root / "ball.ply"), "--views", "8", "--size", "24",
+                            "--out", str(root / "data")])
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def test_make_dataset_reconstruct_evaluate(dataset, tmp_path):
+    data = dataset / "data"
+    assert len(list((data / "image").glob("*.png"))) == 8 and (data / "gt_mesh.ply").is_file()
+    out = tmp_path / "rec"
+    r = runner.invoke(app, ["reconstruct", str(data), "--out", str(out), *TINY])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["iterations"] == 4 and metrics["heldout_views"] == 2
+    assert 0 <= metrics["heldout"]["mask_iou"] <= 1
+    assert (out / "mesh.ply").is_file() and len(list((out / "heldout").glob("*_rgb.png"))) == 2
+    # the mesh is in world units: near the ball of radius 2 centred at (5, 5, 5), not the unit sphere
+    r = runner.invoke(app, ["evaluate", str(out / "mesh.ply"), "--gt", str(data / "gt_mesh.ply"),
+                            "--points", "2000", "--data", str(data), "--holdout-every", "4"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["chamfer"] < 1.0 and 0 < result["normal_consistency"] <= 1
+    assert 0 <= result["heldout"]["mask_iou"] <= 1
+    # resume continues; a non-empty --out without --resume/--overwrite is refused
+    longer = [*TINY[:1], "6", *TINY[2:]]
+    r = runner.invoke(app, ["reconstruct", str(data), "--out", str(out), *longer, "--resume"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "metrics.json").read_text())["final"]["iteration"] == 6
+    r = runner.invoke(app, ["reconstruct", str(data), "--out", str(out), *TINY])
+    assert r.exit_code == 1 and "not empty" in r.output
+
+
+def test_input_errors(tmp_path):
+    r = runner.invoke(app, ["reconstruct", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "does not exist" in r.output
+    r = runner.invoke(app, ["reconstruct", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "not a dataset folder" in r.output
+    r = runner.invoke(app, ["reconstruct", str(tmp_path), "--out", str(tmp_path / "o"), "--method", "nerf"])
+    assert r.exit_code == 1 and "--method" in r.output
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "m.ply")])
+    assert r.exit_code == 1 and "--gt" in r.output
+    r = runner.invoke(app, ["make-dataset", str(tmp_path / "m.ply"), "--out", str(tmp_path / "d")])
+    assert r.exit_code == 1 and "m.ply" in r.output
+
+
+def test_mesh_metrics():
+    a, b = icosphere(3, 1.0), icosphere(3, 1.1)
+    m = mesh_metrics(a, b, n=20000)
+    assert m["chamfer"] == pytest.approx(0.1, abs=0.01)
+    assert m["normal_consistency"] > 0.99
+    assert m["fscore"] < 0.05                                   # 0.1 apart, threshold 1% of 2.2*sqrt(3)
+    assert mesh_metrics(a, a, n=20000)["fscore"] > 0.99
