@@ -150,7 +150,7 @@ def main(argv=None) -> int:
           f"{args.trials} trials, rotation <= {args.max_rot} deg, translation <= {args.max_trans:.0%} of "
           f"d = {args.distance}; arch {arch}, {args.threads} torch threads, {os.cpu_count()} CPUs visible, "
           f"{platform.processor() or platform.machine()}")
-    print(f"# stages: " + ", ".join(f"{s.size or 'full'}px sigma={s.sigma:g} x{s.iters}"
+    print("# stages: " + ", ".join(f"{s.size or 'full'}px sigma={s.sigma:g} x{s.iters}"
                                     for s in settings.stages))
     results = {m: [] for m in methods}
     for k, (view, aa, dt) in enumerate(trials):
@@ -162,7 +162,8 @@ def main(argv=None) -> int:
             loss = {"silhouette": "silhouette_iou", "rgb": "rgb", "oracle": oracle_field(true)}[m]
             outputs = ("rgb", "depth") if m == "oracle" else None
             t0 = time.perf_counter()
-            res = refine_pose(mesh, targets[m][view], camera, init, loss=loss, settings=settings, outputs=outputs)
+            res = refine_pose(mesh, targets[m][view], camera, init, loss=loss, settings=settings,
+                              outputs=outputs)
             seconds = time.perf_counter() - t0
             r_err = rotation_error_deg(res.pose, true)
             t_err = translation_error(res.pose, true, relative_to=args.distance)

@@ -21,7 +21,7 @@ import taichi as ti
 
 nd = ti.types.ndarray()
 # `vals.append` below runs at compile time on a Python list of Taichi expressions, which is intended.
-warnings.filterwarnings("ignore", message='Calling non-taichi function "vals.append"')
+warnings.filterwarnings("ignore", message='.*Calling non-taichi function "vals.append"')
 
 SIGMA, CUTOFF, GAMMA, EPS, NEAR, FAR, RADIUS = range(7)  # slots of `params`
 MIN_AREA2 = 1e-8  # |signed area * 2| in pixels² below which a face is degenerate and skipped
