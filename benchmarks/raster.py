@@ -138,7 +138,9 @@ def main():
     args = parser.parse_args()
     arch = taichi_dr.init(args.arch)
     repeats = 3 if args.quick else 7
-    print(f"arch={arch}, torch threads={torch.get_num_threads()}, cpu cores={os.cpu_count()}\n")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"arch={arch}, torch threads={torch.get_num_threads()}, cpu cores={os.cpu_count()}, "
+          f"load average at start {load:.1f}\n")
     print("| case | faces | views x size | forward s | fwd+bwd s | peak extra MB | PyTorch reference fwd+bwd s, "
           "peak MB, ratio | target s | met |")
     print("|---|---|---|---|---|---|---|---|---|")

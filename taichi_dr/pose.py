@@ -76,11 +76,13 @@ __all__ = [
     "feature_loss",
     "image_gradient",
     "load_pose",
+    "matched_mask",
     "refine_pose",
     "reprojection_flow",
     "rgb_loss",
     "rotation_error_deg",
     "save_pose",
+    "signed_distance",
     "silhouette_iou_loss",
     "silhouette_mse_loss",
     "translation_error",
@@ -291,14 +293,25 @@ class PoseTarget:
     """What the render is compared with.
 
     mask: (H, W) float in [0, 1] (the object's silhouette), or None.
-    rgb:  (H, W, 3) float in [0, 1], or None. For the RGB loss the render (over a black background) is
-          compared with ``rgb * mask`` when there is a mask, else with ``rgb`` as it is.
+    rgb:  (H, W, 3) float in [0, 1] (straight, not premultiplied, colours where there is a mask), or None.
+    background: the colour the image has where the object is not. The RGB loss and fields compare the
+          render composited over it (:func:`composite`) with ``rgb`` as it is when there is no mask, and with
+          the target's colours composited over it with the matched mask (:func:`matched_mask`) when there is
+          one, so a photo with clutter needs a mask.
     """
 
     mask: Tensor | None
     rgb: Tensor | None
+    background: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def __post_init__(self):
+        try:
+            bg = tuple(float(b) for b in self.background)
+        except (TypeError, ValueError):
+            bg = ()
+        if len(bg) != 3 or not all(math.isfinite(b) for b in bg):
+            raise ValueError(f"PoseTarget.background: expected 3 finite numbers, got {self.background!r}")
+        object.__setattr__(self, "background", bg)
         if self.mask is None and self.rgb is None:
             raise ValueError("PoseTarget: give a mask, an rgb image, or both")
         for name, x, nd in (("mask", self.mask, 2), ("rgb", self.rgb, 3)):
@@ -358,7 +371,7 @@ class PoseTarget:
         def mv(x):
             return None if x is None else x.to(device=device, dtype=dtype)
 
-        return PoseTarget(mv(self.mask), mv(self.rgb))
+        return PoseTarget(mv(self.mask), mv(self.rgb), self.background)
 
     def resized(self, image_size: tuple[int, int]) -> PoseTarget:
         """Area-averaged to ``(H, W)`` (the same as rendering at that size for an exact factor)."""
@@ -371,7 +384,7 @@ class PoseTarget:
             return y[0, 0] if not chans_last else y[0].permute(1, 2, 0).contiguous()
 
         return PoseTarget(None if self.mask is None else down(self.mask, False),
-                          None if self.rgb is None else down(self.rgb, True))
+                          None if self.rgb is None else down(self.rgb, True), self.background)
 
     @cached_property
     def distance_maps(self) -> tuple[Tensor, Tensor]:
@@ -391,6 +404,28 @@ class PoseTarget:
         return (torch.from_numpy(outside).to(device=m.device, dtype=m.dtype),
                 torch.from_numpy(inside).to(device=m.device, dtype=m.dtype))
 
+    @cached_property
+    def signed_distance(self) -> np.ndarray:
+        """(H, W) float64 numpy: pixel-unit signed distance to the edge of the mask binarised at 0.5
+        (> 0 outside, < 0 inside; see :func:`signed_distance`), computed once."""
+        m = self._require_mask("the silhouette losses").detach().cpu().numpy() >= 0.5
+        return signed_distance(m)
+
+    @cached_property
+    def extended_rgb(self) -> Tensor:
+        """(H, W, 3): ``rgb`` with every pixel outside the mask given the colour of the nearest pixel inside,
+        so the object's colour is defined wherever a soft edge reaches (computed once)."""
+        from scipy.ndimage import distance_transform_edt
+
+        m = self._require_mask("extended_rgb").detach().cpu().numpy() >= 0.5
+        if self.rgb is None:
+            raise ValueError("extended_rgb: the target has no colour")
+        if not m.any() or m.all():
+            return self.rgb
+        _, (iy, ix) = distance_transform_edt(~m, return_indices=True)
+        idx = torch.from_numpy(iy * m.shape[1] + ix).to(self.rgb.device).reshape(-1)
+        return self.rgb.reshape(-1, 3)[idx].reshape(self.rgb.shape)
+
     def _require_mask(self, what: str) -> Tensor:
         if self.mask is None:
             raise ValueError(f"{what} needs a target mask (a (H, W) mask or an RGBA image), but the target "
@@ -404,26 +439,97 @@ class PoseTarget:
 # A loss is fn(rendered: RenderOutput, target: PoseTarget, camera: Cameras) -> scalar tensor, with rendered
 # maps batched (1, H, W, ...) at the stage's resolution and target at the same size.
 
-def silhouette_iou_loss(rendered: RenderOutput, target: PoseTarget, camera: Cameras | None = None) -> Tensor:
-    """``1 - soft IoU`` of the rendered silhouette and the target mask."""
-    return neg_iou_loss(rendered.alpha, target._require_mask("the silhouette IoU loss")[None])
+def signed_distance(mask: np.ndarray) -> np.ndarray:
+    """Signed distance (pixels) from each pixel centre to the edge of a binary mask ``(H, W)``: > 0 outside,
+    < 0 inside, +-0.5 next to the edge (the edge lies half-way between pixel centres). An empty or full mask
+    has no edge: +inf / -inf everywhere."""
+    from scipy.ndimage import distance_transform_edt
+
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.full(mask.shape, np.inf)
+    if mask.all():
+        return np.full(mask.shape, -np.inf)
+    return np.where(mask, 0.5 - distance_transform_edt(mask), distance_transform_edt(~mask) - 0.5)
 
 
-def silhouette_mse_loss(rendered: RenderOutput, target: PoseTarget, camera: Cameras | None = None) -> Tensor:
-    """Mean squared difference of the rendered silhouette and the target mask."""
-    return (rendered.alpha - target._require_mask("the silhouette MSE loss")[None]).square().mean()
+def matched_mask(rendered: RenderOutput, target: PoseTarget) -> Tensor:
+    """The target mask drawn with the render's own edge profile: ``(1, H, W)``, no gradient.
+
+    The soft silhouette is not a blurred version of the hard one: near a silhouette edge several faces
+    (the front and back sheets, neighbours along the edge) each add coverage ``sigmoid(-d^2 / sigma)``, so
+    ``alpha`` crosses 0.5 about ``sqrt(sigma)`` *outside* the true edge. Against a hard mask every loss then
+    prefers a pose that shrinks the object (a few percent of the distance at SoftRas's sigma), and rotates
+    it to match the shrunken shape. Instead, the profile ``alpha(s)`` as a function of the signed distance
+    ``s`` to the render's hard silhouette (``pix_to_face >= 0``) is measured on the current render (the mean
+    alpha at each distance) and applied to the target's signed distance map, so at the true pose the two
+    agree whatever sigma, mesh density or resolution. Falls back to the raw mask when nothing is rendered.
+    """
+    mask = target._require_mask("the silhouette losses")
+    cov = (rendered.pix_to_face[0] >= 0).cpu().numpy()
+    if not cov.any() or cov.all() or rendered.alpha.shape[0] != 1:
+        return mask[None]
+    s_r = np.round(signed_distance(cov), 3)
+    alpha = rendered.alpha[0].detach().cpu().double().numpy()
+    levels, inverse = np.unique(s_r, return_inverse=True)
+    profile = np.bincount(inverse.ravel(), weights=alpha.ravel()) / np.bincount(inverse.ravel())
+    s_t = target.signed_distance
+    if not np.isfinite(s_t).any():
+        return mask[None]
+    # np.interp holds the end values beyond the measured range: ~0 far outside, ~1 deep inside.
+    soft = np.interp(s_t, levels, profile)
+    return torch.from_numpy(soft).to(mask)[None]
 
 
-def rgb_loss(rendered: RenderOutput, target: PoseTarget, camera: Cameras | None = None) -> Tensor:
-    """Mean squared colour difference; the render is over black, so the target is ``rgb * mask`` when it has
-    a mask (a photo with clutter needs one) and ``rgb`` otherwise."""
+def silhouette_iou_loss(rendered: RenderOutput, target: PoseTarget, camera: Cameras | None = None, *,
+                        match_edges: bool = True) -> Tensor:
+    """``1 - soft IoU`` of the rendered silhouette and the target mask (drawn with the render's edge
+    profile, :func:`matched_mask`, unless ``match_edges=False``)."""
+    ref = matched_mask(rendered, target) if match_edges else target._require_mask("the IoU loss")[None]
+    return neg_iou_loss(rendered.alpha, ref)
+
+
+def silhouette_mse_loss(rendered: RenderOutput, target: PoseTarget, camera: Cameras | None = None, *,
+                        match_edges: bool = True) -> Tensor:
+    """Mean squared difference of the rendered silhouette and the target mask (drawn with the render's edge
+    profile, :func:`matched_mask`, unless ``match_edges=False``)."""
+    ref = matched_mask(rendered, target) if match_edges else target._require_mask("the MSE loss")[None]
+    return (rendered.alpha - ref).square().mean()
+
+
+def composite(rendered: RenderOutput, background=(0.0, 0.0, 0.0)) -> Tensor:
+    """The rendered colours over a background: ``alpha * rgb + (1 - alpha) * background``, (B, H, W, 3).
+
+    The aggregated ``rgb`` itself is not an image of the object: with SoftRas's small gamma a face's colour
+    wins wherever its coverage is above zero, so ``rgb`` is the object dilated to the blur's cut-off; the
+    silhouette ``alpha`` says how much of it is there.
+    """
+    if rendered.rgb is None:
+        raise ValueError("the rendered rgb is needed (render with outputs including 'rgb')")
+    bg = torch.as_tensor(background, dtype=rendered.rgb.dtype, device=rendered.rgb.device)
+    a = rendered.alpha[..., None]
+    return a * rendered.rgb + (1 - a) * bg
+
+
+def target_image(rendered: RenderOutput, target: PoseTarget, match_edges: bool = True) -> Tensor:
+    """``(1, H, W, 3)``: what :func:`composite` should equal at the true pose: ``target.rgb`` when the target
+    has no mask, else its colours over its background with the (matched) mask."""
     if target.rgb is None:
         raise ValueError("the RGB loss needs a target with colour (an (H, W, 3) or (H, W, 4) image), but the "
                          "target is a mask")
-    if rendered.rgb is None:
-        raise ValueError("the RGB loss needs the rendered rgb (outputs must include 'rgb')")
-    ref = target.rgb if target.mask is None else target.rgb * target.mask[..., None]
-    return (rendered.rgb - ref[None]).square().mean()
+    if target.mask is None:
+        return target.rgb[None]
+    m = (matched_mask(rendered, target) if match_edges else target.mask[None])[..., None]
+    bg = torch.as_tensor(target.background, dtype=m.dtype, device=m.device)
+    return m * target.extended_rgb[None] + (1 - m) * bg
+
+
+def rgb_loss(rendered: RenderOutput, target: PoseTarget, camera: Cameras | None = None, *,
+             match_edges: bool = True) -> Tensor:
+    """Mean squared difference of the render composited over ``target.background`` and the target image
+    (:func:`target_image`)."""
+    ref = target_image(rendered, target, match_edges)
+    return (composite(rendered, target.background) - ref).square().mean()
 
 
 def distance_transform_loss(rendered: RenderOutput, target: PoseTarget,
@@ -456,19 +562,23 @@ def feature_loss(extractor: Callable[[Tensor], Tensor], channel: str = "rgb") ->
     """A loss comparing images in a feature space: ``mean |phi(render) - phi(target)|^2``.
 
     extractor: differentiable ``(1, C, H, W) -> (1, ...)`` (e.g. a frozen CNN). channel: ``"rgb"`` (3
-    channels; the target is ``rgb * mask`` when it has a mask) or ``"alpha"`` (1 channel). The target's
+    channels: the render composited over ``target.background``, and the target composited likewise when
+    it has a mask) or ``"alpha"`` (1 channel). The target's
     features are computed once per target resolution and cached.
     """
     if channel not in ("rgb", "alpha"):
         raise ValueError(f"feature_loss: channel must be 'rgb' or 'alpha', got {channel!r}")
     cache: dict = {}
 
-    def target_image(target: PoseTarget) -> Tensor:
+    def reference(target: PoseTarget) -> Tensor:
         if channel == "alpha":
             return target._require_mask("feature_loss(channel='alpha')")[None, None]
         if target.rgb is None:
             raise ValueError("feature_loss(channel='rgb') needs a target with colour")
-        ref = target.rgb if target.mask is None else target.rgb * target.mask[..., None]
+        ref = target.rgb
+        if target.mask is not None:
+            bg = torch.as_tensor(target.background, dtype=ref.dtype, device=ref.device)
+            ref = target.mask[..., None] * ref + (1 - target.mask[..., None]) * bg
         return ref.permute(2, 0, 1)[None]
 
     def loss(rendered: RenderOutput, target: PoseTarget, camera: Cameras | None = None) -> Tensor:
@@ -476,14 +586,12 @@ def feature_loss(extractor: Callable[[Tensor], Tensor], channel: str = "rgb") ->
         if key not in cache:
             with torch.no_grad():
                 # Keep the target alive with its features, so its id() is not reused by another object.
-                cache[key] = (target, extractor(target_image(target)).detach())
+                cache[key] = (target, extractor(reference(target)).detach())
         feats_t = cache[key][1]
         if channel == "alpha":
             img = rendered.alpha[:, None]
         else:
-            if rendered.rgb is None:
-                raise ValueError("feature_loss(channel='rgb') needs the rendered rgb")
-            img = rendered.rgb.permute(0, 3, 1, 2)
+            img = composite(rendered, target.background).permute(0, 3, 1, 2)
         feats = extractor(img)
         if feats.shape != feats_t.shape:
             raise ValueError(f"feature_loss: the extractor gave {tuple(feats.shape)} for the render but "
@@ -1047,7 +1155,7 @@ def refine_pose(mesh: Mesh, target, camera: Cameras, init_pose: Pose | None = No
                         raise FloatingPointError(f"loss became {float(value)} at stage {si}, step {it}")
                     if value.requires_grad:
                         value.backward()
-                    last = float(value)
+                    last = float(value.detach())
                 else:
                     maps, grads, rms = _field_gradients(objective, rendered, tgt, render_cam.detach())
                     if any(m.requires_grad for m in maps):

@@ -28,29 +28,12 @@ from torch.utils.checkpoint import checkpoint
 
 from .bridge import check_tensor
 
+# Only the settings container is shared with the implementation under test, not any of its formulas.
+from .raster.settings import RasterSettings
+
 __all__ = ["soft_rasterize_reference"]
 
 _DEGENERATE_AREA2 = 1e-8  # |signed pixel area x 2| below this: the face is skipped (design.md, step 1)
-
-
-@dataclass(frozen=True)
-class _DefaultSettings:
-    """Stand-in with the fields and defaults of ``taichi_dr.raster.RasterSettings``.
-
-    The reference reads settings by attribute only, so it accepts a ``RasterSettings`` (or anything with
-    these fields) without importing the module it is the reference for.
-    """
-
-    sigma: float = 1e-4
-    gamma: float = 1e-4
-    eps: float = 1e-3
-    dist_eps: float = 1e-4
-    near: float = 0.1
-    far: float = 100.0
-    mode: str = "soft"
-    cull_backfaces: bool = False
-    background: float | tuple[float, ...] = 0.0
-    tile_size: int = 8
 
 
 @dataclass(frozen=True)
@@ -91,7 +74,7 @@ def soft_rasterize_reference(face_verts, image_size, face_attrs=None, settings=N
     Differentiable by torch autograd w.r.t. ``face_verts``, ``face_attrs``, ``texture``, ``face_uvs`` and
     ``face_shading``.
     """
-    settings = settings if settings is not None else _DefaultSettings()
+    settings = settings if settings is not None else RasterSettings()
     height, width = _check_image_size(image_size)
     if isinstance(pixel_chunk, bool) or not isinstance(pixel_chunk, int) or pixel_chunk < 1:
         raise ValueError(f"pixel_chunk: expected a positive int, got {pixel_chunk!r}")

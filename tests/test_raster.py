@@ -209,7 +209,10 @@ def test_clip_near_keeps_the_front_part():
         clipped, index = clip_near(data, 1.0)
         kept = clipped[0][clipped[0, :, :, 2].min(-1).values > 0]
         assert (kept[..., 2] >= 1.0 - 1e-12).all()
-        area = lambda t: 0.5 * torch.linalg.cross(t[..., 1, :] - t[..., 0, :], t[..., 2, :] - t[..., 0, :]).norm(dim=-1)
+
+        def area(t):
+            return 0.5 * torch.linalg.cross(t[..., 1, :] - t[..., 0, :], t[..., 2, :] - t[..., 0, :]).norm(dim=-1)
+
         assert abs(area(kept).sum() / area(corners[None]).sum() - front_fraction) < 1e-9
         normal = torch.linalg.cross(corners[1] - corners[0], corners[2] - corners[0])
         for t in kept:  # winding kept
@@ -235,7 +238,8 @@ for name, s in [("soft", RasterSettings(sigma=1e-2, gamma=0.05, near=1.0, far=10
     leaves = [x.clone().requires_grad_() for x in (fv, attrs, tex, shading)]
     alpha, image, p2f = soft_rasterize(leaves[0], size, leaves[1], s, leaves[2], uvs, leaves[3])
     g = torch.Generator().manual_seed(3)
-    ((alpha * torch.randn(alpha.shape, generator=g)).sum() + (image * torch.randn(image.shape, generator=g)).sum()).backward()
+    loss = (alpha * torch.randn(alpha.shape, generator=g)).sum() + (image * torch.randn(image.shape, generator=g)).sum()
+    loss.backward()
     out[name] = [alpha.tolist(), image.tolist(), p2f.tolist()] + [x.grad.tolist() for x in leaves]
 json.dump(out, open(sys.argv[2], "w"))
 print(json.dumps({"ok": True}))

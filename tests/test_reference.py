@@ -13,13 +13,14 @@ import math
 import pytest
 import torch
 
-from taichi_dr.reference import _DefaultSettings, soft_rasterize_reference
+from taichi_dr.raster.settings import RasterSettings
+from taichi_dr.reference import soft_rasterize_reference
 
 DT = torch.float64
 
 
 def settings(**kw):
-    return dataclasses.replace(_DefaultSettings(), **kw)
+    return dataclasses.replace(RasterSettings(), **kw)
 
 
 def sigmoid(x: float) -> float:

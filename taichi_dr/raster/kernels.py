@@ -123,6 +123,20 @@ def _pair(setup: ti.template(), face_verts: ti.template(), b, f, p, s, fp: ti.te
 
 
 @ti.func
+def _select(setup: ti.template(), face_verts: ti.template(), b, f, p, radius, cutoff, fp: ti.template()):
+    """Whether face f reaches pixel centre p (covers it, or is within the cut-off distance), with the
+    screen barycentrics w, the inside flag and the squared distance to the boundary. Forward and backward
+    both select pairs with this, so they always see the same pairs."""
+    w = ti.Vector([0.0, 0.0, 0.0], dt=fp)  # built from a list: see the module docstring
+    inside = False
+    d2 = ti.cast(0.0, fp)
+    near_face, s_lines = _coverage(setup, b, f, p, radius, fp)
+    if near_face:
+        w, inside, d2 = _pair(setup, face_verts, b, f, p, s_lines, fp)
+    return near_face and (inside or d2 <= cutoff), w, inside, d2
+
+
+@ti.func
 def _perspective(w, z):
     """Clipped perspective-correct barycentrics: returns (wp, zp, wc, Q) with Q = sum(wc / z) = 1 / zp."""
     c = ti.math.clamp(w, 0.0, 1.0)
@@ -130,6 +144,12 @@ def _perspective(w, z):
     q = wc / z
     Q = q.sum()
     return q / Q, 1.0 / Q, wc, Q
+
+
+@ti.func
+def _interp(arr: ti.template(), b, f, c, wp):
+    """Barycentric interpolation of a per-corner array (B, F, 3, C) at channel c."""
+    return wp[0] * arr[b, f, 0, c] + wp[1] * arr[b, f, 1, c] + wp[2] * arr[b, f, 2, c]
 
 
 @ti.func
@@ -151,19 +171,19 @@ def _face_value(face_attrs: ti.template(), texture: ti.template(), face_uvs: ti.
                 face_shading: ti.template(), b, f, wp, NA: ti.template(), NT: ti.template(),
                 shaded: ti.template(), fp: ti.template()):
     """The face's value at the pixel: interpolated attributes, then shading * bilinear texture."""
-    vals = [wp[0] * face_attrs[b, f, 0, c] + wp[1] * face_attrs[b, f, 1, c] + wp[2] * face_attrs[b, f, 2, c]
+    vals = [_interp(face_attrs, b, f, c, wp)
             for c in ti.static(range(NA))]
     if ti.static(NT > 0):
         bu = ti.min(b, face_uvs.shape[0] - 1)
         bt = ti.min(b, texture.shape[0] - 1)
-        u = wp[0] * face_uvs[bu, f, 0, 0] + wp[1] * face_uvs[bu, f, 1, 0] + wp[2] * face_uvs[bu, f, 2, 0]
-        v = wp[0] * face_uvs[bu, f, 0, 1] + wp[1] * face_uvs[bu, f, 1, 1] + wp[2] * face_uvs[bu, f, 2, 1]
+        u = _interp(face_uvs, bu, f, 0, wp)
+        v = _interp(face_uvs, bu, f, 1, wp)
         x0, y0, x1, y1, fx, fy, _dx, _dy = _texel(u, v, texture.shape[1], texture.shape[2], fp)
         for c in ti.static(range(NT)):
             tex = ((1 - fy) * ((1 - fx) * texture[bt, y0, x0, c] + fx * texture[bt, y0, x1, c])
                    + fy * ((1 - fx) * texture[bt, y1, x0, c] + fx * texture[bt, y1, x1, c]))
             if ti.static(shaded):
-                tex *= wp[0] * face_shading[b, f, 0, c] + wp[1] * face_shading[b, f, 1, c] + wp[2] * face_shading[b, f, 2, c]
+                tex *= _interp(face_shading, b, f, c, wp)
             vals.append(tex)
     if ti.static(NA + NT == 0):
         vals.append(0.0)  # kernels keep a 1-channel dummy image when there are no channels
@@ -184,8 +204,8 @@ def _face_value_backward(face_attrs: ti.template(), texture: ti.template(), face
     if ti.static(NT > 0):
         bu = ti.min(b, face_uvs.shape[0] - 1)
         bt = ti.min(b, texture.shape[0] - 1)
-        u = wp[0] * face_uvs[bu, f, 0, 0] + wp[1] * face_uvs[bu, f, 1, 0] + wp[2] * face_uvs[bu, f, 2, 0]
-        v = wp[0] * face_uvs[bu, f, 0, 1] + wp[1] * face_uvs[bu, f, 1, 1] + wp[2] * face_uvs[bu, f, 2, 1]
+        u = _interp(face_uvs, bu, f, 0, wp)
+        v = _interp(face_uvs, bu, f, 1, wp)
         x0, y0, x1, y1, fx, fy, dx_du, dy_dv = _texel(u, v, texture.shape[1], texture.shape[2], fp)
         for c in ti.static(range(NT)):
             t00, t10 = texture[bt, y0, x0, c], texture[bt, y0, x1, c]
@@ -193,7 +213,7 @@ def _face_value_backward(face_attrs: ti.template(), texture: ti.template(), face
             tex = (1 - fy) * ((1 - fx) * t00 + fx * t10) + fy * ((1 - fx) * t01 + fx * t11)
             sh = ti.cast(1.0, fp)
             if ti.static(shaded):
-                sh = wp[0] * face_shading[b, f, 0, c] + wp[1] * face_shading[b, f, 1, c] + wp[2] * face_shading[b, f, 2, c]
+                sh = _interp(face_shading, b, f, c, wp)
                 for k in ti.static(range(3)):
                     g_wp[k] += g_val[NA + c] * tex * face_shading[b, f, k, c]
                     ti.atomic_add(g_shading[b, f, k, c], g_val[NA + c] * tex * wp[k])
@@ -334,11 +354,8 @@ def rasterize_forward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd,
         best_f, best_z = -1, far
         for i in range(offsets[s], offsets[s + 1]):
             f = tile_faces[i]
-            near_face, s_lines = _coverage(setup, b, f, p, radius, fp)
-            if not near_face:
-                continue
-            w, inside, d2 = _pair(setup, face_verts, b, f, p, s_lines, fp)
-            if not inside and d2 > cutoff:
+            ok, w, inside, d2 = _select(setup, face_verts, b, f, p, radius, cutoff, fp)
+            if not ok:
                 continue
             z = ti.Vector([face_verts[b, f, 0, 2], face_verts[b, f, 1, 2], face_verts[b, f, 2, 2]], dt=fp)
             # zp is a weighted harmonic mean of the corner depths, so it can only leave [near, far] if the
@@ -415,11 +432,8 @@ def rasterize_backward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd
                 f = pix_to_face[b, y, x]
             else:
                 f = tile_faces[i]
-            near_face, s_lines = _coverage(setup, b, f, p, radius, fp)
-            if not near_face:
-                continue
-            w, inside, d2 = _pair(setup, face_verts, b, f, p, s_lines, fp)
-            if not inside and d2 > cutoff:
+            ok, w, inside, d2 = _select(setup, face_verts, b, f, p, radius, cutoff, fp)
+            if not ok:
                 continue
             p0, p1, p2, z = _corners(face_verts, b, f, fp)
             _d2, edge, t = _nearest_edge(p, p0, p1, p2)

@@ -98,7 +98,8 @@ class SoftRasterizeOp(bridge.KernelOp):
         # alpha and image become autograd outputs (non-leaf) once returned; keep detached aliases so the
         # backward kernel never touches an autograd tensor.
         saved = (face_verts, inputs, setup, params, offsets, tile_faces, tiles_x, n_tiles, alpha.detach(),
-                 image.detach(), pix_to_face, stats, (face_attrs is not None, texture is not None, face_shading is not None))
+                 image.detach(), pix_to_face, stats,
+                 (face_attrs is not None, texture is not None, face_shading is not None))
         return (alpha, image[..., :nc], pix_to_face), saved
 
     def backward(self, saved, g_alpha, g_image, _g_pix_to_face):
