@@ -95,7 +95,9 @@ def oracle_field(true: Pose) -> DisplacementField:
 
     def fn(rendered, target, camera):
         truth = Cameras(camera.K, true.R[None], true.t[None], camera.image_size, validate=False)
-        return reprojection_flow(rendered.depth, rendered.pix_to_face >= 0, camera, truth)
+        covered = rendered.pix_to_face >= 0
+        flow = reprojection_flow(rendered.depth, covered, camera, truth)
+        return torch.where(covered[..., None], flow, torch.full_like(flow, float("nan")))
 
     return DisplacementField(fn, channels=("alpha", "rgb"), name="oracle")
 
@@ -109,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-trans", type=float, default=0.1, help="largest translation error / distance")
     ap.add_argument("--distance", type=float, default=4.5, help="camera distance to the object's centre")
     ap.add_argument("--fov", type=float, default=30.0, help="horizontal field of view, degrees")
+    ap.add_argument("--rgb-target", choices=("rgb", "rgba"), default="rgb",
+                    help="what the RGB method is given: the colours only (over black), or with the mask")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--arch", default="cpu", help="taichi_dr arch (default cpu)")
@@ -135,7 +139,8 @@ def main(argv=None) -> int:
         hard = render_mesh(mesh, cams, None, RasterSettings(mode="hard"), outputs=())
     targets = {
         "silhouette": [PoseTarget(mask=hard.alpha[i], rgb=None) for i in range(len(cams))],
-        "rgb": [PoseTarget(mask=None, rgb=ref.rgb[i]) for i in range(len(cams))],
+        "rgb": [PoseTarget(mask=hard.alpha[i] if args.rgb_target == "rgba" else None, rgb=ref.rgb[i])
+                for i in range(len(cams))],
         "oracle": [PoseTarget(mask=hard.alpha[i], rgb=ref.rgb[i]) for i in range(len(cams))],
     }
     rng = np.random.default_rng(args.seed)

@@ -74,12 +74,15 @@ __all__ = [
     "distance_transform_loss",
     "draw_overlay",
     "feature_loss",
+    "forward_warp",
     "image_gradient",
     "load_pose",
     "matched_mask",
     "refine_pose",
     "reprojection_flow",
     "rgb_loss",
+    "composite",
+    "target_image",
     "rotation_error_deg",
     "save_pose",
     "signed_distance",
@@ -92,6 +95,7 @@ __all__ = [
 # (the same tolerance as Cameras: float32 text round-trips pass, reflections and scalings do not).
 ROTATION_ATOL = 1e-3
 CONVENTIONS = ("object_to_camera", "camera_to_object")
+WARMUP_STEPS = 5  # learning-rate ramp at the start of every stage
 ROTATIONS = ("axis_angle", "quaternion")
 
 
@@ -607,13 +611,19 @@ class PixelGradientField:
     """Replace the loss by its gradient with respect to the rendered image.
 
     fn(rendered, target, camera) returns ``dL/d alpha (1, H, W)``, or a dict with any of ``"alpha"``
-    ``(1, H, W)`` and ``"rgb"`` ``(1, H, W, 3)``, at the stage's resolution; it is propagated with
-    ``torch.autograd.backward(rendered maps, field)`` through the rasterizer to the pose. ``camera`` is the
-    detached render camera (its R, t the current object-to-camera pose, K the stage's intrinsics).
+    ``(1, H, W)`` and ``"rgb"`` ``(1, H, W, 3)`` (the render composited over ``target.background``, see
+    :func:`composite`), at the stage's resolution; it is propagated with ``torch.autograd.backward(maps,
+    field)`` through the rasterizer to the pose. ``camera`` is the detached render camera (its R, t the
+    current object-to-camera pose, K the stage's intrinsics). ``channels`` lists what ``fn`` may return, so
+    that rgb is rendered only when needed.
     """
 
     fn: Callable
+    channels: tuple[str, ...] = ("alpha",)
     name: str = "pixel_gradient"
+
+    def __post_init__(self):
+        _check_channels(self.channels, "PixelGradientField")
 
 
 @dataclass(frozen=True)
@@ -621,20 +631,75 @@ class DisplacementField:
     """Replace the loss by a 2D displacement per pixel: where the content at each pixel should move.
 
     fn(rendered, target, camera) returns ``(1, H, W, 2)`` displacements ``(du, dv)`` in pixels at the
-    stage's resolution (0 or NaN where it has no opinion). It becomes ``dL/dI = grad(I) . d`` for each
-    rendered map I in ``channels`` (``"alpha"``, ``"rgb"``): the gradient of ``|I - I_target|^2 / 2`` when
-    ``I_target`` is I moved by d to first order, so a descent step moves the content along d.
+    stage's resolution; NaN where it has no opinion (e.g. off the object): those pixels take the value of
+    the nearest pixel with one, so the blurred edge just outside the object, and the background around it,
+    move with it. For each rendered map I in ``channels`` (``"alpha"``, ``"rgb"`` = the composite) the
+    field becomes ``dL/dI = I - I_target``, the gradient of ``|I - I_target|^2 / 2``, where ``I_target`` is
+    I with its content moved along the field:
+
+    * ``conversion="warp"`` (default): I forward-warped by the field (bilinear splatting, normalised);
+      exact for displacements of any size; pixels nothing lands on get no gradient;
+    * ``conversion="linear"``: the first-order ``I_target = I - grad(I) . d``, i.e. ``dL/dI = grad(I) . d``;
+      only valid for displacements within the blur of the edges, so it fails from far-off starts.
     """
 
     fn: Callable
     channels: tuple[str, ...] = ("alpha",)
+    conversion: str = "warp"
     name: str = "displacement"
 
     def __post_init__(self):
-        bad = set(self.channels) - {"alpha", "rgb"}
-        if bad or not self.channels:
-            raise ValueError(f"DisplacementField.channels: expected a non-empty subset of ('alpha', 'rgb'), "
-                             f"got {self.channels!r}")
+        _check_channels(self.channels, "DisplacementField")
+        if self.conversion not in ("warp", "linear"):
+            raise ValueError(f"DisplacementField.conversion: expected 'warp' or 'linear', got "
+                             f"{self.conversion!r}")
+
+
+def forward_warp(image: Tensor, flow: Tensor) -> tuple[Tensor, Tensor]:
+    """Move every pixel of ``image (H, W, C)`` by ``flow (H, W, 2)`` (pixels, (du, dv)) with bilinear
+    splatting. Returns ``(warped (H, W, C), weight (H, W))``: the weighted mean of what landed on each
+    pixel, and the total weight that landed there (0: nothing did; warped is 0 there)."""
+    H, W, C = image.shape
+    v, u = torch.meshgrid(torch.arange(H, device=image.device, dtype=flow.dtype),
+                          torch.arange(W, device=image.device, dtype=flow.dtype), indexing="ij")
+    x, y = u + flow[..., 0], v + flow[..., 1]  # destination, in pixel-index units
+    x0, y0 = torch.floor(x), torch.floor(y)
+    acc = torch.zeros(H * W, C, dtype=image.dtype, device=image.device)
+    wsum = torch.zeros(H * W, dtype=image.dtype, device=image.device)
+    vals = image.reshape(-1, C)
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        xi, yi = x0 + dx, y0 + dy
+        w = (1 - (x - xi).abs()) * (1 - (y - yi).abs())
+        ok = ((xi >= 0) & (xi < W) & (yi >= 0) & (yi < H) & (w > 0)).reshape(-1)
+        idx = (yi * W + xi).reshape(-1)[ok].long()
+        wk = w.reshape(-1)[ok].to(image.dtype)
+        acc.index_add_(0, idx, vals[ok] * wk[:, None])
+        wsum.index_add_(0, idx, wk)
+    warped = acc / wsum.clamp_min(1e-12)[:, None]
+    return warped.reshape(H, W, C), wsum.reshape(H, W)
+
+
+def _fill_nan_nearest(flow: Tensor) -> Tensor:
+    """``flow (H, W, 2)`` with NaN ("no opinion") pixels given the value of the nearest finite pixel: the
+    soft silhouette's edge falls off *outside* the object, where a correspondence field has no values, so
+    the blur band borrows those of the edge it belongs to. All-NaN becomes zeros."""
+    from scipy.ndimage import distance_transform_edt
+
+    known = torch.isfinite(flow).all(-1)
+    if bool(known.all()):
+        return flow
+    if not bool(known.any()):
+        return torch.zeros_like(flow)
+    k = known.cpu().numpy()
+    _, (iy, ix) = distance_transform_edt(~k, return_indices=True)
+    idx = torch.from_numpy(iy * k.shape[1] + ix).to(flow.device).reshape(-1)
+    return flow.reshape(-1, 2)[idx].reshape(flow.shape)
+
+
+def _check_channels(channels, owner: str) -> None:
+    if isinstance(channels, str) or not channels or set(channels) - {"alpha", "rgb"}:
+        raise ValueError(f"{owner}.channels: expected a non-empty tuple drawn from ('alpha', 'rgb'), "
+                         f"got {channels!r}")
 
 
 def image_gradient(image: Tensor) -> tuple[Tensor, Tensor]:
@@ -711,8 +776,8 @@ class Stage:
 
 DEFAULT_STAGES = (
     Stage(size=64, sigma=3e-3, iters=40, lr=1.0),
-    Stage(size=128, sigma=3e-4, iters=20, lr=0.3),
-    Stage(size=None, sigma=1e-4, iters=15, lr=0.1),
+    Stage(size=128, sigma=3e-4, iters=20, lr=0.5),
+    Stage(size=None, sigma=1e-4, iters=15, lr=0.3),
 )
 
 
@@ -721,14 +786,15 @@ class PoseSettings:
     """How :func:`refine_pose` optimises.
 
     stages: the coarse-to-fine schedule (see :class:`Stage`).
-    rotation: the rotation update, ``"axis_angle"`` (exp map) or ``"quaternion"`` (normalised 4-vector).
+    rotation: the rotation update, ``"axis_angle"`` (exp map of a 3-vector) or ``"quaternion"`` (the unit
+        quaternion ``(1, x, y, z) / |.|``, a 3-vector too).
     parameterization: ``"object_to_camera"`` (the object moves) or ``"camera_to_object"`` (the camera moves);
         see the module docstring.
     refine_focal: also learn a focal-length scale (fx, fy together, about the principal point).
     refine_principal_point: also learn the principal point.
-    lr_rotation: Adam learning rate of the rotation update (radians).
-    lr_translation: of the translation update, in units of the object's bounding radius.
-    lr_focal: of the log focal scale. lr_principal_point: of the principal point, in half-image-widths.
+    lr: Adam's step in *pixels* at the stage's resolution: the update parameters are whitened (see
+        :class:`PoseParameters`) so that a unit step moves the mesh's projected vertices by one pixel RMS, and
+        every direction (an out-of-plane rotation as much as a translation) moves them independently.
     multi_start: number of starts; the first is the initial pose, the others it rotated by
         ``multi_start_angle`` degrees about the object's centre (axes spread over the sphere). Each start runs
         the first stage; the one with the lowest loss continues.
@@ -741,10 +807,7 @@ class PoseSettings:
     parameterization: str = "object_to_camera"
     refine_focal: bool = False
     refine_principal_point: bool = False
-    lr_rotation: float = 0.05
-    lr_translation: float = 0.05
-    lr_focal: float = 0.01
-    lr_principal_point: float = 0.005
+    lr: float = 1.0
     multi_start: int = 1
     multi_start_angle: float = 45.0
     gamma: float = 1e-4
@@ -760,10 +823,10 @@ class PoseSettings:
         if not stages or not all(isinstance(s, Stage) for s in stages):
             raise ValueError("PoseSettings.stages: expected a non-empty sequence of Stage")
         object.__setattr__(self, "stages", stages)
-        for name in ("lr_rotation", "lr_translation", "lr_focal", "lr_principal_point", "gamma"):
+        for name in ("lr", "gamma", "multi_start_angle"):
             v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
-                raise ValueError(f"PoseSettings.{name}: expected a finite value > 0, got {v!r}")
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"PoseSettings.{name}: expected a finite number > 0, got {v!r}")
         if not (isinstance(self.multi_start, int) and self.multi_start >= 1):
             raise ValueError(f"PoseSettings.multi_start: expected an int >= 1, got {self.multi_start!r}")
         if self.shading not in ("gouraud", "flat"):
@@ -777,120 +840,148 @@ class PoseSettings:
 class PoseParameters(torch.nn.Module):
     """A learnable object-to-camera pose (and optionally intrinsics) around a base value.
 
-    object_to_camera ``(R0, t0)`` and intrinsics ``K0 (3, 3)`` at ``image_size``; ``pivot (3,)``: the object
-    point the object rotates about (its centre); ``scale``: length unit of the translation update (the
-    object's radius), so one learning rate fits any mesh size.
+    Base: object-to-camera ``(R0 (3, 3), t0 (3,))`` and intrinsics ``K0 (3, 3)`` at ``image_size``;
+    ``pivot (3,)``: the object point the object rotates about (its centre). The update
+    ``u = mix @ phi`` (``phi`` the learnable vector, ``mix`` a fixed matrix, identity until :meth:`whiten`)
+    holds ``rot (3)``, ``dt (3)``, then ``log_focal (1)`` with ``refine_focal`` and ``pp (2)`` with
+    ``refine_principal_point``:
 
-    * ``parameterization="object_to_camera"``: ``R = D R0``, ``t = t0 + R0 c - D R0 c + scale * dt``
-      (rotation D about the object's centre c, in camera axes; translation in camera axes);
-    * ``"camera_to_object"``: ``R = D R0``, camera centre ``C = C0 + scale * dt`` (object axes),
-      ``t = -R C`` (rotation D about the camera centre).
+    * ``parameterization="object_to_camera"``: ``R = D R0``, ``t = t0 + R0 c - D R0 c + dt`` (rotation D
+      about the object's centre c, in camera axes; translation in camera axes);
+    * ``"camera_to_object"``: ``R = D R0``, camera centre ``C = C0 + dt`` (object axes), ``t = -R C``
+      (rotation D about the camera centre);
+    * D is ``exp(rot)`` (``rotation="axis_angle"``) or the quaternion ``(1, rot) / |(1, rot)|``;
+    * fx, fy (and the skew) are scaled by ``exp(log_focal)``; the principal point moves by ``pp * W / 2``.
 
-    D is ``exp(rot)`` (``rotation="axis_angle"``, rot (3,) starting at 0) or from the quaternion rot (4,)
-    starting at (1, 0, 0, 0). With ``refine_focal`` fx, fy are scaled by ``exp(log_focal)``; with
-    ``refine_principal_point`` the principal point moves by ``pp * (W / 2)`` pixels. At initialisation
-    :meth:`cameras` reproduces the base pose and K exactly.
+    At ``phi = 0`` :meth:`cameras` reproduces the base pose and K exactly.
     """
 
     def __init__(self, R0: Tensor, t0: Tensor, K0: Tensor, image_size: tuple[int, int], pivot: Tensor,
-                 scale: float, rotation: str = "axis_angle", parameterization: str = "object_to_camera",
+                 rotation: str = "axis_angle", parameterization: str = "object_to_camera",
                  refine_focal: bool = False, refine_principal_point: bool = False):
         super().__init__()
         if rotation not in ROTATIONS:
             raise ValueError(f"rotation: expected one of {ROTATIONS}, got {rotation!r}")
         if parameterization not in CONVENTIONS:
             raise ValueError(f"parameterization: expected one of {CONVENTIONS}, got {parameterization!r}")
-        if not scale > 0:
-            raise ValueError(f"scale: expected > 0, got {scale}")
         self.rotation, self.parameterization = rotation, parameterization
         self.image_size = tuple(image_size)
-        self.scale = float(scale)
+        self.refine_focal, self.refine_principal_point = bool(refine_focal), bool(refine_principal_point)
+        n = 6 + int(self.refine_focal) + 2 * int(self.refine_principal_point)
         kw = dict(dtype=R0.dtype, device=R0.device)
         self.register_buffer("R0", R0.detach().clone())
         self.register_buffer("t0", t0.detach().clone().to(**kw))
         self.register_buffer("K0", K0.detach().clone().to(**kw))
         self.register_buffer("pivot", pivot.detach().clone().to(**kw))
-        self.rot = torch.nn.Parameter(self._rot_zero(**kw))
-        self.dt = torch.nn.Parameter(torch.zeros(3, **kw))
-        self.log_focal = torch.nn.Parameter(torch.zeros(1, **kw)) if refine_focal else None
-        self.pp = torch.nn.Parameter(torch.zeros(2, **kw)) if refine_principal_point else None
+        self.register_buffer("mix", torch.eye(n, **kw))
+        self.phi = torch.nn.Parameter(torch.zeros(n, **kw))
 
-    def _rot_zero(self, **kw) -> Tensor:
-        return torch.zeros(3, **kw) if self.rotation == "axis_angle" else torch.tensor([1.0, 0, 0, 0], **kw)
+    @property
+    def num_params(self) -> int:
+        return int(self.phi.shape[0])
 
-    def rotation_delta(self) -> Tensor:
-        """D (3, 3)."""
+    def _parts(self, u: Tensor) -> dict:
+        parts = {"rot": u[:3], "dt": u[3:6]}
+        i = 6
+        if self.refine_focal:
+            parts["log_focal"] = u[i]
+            i += 1
+        if self.refine_principal_point:
+            parts["pp"] = u[i:i + 2]
+        return parts
+
+    def _rotation(self, rot: Tensor) -> Tensor:
         if self.rotation == "axis_angle":
-            return axis_angle_to_matrix(self.rot)
-        return quaternion_to_matrix(self.rot)
+            return axis_angle_to_matrix(rot)
+        return quaternion_to_matrix(torch.cat([torch.ones_like(rot[:1]), rot]))
+
+    def _transform(self, u: Tensor, image_size=None, base=None) -> tuple[Tensor, Tensor, Tensor]:
+        """Update vector ``u (n,)`` -> ``(R, t, K at image_size)``; ``base`` replaces (R0, t0, K0, pivot)."""
+        R0, t0, K0, pivot = base if base is not None else (self.R0, self.t0, self.K0, self.pivot)
+        p = self._parts(u)
+        D = self._rotation(p["rot"])
+        R = D @ R0
+        if self.parameterization == "object_to_camera":
+            c = R0 @ pivot
+            t = t0 + c - D @ c + p["dt"]
+        else:
+            centre = -(R0.transpose(0, 1) @ t0) + p["dt"]
+            t = -(R @ centre)
+        K = K0
+        if "log_focal" in p or "pp" in p:
+            (fx, skew, cx), (zero, fy, cy) = K[0], K[1]
+            if "log_focal" in p:
+                f = torch.exp(p["log_focal"])
+                fx, skew, fy = fx * f, skew * f, fy * f
+            if "pp" in p:
+                half_w = self.image_size[1] / 2
+                cx, cy = cx + p["pp"][0] * half_w, cy + p["pp"][1] * half_w
+            K = torch.stack([torch.stack([fx, skew, cx]), torch.stack([zero, fy, cy]), K[2]])
+        if image_size is not None and tuple(image_size) != self.image_size:
+            # Rows 0 and 1 scale with the size ratio: exact for area-downsampled targets, since pixel
+            # coordinates start at the image corner.
+            sy = image_size[0] / self.image_size[0]
+            sx = image_size[1] / self.image_size[1]
+            K = K * torch.tensor([sx, sy, 1.0], dtype=K.dtype, device=K.device)[:, None]
+        return R, t, K
 
     def object_to_camera(self) -> tuple[Tensor, Tensor]:
-        """``(R (3, 3), t (3,))``, differentiable in the parameters."""
-        D = self.rotation_delta()
-        R = D @ self.R0
-        if self.parameterization == "object_to_camera":
-            c = self.R0 @ self.pivot
-            t = self.t0 + c - D @ c + self.scale * self.dt
-        else:
-            centre = -(self.R0.transpose(0, 1) @ self.t0) + self.scale * self.dt
-            t = -(R @ centre)
+        """``(R (3, 3), t (3,))``, differentiable in ``phi``."""
+        R, t, _ = self._transform(self.mix @ self.phi)
         return R, t
 
     def intrinsics(self, image_size: tuple[int, int] | None = None) -> Tensor:
-        """K (3, 3) at ``image_size`` (default the base size): rows 0 and 1 scaled by the size ratio, which
-        is exact for area-downsampled targets (pixel coordinates start at the image corner)."""
-        K = self.K0
-        if self.log_focal is not None or self.pp is not None:
-            (fx, skew, cx), (zero, fy, cy) = K[0], K[1]
-            if self.log_focal is not None:
-                f = torch.exp(self.log_focal[0])
-                fx, skew, fy = fx * f, skew * f, fy * f
-            if self.pp is not None:
-                half_w = self.image_size[1] / 2
-                cx, cy = cx + self.pp[0] * half_w, cy + self.pp[1] * half_w
-            K = torch.stack([torch.stack([fx, skew, cx]), torch.stack([zero, fy, cy]), K[2]])
-        if image_size is not None and tuple(image_size) != self.image_size:
-            sy = image_size[0] / self.image_size[0]
-            sx = image_size[1] / self.image_size[1]
-            s = torch.tensor([sx, sy, 1.0], dtype=K.dtype, device=K.device)[:, None]
-            K = K * s
-        return K
+        """K (3, 3) at ``image_size`` (default the base size), differentiable in ``phi``."""
+        return self._transform(self.mix @ self.phi, image_size)[2]
 
     def cameras(self, image_size: tuple[int, int] | None = None) -> Cameras:
         """The render camera (B = 1): intrinsics at ``image_size``, extrinsics the object-to-camera pose."""
-        R, t = self.object_to_camera()
         size = tuple(image_size) if image_size is not None else self.image_size
-        return Cameras(self.intrinsics(size), R, t, size, validate=False)
+        R, t, K = self._transform(self.mix @ self.phi, size)
+        return Cameras(K, R, t, size, validate=False)
 
     @torch.no_grad()
     def bake(self) -> None:
-        """Fold the current update into the base (R0, t0, K0) and reset it to zero, so the next updates
+        """Fold the current update into the base (R0, t0, K0) and reset ``phi`` to zero, so the next updates
         start small again (the exp map and quaternion stay well conditioned)."""
-        R, t = self.object_to_camera()
-        K = self.intrinsics()
+        R, t, K = self._transform(self.mix @ self.phi)
         # Re-orthonormalise: many small float32 updates would otherwise drift off SO(3).
         U, _, Vh = torch.linalg.svd(R)
-        R = U @ Vh
-        self.R0.copy_(R)
+        self.R0.copy_(U @ Vh)
         self.t0.copy_(t)
         self.K0.copy_(K)
-        self.rot.copy_(self._rot_zero(dtype=self.rot.dtype, device=self.rot.device))
-        self.dt.zero_()
-        if self.log_focal is not None:
-            self.log_focal.zero_()
-        if self.pp is not None:
-            self.pp.zero_()
+        self.phi.zero_()
 
-    def param_groups(self, settings: PoseSettings, mult: float = 1.0) -> list[dict]:
-        groups = [{"params": [self.rot], "lr": settings.lr_rotation * mult},
-                  {"params": [self.dt], "lr": settings.lr_translation * mult}]
-        if self.log_focal is not None:
-            groups.append({"params": [self.log_focal], "lr": settings.lr_focal * mult})
-        if self.pp is not None:
-            groups.append({"params": [self.pp], "lr": settings.lr_principal_point * mult})
-        return groups
+    @torch.no_grad()
+    def whiten(self, points: Tensor, image_size: tuple[int, int] | None = None, floor: float = 1e-4) -> Tensor:
+        """Set ``mix`` so that a unit step of ``phi`` in any direction moves the projections of ``points
+        (N, 3)`` (object coordinates, e.g. the mesh's vertices) by one pixel RMS at ``image_size``, and
+        different directions move them in uncorrelated ways: ``mix = M^(-1/2)`` with ``M = J^T J / N``, J the
+        Jacobian of the projected points with respect to the update (central differences in float64, at the
+        current pose; call :meth:`bake` first). Without it an out-of-plane rotation, which looks much like a
+        translation in the image, gets a tiny share of a gradient step. Eigenvalues below ``floor`` times the
+        largest (directions the points barely constrain, e.g. focal length against depth) are clamped.
+        Returns the eigenvalues of M.
+        """
+        self.bake()
+        size = tuple(image_size) if image_size is not None else self.image_size
+        n = self.num_params
+        pts = points.detach().to(torch.float64)
+        base = tuple(x.to(torch.float64) for x in (self.R0, self.t0, self.K0, self.pivot))
 
+        def project(u):
+            R, t, K = self._transform(u, size, base)
+            return Cameras(K, R, t, size, validate=False).project(pts)[0, :, :2].reshape(-1)
 
+        h = 1e-5
+        eye = torch.eye(n, dtype=torch.float64, device=pts.device)
+        J = torch.stack([(project(h * eye[i]) - project(-h * eye[i])) / (2 * h) for i in range(n)], 1)
+        M = J.T @ J / pts.shape[0]
+        evals, evecs = torch.linalg.eigh(M)
+        clamped = evals.clamp_min(float(evals.max()) * floor).clamp_min(1e-30)
+        mix = evecs @ torch.diag(clamped.rsqrt()) @ evecs.T
+        self.mix.copy_(mix.to(self.mix.dtype))
+        return evals
 # ----------------------------------------------------------------------------------------------------------
 # Refinement
 # ----------------------------------------------------------------------------------------------------------
@@ -942,8 +1033,7 @@ class PoseResult:
 def _resolve_loss(loss) -> tuple[str, Callable | PixelGradientField | DisplacementField, bool]:
     """-> (kind, what, needs_rgb). kind: 'loss' or 'field'."""
     if isinstance(loss, (PixelGradientField, DisplacementField)):
-        needs_rgb = isinstance(loss, DisplacementField) and "rgb" in loss.channels
-        return "field", loss, needs_rgb
+        return "field", loss, "rgb" in loss.channels
     if isinstance(loss, str):
         return "loss", _named_loss(loss), loss in ("rgb",)
     if callable(loss):
@@ -1008,34 +1098,45 @@ def _start_rotations(n: int, angle_deg: float, dtype, device) -> list[Tensor]:
 
 
 def _field_gradients(fld, rendered: RenderOutput, target: PoseTarget, camera: Cameras):
-    """-> (list of rendered maps, list of gradients, rms)."""
+    """Evaluate a field -> (rendered maps, their gradients, RMS of the gradients). The maps are ``alpha``
+    and, for ``"rgb"``, the render composited over the target's background."""
     H, W = camera.image_size
+    images = {"alpha": rendered.alpha}
+
+    def image(ch):
+        if ch not in images:
+            images[ch] = composite(rendered, target.background)
+        return images[ch]
+
     with torch.no_grad():
         out = fld.fn(rendered, target, camera)
     if isinstance(fld, PixelGradientField):
-        grads = out if isinstance(out, Mapping) else {"alpha": out}
-        unknown = set(grads) - {"alpha", "rgb"}
-        if unknown:
-            raise ValueError(f"{fld.name}: the field function returned unknown keys {sorted(unknown)}; "
-                             "expected 'alpha' and/or 'rgb'")
+        grads = dict(out) if isinstance(out, Mapping) else {"alpha": out}
+        unknown = set(grads) - set(fld.channels)
+        if unknown or not grads:
+            raise ValueError(f"{fld.name}: the field function must return a tensor (dL/dalpha) or a dict with "
+                             f"keys among its channels {fld.channels}, got keys {sorted(map(str, grads))}")
     else:
         if not isinstance(out, Tensor) or tuple(out.shape) != (1, H, W, 2):
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"{fld.name}: the displacement function must return a (1, {H}, {W}, 2) tensor "
                              f"of pixel displacements, got {got}")
-        flow = torch.nan_to_num(out.detach().to(rendered.alpha), nan=0.0, posinf=0.0, neginf=0.0)
+        flow = _fill_nan_nearest(out.detach().to(rendered.alpha)[0])
         grads = {}
         for ch in fld.channels:
-            img = rendered.alpha if ch == "alpha" else rendered.rgb
-            gu, gv = image_gradient(img.detach())
-            fu, fv = (flow[..., 0], flow[..., 1]) if ch == "alpha" else (flow[..., :1], flow[..., 1:])
-            grads[ch] = gu * fu + gv * fv
+            img = image(ch).detach()[0]
+            img = img[..., None] if ch == "alpha" else img
+            if fld.conversion == "linear":
+                gu, gv = image_gradient(img[None])
+                g = gu[0] * flow[..., :1] + gv[0] * flow[..., 1:]
+            else:
+                warped, weight = forward_warp(img, flow)
+                g = torch.where(weight[..., None] > 1e-3, img - warped, torch.zeros_like(img))
+            grads[ch] = (g[..., 0] if ch == "alpha" else g)[None]
     maps, gs = [], []
     sq, n = 0.0, 0
     for ch, g in grads.items():
-        img = rendered.alpha if ch == "alpha" else rendered.rgb
-        if img is None:
-            raise ValueError(f"{fld.name}: gradient for {ch!r} given but it was not rendered")
+        img = image(ch)
         if not isinstance(g, Tensor) or g.shape != img.shape:
             got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
             raise ValueError(f"{fld.name}: the gradient for {ch!r} must have shape {tuple(img.shape)}, "
@@ -1105,8 +1206,7 @@ def refine_pose(mesh: Mesh, target, camera: Cameras, init_pose: Pose | None = No
     verts = mesh.verts.detach()
     lo, hi = verts.amin(0), verts.amax(0)
     pivot = 0.5 * (lo + hi)
-    radius = float((verts - pivot).norm(dim=1).max())
-    if not radius > 0:
+    if not float((verts - pivot).norm(dim=1).max()) > 0:
         raise ValueError(f"mesh {mesh.name!r}: all vertices coincide; its pose is undefined")
     static = mesh.with_verts(verts)
 
@@ -1118,7 +1218,7 @@ def refine_pose(mesh: Mesh, target, camera: Cameras, init_pose: Pose | None = No
         return stage_targets[size]
 
     def make_params(R0, t0) -> PoseParameters:
-        return PoseParameters(R0, t0, cam.K[0], cam.image_size, pivot, radius, settings.rotation,
+        return PoseParameters(R0, t0, cam.K[0], cam.image_size, pivot, settings.rotation,
                               settings.parameterization, settings.refine_focal,
                               settings.refine_principal_point)
 
@@ -1132,12 +1232,15 @@ def refine_pose(mesh: Mesh, target, camera: Cameras, init_pose: Pose | None = No
             size = _stage_size(stage, cam.image_size)
             tgt = target_at(size)
             raster = RasterSettings(sigma=stage.sigma, gamma=settings.gamma)
-            params.bake()
-            opt = torch.optim.Adam(params.param_groups(settings, stage.lr))
+            params.whiten(verts, size)
+            opt = torch.optim.Adam(params.parameters(), lr=settings.lr * stage.lr)
             base_lrs = [g["lr"] for g in opt.param_groups]
             for it in range(stage.iters):
-                # Cosine decay to 10% over the stage: large early steps, fine convergence at the end.
+                # Cosine decay to 10% over the stage, for fine convergence at the end, after a short warm-up:
+                # Adam's first steps have full size in every direction, however small its gradient, which
+                # would throw away the previous stage's accuracy.
                 decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * it / max(stage.iters - 1, 1)))
+                decay *= min(1.0, (it + 1) / WARMUP_STEPS)
                 for g, lr0 in zip(opt.param_groups, base_lrs, strict=True):
                     g["lr"] = lr0 * decay
                 opt.zero_grad(set_to_none=True)

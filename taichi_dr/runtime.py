@@ -52,12 +52,30 @@ def _try_init(arch_name: str, **kwargs) -> bool:
     return True
 
 
-def init(arch: str | None = None, *, debug: bool = False, offline_cache: bool = True) -> str:
+def _tame_torch_threads(arch_name: str, torch_threads: int | None) -> None:
+    """Keep torch's OpenMP workers from fighting Taichi's CPU threads (see taichi_dr/__init__.py)."""
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+        return
+    import taichi_dr
+
+    if arch_name in ("cpu", "vulkan") and not taichi_dr._OMP_PASSIVE:
+        torch.set_num_threads(1)
+
+
+def init(arch: str | None = None, *, debug: bool = False, offline_cache: bool = True,
+         torch_threads: int | None = None) -> str:
     """Initialise Taichi for taichi_dr and return the arch in use (``"cpu"``, ``"cuda"`` or ``"vulkan"``).
 
-    arch: ``"auto"`` (cuda, then vulkan, then cpu), ``"cpu"``, ``"cuda"`` or ``"vulkan"``. ``None`` reads
+    arch: ``"auto"`` (cuda, then a hardware vulkan device, then cpu; software Vulkan drivers such as Mesa's
+    lavapipe only when asked for by name), ``"cpu"``, ``"cuda"`` or ``"vulkan"``. ``None`` reads
     ``TAICHI_DR_ARCH`` and defaults to ``"auto"``. Idempotent: a second call with the same (or no) arch is a
     no-op; asking for a different arch after initialisation raises, since Taichi cannot switch in-process.
+
+    torch_threads: torch's intra-op threads. By default unchanged, except on the cpu/vulkan archs when torch
+    was imported before taichi_dr: then 1, because torch's spinning OpenMP workers would steal the cores
+    Taichi's kernels run on (import taichi_dr first, or set OMP_WAIT_POLICY=PASSIVE, to keep torch's
+    threads).
     """
     requested = (arch or os.environ.get("TAICHI_DR_ARCH") or "auto").strip().lower()
     if requested not in _ARCH_NAMES:
@@ -79,6 +97,7 @@ def init(arch: str | None = None, *, debug: bool = False, offline_cache: bool = 
     for name in candidates:
         if _try_init(name, **kwargs):
             _state["arch"] = name
+            _tame_torch_threads(name, torch_threads)
             return name
         ti.reset()
     raise RuntimeError(f"taichi_dr.init: the {requested!r} backend is not available on this machine "

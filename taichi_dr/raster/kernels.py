@@ -61,24 +61,25 @@ def _pixel_range(lo, hi, radius, n):
 
 
 @ti.func
-def _seg_closest(p, a, b):
-    """Parameter t in [0, 1] of the point of segment ab closest to p, and its squared distance."""
+def _seg_closest(p, a, b, inv_len2):
+    """Parameter t in [0, 1] of the point of segment ab closest to p, and its squared distance
+    (inv_len2 = 1 / |b - a|^2, precomputed in the face setup)."""
     e = b - a
-    t = ti.math.clamp((p - a).dot(e) / ti.max(e.dot(e), 1e-20), 0.0, 1.0)
+    t = ti.math.clamp((p - a).dot(e) * inv_len2, 0.0, 1.0)
     r = p - (a + t * e)
     return t, r.dot(r)
 
 
 @ti.func
-def _nearest_edge(p, p0, p1, p2):
+def _nearest_edge(setup: ti.template(), b, f, p, p0, p1, p2):
     """Squared distance from p to the nearest edge segment, that edge (0: p0p1, 1: p1p2, 2: p2p0) and the
     closest point's parameter t along it."""
-    t, d2 = _seg_closest(p, p0, p1)
+    t, d2 = _seg_closest(p, p0, p1, setup[b, f, 16])
     edge = 0
-    t1, d1 = _seg_closest(p, p1, p2)
+    t1, d1 = _seg_closest(p, p1, p2, setup[b, f, 17])
     if d1 < d2:
         t, d2, edge = t1, d1, 1
-    t2, dd2 = _seg_closest(p, p2, p0)
+    t2, dd2 = _seg_closest(p, p2, p0, setup[b, f, 18])
     if dd2 < d2:
         t, d2, edge = t2, dd2, 2
     return d2, edge, t
@@ -89,7 +90,8 @@ def _nearest_edge(p, p0, p1, p2):
 #   [4:13]  three edge lines (n.x, n.y, c) with unit inward normals: s_k(p) = n_k . p + c_k is the signed
 #           distance from p to the line of edge k (P_k -> P_k+1), >= 0 on the triangle's side
 #   [13:16] |edge k| / |area2|, so the barycentric of the vertex opposite edge k is s_k * that
-SETUP = 16
+#   [16:19] 1 / |edge k|^2, for the closest points on the edges without divisions per pixel
+SETUP = 19
 
 
 @ti.func
@@ -118,7 +120,7 @@ def _pair(setup: ti.template(), face_verts: ti.template(), b, f, p, s, fp: ti.te
     d2 = s.min() * s.min()  # inside a convex polygon the nearest boundary point is on the nearest line
     if not inside:
         p0, p1, p2, _z = _corners(face_verts, b, f, fp)
-        d2, _edge, _t = _nearest_edge(p, p0, p1, p2)
+        d2, _edge, _t = _nearest_edge(setup, b, f, p, p0, p1, p2)
     return _barycentrics(setup, b, f, s), inside, d2
 
 
@@ -318,6 +320,7 @@ def face_setup(face_verts: nd, params: nd, setup: nd, fp: ti.template()):
             setup[b, f, 5 + 3 * k] = n[1]
             setup[b, f, 6 + 3 * k] = -n.dot(a)
             setup[b, f, 13 + k] = length / abs_area2
+            setup[b, f, 16 + k] = 1.0 / (length * length)
 
 
 @ti.func
@@ -436,10 +439,12 @@ def rasterize_backward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd
             if not ok:
                 continue
             p0, p1, p2, z = _corners(face_verts, b, f, fp)
-            _d2, edge, t = _nearest_edge(p, p0, p1, p2)
-            wp, zp, wc, Q = _perspective(w, z)
-            if zp < near or zp > far:
-                continue
+            _d2, edge, t = _nearest_edge(setup, b, f, p, p0, p1, p2)
+            wp, zp, wc, Q = w, far, w, ti.cast(1.0, fp)
+            if ti.static(NA + NT > 0 or hard) or z.max() > far:  # as in the forward: silhouettes skip this
+                wp, zp, wc, Q = _perspective(w, z)
+                if zp < near or zp > far:
+                    continue
             g_val = g_img
             g_x = ti.cast(0.0, fp)
             g_zp = ti.cast(0.0, fp)
