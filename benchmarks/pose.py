@@ -49,6 +49,7 @@ from taichi_dr.pose import (  # noqa: E402
     refine_pose,
     reprojection_flow,
     rotation_error_deg,
+    surface_points,
     translation_error,
 )
 from taichi_dr.raster.settings import RasterSettings  # noqa: E402
@@ -90,16 +91,14 @@ def perturb(true: Pose, pivot: torch.Tensor, aa: np.ndarray, dt: np.ndarray) -> 
     return Pose(D @ true.R, true.t + c - D @ c + torch.from_numpy(dt).to(true.t))
 
 
-def oracle_field(true: Pose) -> DisplacementField:
+def oracle_field(mesh, true: Pose, conversion: str = "reprojection", channels=("alpha",)) -> DisplacementField:
     """Where each rendered surface pixel should go: its position under the true pose."""
 
     def fn(rendered, target, camera):
         truth = Cameras(camera.K, true.R[None], true.t[None], camera.image_size, validate=False)
-        covered = rendered.pix_to_face >= 0
-        flow = reprojection_flow(rendered.depth, covered, camera, truth)
-        return torch.where(covered[..., None], flow, torch.full_like(flow, float("nan")))
+        return reprojection_flow(surface_points(mesh, camera, rendered.pix_to_face), camera, truth)
 
-    return DisplacementField(fn, channels=("alpha", "rgb"), name="oracle")
+    return DisplacementField(fn, channels=channels, conversion=conversion, name="oracle")
 
 
 def main(argv=None) -> int:
@@ -164,7 +163,7 @@ def main(argv=None) -> int:
         init = perturb(true, pivot, aa, dt)
         camera = Cameras(cam.K, torch.eye(3), torch.zeros(3), cam.image_size)  # the pose is object->camera
         for m in methods:
-            loss = {"silhouette": "silhouette_iou", "rgb": "rgb", "oracle": oracle_field(true)}[m]
+            loss = {"silhouette": "silhouette_iou", "rgb": "rgb", "oracle": oracle_field(mesh, true)}[m]
             outputs = ("rgb", "depth") if m == "oracle" else None
             t0 = time.perf_counter()
             res = refine_pose(mesh, targets[m][view], camera, init, loss=loss, settings=settings,

@@ -1,7 +1,9 @@
 """Soft rasterizer benchmarks (issue 2): B1, B2, B3 and a faces x image-size table.
 
 Prints markdown tables: forward and forward+backward medians (seconds), peak extra memory, and the dense
-pure-PyTorch reference (taichi_dr.reference) beside each, measured in the same run. The reference is too
+pure-PyTorch reference (taichi_dr.reference) beside each, measured in the same run. Each case runs in a fresh
+subprocess: kernels are compiled on a tiny batch first, then the peak resident memory of one forward+backward
+above that baseline is recorded ("peak extra MB"), then the timings. The reference is too
 slow for the full B1/B3 sizes on a CPU, so it runs on a subset of views / a smaller image and its time is
 scaled linearly by the number of pixels (marked "scaled"); memory is not scaled.
 
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -114,24 +118,64 @@ def colored(mesh: Mesh) -> Mesh:
     return Mesh(verts=mesh.verts, faces=mesh.faces, vert_colors=(mesh.verts - lo) / (hi - lo))
 
 
-def row(name, mesh, cameras, settings, rgb, repeats, ref_views=None, ref_size=None, target=None):
-    fwd, _ = timed(case(mesh, cameras, settings, rgb, False), repeats)
-    fb, mem = timed(case(mesh, cameras, settings, rgb, True), repeats)
-    print(f"  ({name}: taichi_dr forward {fwd:.3f} s, forward+backward {fb:.3f} s; running the reference...)",
-          file=sys.stderr, flush=True)
+CASES = {
+    # name: (mesh, views, size, settings, rgb, target seconds, reference views, reference size)
+    "B1": ("sphere", 120, 64, RasterSettings(sigma=1e-4), False, 0.25, 2, None),
+    "B2": ("spot", 4, 128, RasterSettings(), True, 0.15, 1, 64),
+    "B3": ("spot_sub2", 1, 512, RasterSettings(sigma=1e-4), False, 1.0, None, None),
+}
+LABELS = {"B1": "B1 silhouette", "B2": "B2 shaded vertex-colour RGB", "B3": "B3 silhouette"}
+
+
+def load_case_mesh(name: str) -> Mesh:
+    if name == "sphere":
+        return load_mesh(asset_path("templates/sphere_1352.obj"))
+    spot = load_mesh(asset_path("spot/spot_triangulated.obj"))
+    spot = Mesh(verts=spot.verts, faces=spot.faces).normalized()[0]  # geometry only
+    spot = colored(spot)
+    return spot.subdivided(2) if name == "spot_sub2" else spot
+
+
+def run_case(name: str, impl: str, repeats: int) -> dict:
+    """One case in this (fresh) process: compile on a tiny batch, then peak memory of one forward+backward
+    above that baseline, then the timings."""
+    mesh_name, views, size, settings, rgb, _, ref_views, ref_size = CASES[name]
+    mesh = load_case_mesh(mesh_name)
+    make = case if impl == "taichi" else reference_case
+    if impl == "reference":
+        views, size = ref_views, ref_size or size
+    cameras = spherical_cameras(views, size)
+    make(mesh, spherical_cameras(1, 16), settings, rgb, True)()  # compiles every kernel variant
+    runtime.sync()
+    base = reset_peak()
+    make(mesh, cameras, settings, rgb, True)()
+    runtime.sync()
+    mem = peak_extra_mb(base)
+    fwd = timed(make(mesh, cameras, settings, rgb, False), repeats)[0] if impl == "taichi" else float("nan")
+    fb = timed(make(mesh, cameras, settings, rgb, True), repeats)[0]
+    return {"fwd": fwd, "fb": fb, "mem": mem, "views": views, "size": size, "faces": mesh.faces.shape[0]}
+
+
+def in_subprocess(name: str, impl: str, repeats: int, arch: str) -> dict:
+    cmd = [sys.executable, __file__, "--run-case", name, "--impl", impl, "--repeats", str(repeats), "--arch", arch]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def row(name: str, repeats: int, arch: str, reference: bool):
+    r = in_subprocess(name, "taichi", repeats, arch)
+    views, size, target = CASES[name][1], CASES[name][2], CASES[name][5]
+    print(f"  ({name}: taichi_dr forward {r['fwd']:.3f} s, forward+backward {r['fb']:.3f} s)", file=sys.stderr,
+          flush=True)
     ref = "-"
-    if ref_views is not None:
-        H, W = cameras.image_size
-        sub = cameras[:ref_views]
-        if ref_size is not None:
-            sub = spherical_cameras(ref_views, ref_size)
-        scale = (len(cameras) * H * W) / (len(sub) * sub.image_size[0] * sub.image_size[1])
-        ref_t, ref_mem = timed(reference_case(mesh, sub, settings, rgb, True), 1)
-        scaled = "" if scale == 1 else f" (scaled x{scale:.0f})"
-        ref = f"{ref_t * scale:.2f}{scaled}, {ref_mem:.0f} MB | {ref_t * scale / fb:.0f}x"
-    verdict = "" if target is None else ("yes" if fb <= target else "NO")
-    print(f"| {name} | {mesh.faces.shape[0]} | {len(cameras)} x {cameras.image_size[0]}^2 | {fwd:.3f} | "
-          f"{fb:.3f} | {mem:.0f} | {ref} | {'' if target is None else target} | {verdict} |", flush=True)
+    if reference and CASES[name][6] is not None:
+        q = in_subprocess(name, "reference", 1, arch)
+        scale = (views * size * size) / (q["views"] * q["size"] * q["size"])
+        scaled = "" if scale == 1 else f" (measured on {q['views']} x {q['size']}^2, scaled x{scale:.0f})"
+        ref = f"{q['fb'] * scale:.2f}{scaled}, {q['mem']:.0f} MB | {q['fb'] * scale / r['fb']:.0f}x"
+    verdict = "yes" if r["fb"] <= target else "NO"
+    print(f"| {LABELS[name]} | {r['faces']} | {views} x {size}^2 | {r['fwd']:.3f} | {r['fb']:.3f} | "
+          f"{r['mem']:.0f} | {ref} | {target} | {verdict} |", flush=True)
 
 
 def main():
@@ -140,8 +184,14 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--arch", default=os.environ.get("TAICHI_DR_ARCH", "cpu"))
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--run-case", choices=list(CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=["taichi", "reference"], default="taichi", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     arch = taichi_dr.init(args.arch)
+    if args.run_case:
+        print(json.dumps(run_case(args.run_case, args.impl, args.repeats or 5)))
+        return
     repeats = 3 if args.quick else 7
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"arch={arch}, torch threads={torch.get_num_threads()}, cpu cores={os.cpu_count()}, "
@@ -149,23 +199,12 @@ def main():
     print("| case | faces | views x size | forward s | fwd+bwd s | peak extra MB | PyTorch reference fwd+bwd s, "
           "peak MB, ratio | target s | met |")
     print("|---|---|---|---|---|---|---|---|---|")
-    ref = not args.no_reference
-    spot = load_mesh(asset_path("spot/spot_triangulated.obj"))
-    spot = Mesh(verts=spot.verts, faces=spot.faces)  # geometry only; B2 adds vertex colours
-    spot_n = spot.normalized()[0]
-    if args.only in (None, "B1"):
-        sphere = load_mesh(asset_path("templates/sphere_1352.obj"))
-        row("B1 silhouette", sphere, spherical_cameras(120, 64), RasterSettings(sigma=1e-4), False, repeats,
-            ref_views=2 if ref else None, target=0.25)
-    if args.only in (None, "B2"):
-        row("B2 shaded vertex-colour RGB", colored(spot_n), spherical_cameras(4, 128), RasterSettings(), True,
-            repeats, ref_views=1 if ref else None, ref_size=64 if ref else None, target=0.15)
-    if args.only in (None, "B3"):
-        big = spot_n.subdivided(2)
-        row("B3 silhouette", big, spherical_cameras(1, 512), RasterSettings(sigma=1e-4), False, repeats,
-            ref_views=None, target=1.0)
+    for name in ("B1", "B2", "B3"):
+        if args.only in (None, name):
+            row(name, repeats, arch, not args.no_reference)
     if args.only in (None, "table") and not args.quick:
         print("\nFaces x image size, 4 views, silhouette, sigma=1e-4 (fwd+bwd median seconds):\n")
+        spot_n = load_case_mesh("spot")
         meshes = [spot_n, spot_n.subdivided(1), spot_n.subdivided(2)]
         sizes = [64, 128, 256, 512]
         print("| faces | " + " | ".join(f"{s}^2" for s in sizes) + " |")

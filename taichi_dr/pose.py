@@ -74,12 +74,12 @@ __all__ = [
     "distance_transform_loss",
     "draw_overlay",
     "feature_loss",
-    "forward_warp",
     "image_gradient",
     "load_pose",
     "matched_mask",
     "refine_pose",
     "reprojection_flow",
+    "surface_points",
     "rgb_loss",
     "composite",
     "target_image",
@@ -633,50 +633,31 @@ class DisplacementField:
     fn(rendered, target, camera) returns ``(1, H, W, 2)`` displacements ``(du, dv)`` in pixels at the
     stage's resolution; NaN where it has no opinion (e.g. off the object): those pixels take the value of
     the nearest pixel with one, so the blurred edge just outside the object, and the background around it,
-    move with it. For each rendered map I in ``channels`` (``"alpha"``, ``"rgb"`` = the composite) the
-    field becomes ``dL/dI = I - I_target``, the gradient of ``|I - I_target|^2 / 2``, where ``I_target`` is
-    I with its content moved along the field:
+    move with it. Two ways to turn it into a gradient of the pose:
 
-    * ``conversion="warp"`` (default): I forward-warped by the field (bilinear splatting, normalised);
-      exact for displacements of any size; pixels nothing lands on get no gradient;
-    * ``conversion="linear"``: the first-order ``I_target = I - grad(I) . d``, i.e. ``dL/dI = grad(I) . d``;
-      only valid for displacements within the blur of the edges, so it fails from far-off starts.
+    * ``conversion="image"``: for each rendered map I in ``channels`` (``"alpha"``, ``"rgb"`` = the
+      composite, :func:`composite`), ``dL/dI = grad(I) . d``, the gradient of ``|I - I_target|^2 / 2`` with
+      ``I_target = I - grad(I) . d`` (I moved by d, to first order), propagated through the rasterizer's
+      backward pass. Only edges and texture carry signal, and the first-order model holds for displacements
+      up to about the blur of the edges, so from far-off starts it can go astray.
+    * ``conversion="reprojection"`` (Grabner et al.'s geometric correspondence fields): the surface point
+      ``x_p`` seen at each covered pixel (:func:`surface_points`, from the rasterizer's ``pix_to_face``)
+      should move by ``d_p`` in the image; the pose gradient is that of ``-sum_p d_p . project(T x_p) / N``,
+      analytic through the projection. Every covered pixel contributes, as in a PnP problem, so it
+      converges from much further (and ``PoseSettings(optimizer="sgd", lr=1)`` is then Gauss-Newton); NaN
+      pixels are ignored.
     """
 
     fn: Callable
     channels: tuple[str, ...] = ("alpha",)
-    conversion: str = "warp"
+    conversion: str = "image"
     name: str = "displacement"
 
     def __post_init__(self):
         _check_channels(self.channels, "DisplacementField")
-        if self.conversion not in ("warp", "linear"):
-            raise ValueError(f"DisplacementField.conversion: expected 'warp' or 'linear', got "
+        if self.conversion not in ("image", "reprojection"):
+            raise ValueError(f"DisplacementField.conversion: expected 'image' or 'reprojection', got "
                              f"{self.conversion!r}")
-
-
-def forward_warp(image: Tensor, flow: Tensor) -> tuple[Tensor, Tensor]:
-    """Move every pixel of ``image (H, W, C)`` by ``flow (H, W, 2)`` (pixels, (du, dv)) with bilinear
-    splatting. Returns ``(warped (H, W, C), weight (H, W))``: the weighted mean of what landed on each
-    pixel, and the total weight that landed there (0: nothing did; warped is 0 there)."""
-    H, W, C = image.shape
-    v, u = torch.meshgrid(torch.arange(H, device=image.device, dtype=flow.dtype),
-                          torch.arange(W, device=image.device, dtype=flow.dtype), indexing="ij")
-    x, y = u + flow[..., 0], v + flow[..., 1]  # destination, in pixel-index units
-    x0, y0 = torch.floor(x), torch.floor(y)
-    acc = torch.zeros(H * W, C, dtype=image.dtype, device=image.device)
-    wsum = torch.zeros(H * W, dtype=image.dtype, device=image.device)
-    vals = image.reshape(-1, C)
-    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
-        xi, yi = x0 + dx, y0 + dy
-        w = (1 - (x - xi).abs()) * (1 - (y - yi).abs())
-        ok = ((xi >= 0) & (xi < W) & (yi >= 0) & (yi < H) & (w > 0)).reshape(-1)
-        idx = (yi * W + xi).reshape(-1)[ok].long()
-        wk = w.reshape(-1)[ok].to(image.dtype)
-        acc.index_add_(0, idx, vals[ok] * wk[:, None])
-        wsum.index_add_(0, idx, wk)
-    warped = acc / wsum.clamp_min(1e-12)[:, None]
-    return warped.reshape(H, W, C), wsum.reshape(H, W)
 
 
 def _fill_nan_nearest(flow: Tensor) -> Tensor:
@@ -721,27 +702,47 @@ def image_gradient(image: Tensor) -> tuple[Tensor, Tensor]:
     return gu, gv
 
 
-def reprojection_flow(depth: Tensor, mask: Tensor, camera: Cameras, other: Cameras) -> Tensor:
-    """Where the surface seen at each pixel of ``camera`` appears in ``other``: ``(B, H, W, 2)`` pixel
-    displacements (0 outside ``mask``).
+def _pixel_centres(H: int, W: int, like: Tensor) -> Tensor:
+    """(H, W, 2) pixel centres (u, v) = (j + 0.5, i + 0.5)."""
+    v, u = torch.meshgrid(torch.arange(H, dtype=like.dtype, device=like.device) + 0.5,
+                          torch.arange(W, dtype=like.dtype, device=like.device) + 0.5, indexing="ij")
+    return torch.stack([u, v], -1)
 
-    depth (B, H, W) camera-space depth as rendered by ``camera``; mask (B, H, W) bool, the pixels to use
-    (e.g. ``pix_to_face >= 0``). With ``other`` the camera at the true pose this is the oracle
-    correspondence field of a pose benchmark. Both cameras share the image size; no gradient.
+
+@torch.no_grad()
+def surface_points(mesh: Mesh, camera: Cameras, pix_to_face: Tensor) -> Tensor:
+    """The point of ``mesh`` seen at each pixel centre: ``(B, H, W, 3)`` in the mesh's (world) coordinates,
+    NaN where ``pix_to_face (B, H, W)`` is -1. Exact: the pixel's ray meets the plane of its face (the
+    soft-rendered depth is not, since SoftRas's softmax lets a nearer face's blurred edge win); no
+    gradient."""
+    B, H, W = pix_to_face.shape
+    verts = mesh.verts.detach().to(camera.dtype)
+    origins, dirs = camera.pixel_rays(_pixel_centres(H, W, verts).reshape(-1, 2))  # (B, N, 3)
+    face = pix_to_face.reshape(B, -1).long()
+    tri = verts[mesh.faces[face.clamp_min(0)]]  # (B, N, 3, 3)
+    normal = torch.linalg.cross(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :], dim=-1)
+    denom = (normal * dirs).sum(-1)
+    s = (normal * (tri[..., 0, :] - origins)).sum(-1) / torch.where(denom.abs() > 1e-12, denom,
+                                                                     torch.full_like(denom, 1e-12))
+    pts = origins + s[..., None] * dirs
+    pts = torch.where((face >= 0)[..., None], pts, torch.full_like(pts, float("nan")))
+    return pts.reshape(B, H, W, 3)
+
+
+@torch.no_grad()
+def reprojection_flow(points: Tensor, camera: Cameras, other: Cameras) -> Tensor:
+    """How far the surface points seen by ``camera`` move in the image when seen by ``other``: ``(B, H, W,
+    2)`` pixel displacements ``other.project(x) - camera.project(x)``, NaN where ``points (B, H, W, 3)``
+    is NaN ("no opinion", as :class:`DisplacementField` reads it). With ``points`` from
+    :func:`surface_points` and ``other`` the camera at the true pose, this is the oracle correspondence
+    field of a pose benchmark. No gradient.
     """
-    with torch.no_grad():
-        B, H, W = depth.shape
-        v, u = torch.meshgrid(torch.arange(H, dtype=depth.dtype, device=depth.device) + 0.5,
-                              torch.arange(W, dtype=depth.dtype, device=depth.device) + 0.5, indexing="ij")
-        _, dirs = camera.pixel_rays(torch.stack([u, v], -1).reshape(-1, 2))  # unit, world
-        R = camera.R.to(depth)
-        # pixel_rays gives unit directions; depth is along the camera z axis, so scale by 1 / (d . z_axis).
-        cos = (dirs @ R[:, 2:3, :].transpose(-1, -2))[..., 0].clamp_min(1e-6)  # (B, N)
-        z = torch.where(mask, depth, torch.ones_like(depth)).reshape(B, -1)
-        pts = camera.camera_centers()[:, None, :].to(depth) + dirs * (z / cos)[..., None]
-        proj = other.project(pts)[..., :2].reshape(B, H, W, 2)
-        flow = proj - torch.stack([u, v], -1)[None]
-        return torch.where(mask[..., None], flow, torch.zeros_like(flow))
+    B, H, W, _ = points.shape
+    pts = points.reshape(B, -1, 3)
+    safe = torch.nan_to_num(pts, nan=0.0)
+    flow = other.project(safe)[..., :2] - camera.project(safe)[..., :2]
+    ok = torch.isfinite(pts).all(-1, keepdim=True)
+    return torch.where(ok, flow, torch.full_like(flow, float("nan"))).reshape(B, H, W, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -792,9 +793,13 @@ class PoseSettings:
         see the module docstring.
     refine_focal: also learn a focal-length scale (fx, fy together, about the principal point).
     refine_principal_point: also learn the principal point.
-    lr: Adam's step in *pixels* at the stage's resolution: the update parameters are whitened (see
-        :class:`PoseParameters`) so that a unit step moves the mesh's projected vertices by one pixel RMS, and
-        every direction (an out-of-plane rotation as much as a translation) moves them independently.
+    lr: the learning rate. The update parameters are whitened (see :class:`PoseParameters`) so that a unit
+        step moves the mesh's projected vertices by one pixel RMS at the stage's resolution, and every
+        direction (an out-of-plane rotation as much as a translation) moves them independently; with Adam,
+        whose steps have about the learning rate's size, ``lr`` is thus a step in pixels.
+    optimizer: ``"adam"``, or ``"sgd"`` (plain gradient steps in the whitened coordinates, which is
+        Gauss-Newton for a correspondence field, ``DisplacementField(conversion="reprojection")``, with
+        ``lr = 1``).
     multi_start: number of starts; the first is the initial pose, the others it rotated by
         ``multi_start_angle`` degrees about the object's centre (axes spread over the sphere). Each start runs
         the first stage; the one with the lowest loss continues.
@@ -808,6 +813,7 @@ class PoseSettings:
     refine_focal: bool = False
     refine_principal_point: bool = False
     lr: float = 1.0
+    optimizer: str = "adam"
     multi_start: int = 1
     multi_start_angle: float = 45.0
     gamma: float = 1e-4
@@ -831,6 +837,8 @@ class PoseSettings:
             raise ValueError(f"PoseSettings.multi_start: expected an int >= 1, got {self.multi_start!r}")
         if self.shading not in ("gouraud", "flat"):
             raise ValueError(f"PoseSettings.shading: expected 'gouraud' or 'flat', got {self.shading!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"PoseSettings.optimizer: expected 'adam' or 'sgd', got {self.optimizer!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -955,7 +963,7 @@ class PoseParameters(torch.nn.Module):
     @torch.no_grad()
     def whiten(self, points: Tensor, image_size: tuple[int, int] | None = None, floor: float = 1e-4) -> Tensor:
         """Set ``mix`` so that a unit step of ``phi`` in any direction moves the projections of ``points
-        (N, 3)`` (object coordinates, e.g. the mesh's vertices) by one pixel RMS at ``image_size``, and
+        (N, 3)`` (object coordinates, e.g. the visible surface) by one pixel RMS at ``image_size``, and
         different directions move them in uncorrelated ways: ``mix = M^(-1/2)`` with ``M = J^T J / N``, J the
         Jacobian of the projected points with respect to the update (central differences in float64, at the
         current pose; call :meth:`bake` first). Without it an out-of-plane rotation, which looks much like a
@@ -1126,12 +1134,8 @@ def _field_gradients(fld, rendered: RenderOutput, target: PoseTarget, camera: Ca
         for ch in fld.channels:
             img = image(ch).detach()[0]
             img = img[..., None] if ch == "alpha" else img
-            if fld.conversion == "linear":
-                gu, gv = image_gradient(img[None])
-                g = gu[0] * flow[..., :1] + gv[0] * flow[..., 1:]
-            else:
-                warped, weight = forward_warp(img, flow)
-                g = torch.where(weight[..., None] > 1e-3, img - warped, torch.zeros_like(img))
+            gu, gv = image_gradient(img[None])
+            g = gu[0] * flow[..., :1] + gv[0] * flow[..., 1:]
             grads[ch] = (g[..., 0] if ch == "alpha" else g)[None]
     maps, gs = [], []
     sq, n = 0.0, 0
@@ -1147,6 +1151,29 @@ def _field_gradients(fld, rendered: RenderOutput, target: PoseTarget, camera: Ca
         sq += float(g.square().sum())
         n += g.numel()
     return maps, gs, math.sqrt(sq / max(n, 1))
+
+
+def _reprojection_step(fld: DisplacementField, mesh: Mesh, rendered: RenderOutput, target: PoseTarget,
+                       camera: Cameras) -> float:
+    """Backpropagate a displacement field as correspondences (see DisplacementField); returns the RMS
+    displacement over the pixels used."""
+    H, W = camera.image_size
+    with torch.no_grad():
+        out = fld.fn(rendered, target, camera.detach())
+    if not isinstance(out, Tensor) or tuple(out.shape) != (1, H, W, 2):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"{fld.name}: the displacement function must return a (1, {H}, {W}, 2) tensor of "
+                         f"pixel displacements, got {got}")
+    flow = out.detach().to(rendered.alpha)
+    use = torch.isfinite(flow).all(-1) & (rendered.pix_to_face >= 0)
+    if not bool(use.any()):
+        return 0.0
+    pts = surface_points(mesh, camera.detach(), rendered.pix_to_face)[use]  # (N, 3) object coordinates
+    proj = camera.project(pts[None])[0, :, :2]  # differentiable in the pose and intrinsics
+    d = flow[use]
+    n = d.shape[0]
+    (-(d * proj).sum() / n).backward()
+    return float(d.square().sum(-1).mean().sqrt())
 
 
 def refine_pose(mesh: Mesh, target, camera: Cameras, init_pose: Pose | None = None, *,
@@ -1232,8 +1259,9 @@ def refine_pose(mesh: Mesh, target, camera: Cameras, init_pose: Pose | None = No
             size = _stage_size(stage, cam.image_size)
             tgt = target_at(size)
             raster = RasterSettings(sigma=stage.sigma, gamma=settings.gamma)
-            params.whiten(verts, size)
-            opt = torch.optim.Adam(params.parameters(), lr=settings.lr * stage.lr)
+            params.whiten(_visible_points(static, params.cameras(size)), size)
+            opt_cls = torch.optim.Adam if settings.optimizer == "adam" else torch.optim.SGD
+            opt = opt_cls(params.parameters(), lr=settings.lr * stage.lr)
             base_lrs = [g["lr"] for g in opt.param_groups]
             for it in range(stage.iters):
                 # Cosine decay to 10% over the stage, for fine convergence at the end, after a short warm-up:
@@ -1259,6 +1287,8 @@ def refine_pose(mesh: Mesh, target, camera: Cameras, init_pose: Pose | None = No
                     if value.requires_grad:
                         value.backward()
                     last = float(value.detach())
+                elif isinstance(objective, DisplacementField) and objective.conversion == "reprojection":
+                    last = _reprojection_step(objective, static, rendered, tgt, render_cam)
                 else:
                     maps, grads, rms = _field_gradients(objective, rendered, tgt, render_cam.detach())
                     if any(m.requires_grad for m in maps):
@@ -1310,6 +1340,19 @@ def refine_pose(mesh: Mesh, target, camera: Cameras, init_pose: Pose | None = No
                       history_stage=history_stage, start=k_best, start_losses=start_losses,
                       overlay=draw_overlay(background, sil), overlay_init=draw_overlay(background, sil0),
                       silhouette=sil, seconds=time.perf_counter() - t_start)
+
+
+@torch.no_grad()
+def _visible_points(mesh: Mesh, camera: Cameras, max_points: int = 4096) -> Tensor:
+    """Up to ``max_points`` surface points (N, 3) seen by ``camera`` (hard render), for whitening: what the
+    image can tell about the pose is how these move. All vertices when (almost) nothing is visible."""
+    out = render_mesh(mesh, camera.detach(), None, RasterSettings(mode="hard"), outputs=())
+    pts = surface_points(mesh, camera.detach(), out.pix_to_face).reshape(-1, 3)
+    pts = pts[torch.isfinite(pts).all(-1)]
+    if pts.shape[0] < 64:
+        return mesh.verts.detach()
+    stride = max(1, -(-pts.shape[0] // max_points))
+    return pts[::stride]
 
 
 def _lights_in_object(lights: Lights, R: Tensor) -> Lights:

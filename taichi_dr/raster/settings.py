@@ -31,7 +31,7 @@ class RasterSettings:
     mode: str = "soft"
     cull_backfaces: bool = False
     background: float | tuple[float, ...] = 0.0
-    tile_size: int = 8
+    tile_size: int = 4
 
     def __post_init__(self):
         checks = [
