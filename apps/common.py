@@ -200,8 +200,9 @@ def upscale_factor(image_size: tuple[int, int], target: int = 192) -> int:
 # Progress
 
 
-def progress_bar(console=None, transient: bool = False):
-    """A rich progress bar with the fields ``loss`` and ``iou`` shown next to the ETA."""
+def progress_bar(console=None, transient: bool = False,
+                 fields: str = "loss {task.fields[loss]:.4f}  IoU {task.fields[iou]:.3f}"):
+    """A rich progress bar; ``fields`` formats the task's fields next to the count (loss and IoU by default)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -215,7 +216,7 @@ def progress_bar(console=None, transient: bool = False):
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  IoU {task.fields[iou]:.3f}"),
+        TextColumn(fields),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),

@@ -86,21 +86,10 @@ def _write_views(folder: Path, rendered: dict, images: torch.Tensor, names) -> N
 
 
 def _progress():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from apps.common import progress_bar, stderr_console
 
-    from apps.common import stderr_console
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}  PSNR {task.fields[psnr]:.2f}  "
-                               "{task.fields[rays]:.0f} rays/s"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=stderr_console())
+    return progress_bar(stderr_console(), fields="loss {task.fields[loss]:.4f}  PSNR {task.fields[psnr]:.2f}  "
+                                                 "{task.fields[rays]:.0f} rays/s")
 
 
 def _load_data(data: Path, holdout_every: int, scene_radius: float):
