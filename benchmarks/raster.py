@@ -167,7 +167,7 @@ def row(name: str, repeats: int, arch: str, reference: bool):
     views, size, target = CASES[name][1], CASES[name][2], CASES[name][5]
     print(f"  ({name}: taichi_dr forward {r['fwd']:.3f} s, forward+backward {r['fb']:.3f} s)", file=sys.stderr,
           flush=True)
-    ref = "-"
+    ref = "- | -"
     if reference and CASES[name][6] is not None:
         q = in_subprocess(name, "reference", 1, arch)
         scale = (views * size * size) / (q["views"] * q["size"] * q["size"])
