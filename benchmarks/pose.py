@@ -46,6 +46,7 @@ from taichi_dr.pose import (  # noqa: E402
     Pose,
     PoseSettings,
     PoseTarget,
+    Stage,
     refine_pose,
     reprojection_flow,
     rotation_error_deg,
@@ -55,7 +56,8 @@ from taichi_dr.pose import (  # noqa: E402
 from taichi_dr.raster.settings import RasterSettings  # noqa: E402
 from taichi_dr.renderer import render_mesh  # noqa: E402
 
-METHODS = ("silhouette", "rgb", "oracle")
+METHODS = ("silhouette", "rgb", "oracle", "oracle_image")
+DEFAULT_METHODS = ("silhouette", "rgb", "oracle")
 ROT_OK_DEG = 2.0
 TRANS_OK_REL = 0.01
 
@@ -105,17 +107,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=100, help="perturbations per method (default 100)")
     ap.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"comma-separated subset of {METHODS} (default: {','.join(DEFAULT_METHODS)})")
     ap.add_argument("--max-rot", type=float, default=30.0, help="largest rotation error, degrees")
     ap.add_argument("--max-trans", type=float, default=0.1, help="largest translation error / distance")
     ap.add_argument("--distance", type=float, default=4.5, help="camera distance to the object's centre")
     ap.add_argument("--fov", type=float, default=30.0, help="horizontal field of view, degrees")
-    ap.add_argument("--rgb-target", choices=("rgb", "rgba"), default="rgb",
+    ap.add_argument("--rgb-target", choices=("rgb", "rgba"), default="rgba",
                     help="what the RGB method is given: the colours only (over black), or with the mask")
+    ap.add_argument("--optimizer", default="auto", help="PoseSettings.optimizer (default auto)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--arch", default="cpu", help="taichi_dr arch (default cpu)")
     ap.add_argument("--json", type=Path, default=None, help="write every trial's results here")
+    ap.add_argument("--stages", default=None,
+                    help="coarse-to-fine schedule as SIZE:SIGMA:ITERS:LR,... (SIZE 0 = full resolution); "
+                         "default: PoseSettings' stages")
     ap.add_argument("--verbose", action="store_true", help="print every trial")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -140,8 +147,9 @@ def main(argv=None) -> int:
         "silhouette": [PoseTarget(mask=hard.alpha[i], rgb=None) for i in range(len(cams))],
         "rgb": [PoseTarget(mask=hard.alpha[i] if args.rgb_target == "rgba" else None, rgb=ref.rgb[i])
                 for i in range(len(cams))],
-        "oracle": [PoseTarget(mask=hard.alpha[i], rgb=ref.rgb[i]) for i in range(len(cams))],
     }
+    targets["oracle"] = targets["oracle_image"] = [PoseTarget(mask=hard.alpha[i], rgb=ref.rgb[i])
+                                                   for i in range(len(cams))]
     rng = np.random.default_rng(args.seed)
     trials = []
     for _ in range(args.trials):
@@ -149,7 +157,14 @@ def main(argv=None) -> int:
         aa, dt = random_perturbation(rng, args.max_rot, args.max_trans * args.distance)
         trials.append((view, aa, dt))
 
-    settings = PoseSettings()
+    stages = PoseSettings().stages
+    if args.stages:
+        try:
+            stages = tuple(Stage(int(sz) or None, float(sg), int(it), float(lr))
+                           for sz, sg, it, lr in (part.split(":") for part in args.stages.split(",")))
+        except ValueError as e:
+            ap.error(f"--stages: expected SIZE:SIGMA:ITERS:LR,... ({e})")
+    settings = PoseSettings(stages=stages, optimizer=args.optimizer)
     print(f"# taichi_dr pose benchmark: Spot ({mesh.num_faces} faces), {args.size}x{args.size}, "
           f"{args.trials} trials, rotation <= {args.max_rot} deg, translation <= {args.max_trans:.0%} of "
           f"d = {args.distance}; arch {arch}, {args.threads} torch threads, {os.cpu_count()} CPUs visible, "
@@ -163,11 +178,10 @@ def main(argv=None) -> int:
         init = perturb(true, pivot, aa, dt)
         camera = Cameras(cam.K, torch.eye(3), torch.zeros(3), cam.image_size)  # the pose is object->camera
         for m in methods:
-            loss = {"silhouette": "silhouette_iou", "rgb": "rgb", "oracle": oracle_field(mesh, true)}[m]
-            outputs = ("rgb", "depth") if m == "oracle" else None
+            loss = {"silhouette": "silhouette_iou", "rgb": "rgb", "oracle": oracle_field(mesh, true),
+                    "oracle_image": oracle_field(mesh, true, "image", ("alpha", "rgb"))}[m]
             t0 = time.perf_counter()
-            res = refine_pose(mesh, targets[m][view], camera, init, loss=loss, settings=settings,
-                              outputs=outputs)
+            res = refine_pose(mesh, targets[m][view], camera, init, loss=loss, settings=settings)
             seconds = time.perf_counter() - t0
             r_err = rotation_error_deg(res.pose, true)
             t_err = translation_error(res.pose, true, relative_to=args.distance)

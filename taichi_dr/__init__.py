@@ -35,6 +35,9 @@ _EXPORTS = {
     # rasterizer and renderer
     "RasterSettings": "raster", "soft_rasterize": "raster", "Lights": "shading",
     "render_mesh": "renderer", "MeshRenderer": "renderer", "RenderOutput": "renderer",
+    # pose refinement
+    "Pose": "pose", "PoseSettings": "pose", "PoseTarget": "pose", "Stage": "pose", "refine_pose": "pose",
+    "load_pose": "pose", "save_pose": "pose", "DisplacementField": "pose", "PixelGradientField": "pose",
     # bridge
     "KernelOp": "bridge",
 }

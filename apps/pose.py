@@ -1,0 +1,273 @@
+"""``tdr pose``: refine the 6-DoF pose of a known mesh so that it lines up with an object in an image.
+
+    tdr pose MESH IMAGE --camera C --init POSE --out DIR
+
+IMAGE: an RGBA PNG (colour + silhouette), a greyscale mask, or an RGB image (then the RGB loss, against a
+plain background); ``--mask`` adds a separate mask. CAMERA: a camera file as ``load_cameras`` reads it
+(``{"image_size": [H, W], "cameras": [{"K", "R", "t"}]}`` as ``tdr render`` writes, or a JSON list of
+``{K, R, t}``; ``--camera-index`` picks one), or ``--fov`` for a camera with only a field of view. POSE: JSON
+``{"R": 3x3, "t": 3}`` or ``{"matrix": 4x4}``, optionally ``"convention": "camera_to_object"``; it maps mesh
+coordinates into the camera's world frame (object -> camera when the camera has identity extrinsics).
+
+Writes ``DIR/before.png`` and ``DIR/after.png`` (the model's outline over the image at the initial and the
+refined pose), ``DIR/pose.json`` (the refined pose, both conventions, with the settings and final loss),
+``DIR/loss.csv`` and ``DIR/loss.svg`` (the loss curve).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from apps.common import CLIError, handle_errors, init_runtime, option_errors, prepare_out_dir, save_png, upscale
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False)
+
+
+@app.callback()
+def _group() -> None:
+    """Pose refinement (``tdr pose``). The main ``tdr`` app registers :func:`pose_command` as ``pose``."""
+
+STALE = ("before.png", "after.png", "pose.json", "loss.csv", "loss.svg")
+LOSS_NAMES = ("auto", "silhouette_iou", "silhouette_mse", "rgb", "distance_transform")
+
+
+def read_image(path: Path, mask_path: Path | None):
+    """The target (a PoseTarget) from IMAGE and an optional separate mask."""
+    import imageio.v3 as iio
+
+    from taichi_dr.pose import PoseTarget
+
+    with option_errors("IMAGE"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: image not found")
+        try:
+            with warnings.catch_warnings():  # imageio warns about its plugins while it tries them
+                warnings.simplefilter("ignore")
+                img = np.asarray(iio.imread(path))
+        except Exception as e:  # imageio raises many types for unreadable files
+            raise ValueError(f"{path}: not a readable image ({e})") from None
+        if img.ndim == 3 and img.shape[-1] == 2:  # grey + alpha
+            img = np.concatenate([np.repeat(img[..., :1], 3, -1), img[..., 1:]], -1)
+        if img.ndim == 3 and img.shape[-1] == 3 and np.array_equal(img[..., 0], img[..., 1]) \
+                and np.array_equal(img[..., 0], img[..., 2]) and mask_path is None \
+                and set(np.unique(img[..., 0]).tolist()) <= {0, 255}:
+            img = img[..., 0]  # a black-and-white mask saved as RGB
+        if img.dtype == np.uint16:
+            img = (img / 65535.0).astype(np.float32)
+        target = PoseTarget.from_image(img, name=str(path))
+    if mask_path is not None:
+        with option_errors("--mask"):
+            if not mask_path.is_file():
+                raise FileNotFoundError(f"{mask_path}: mask not found")
+            m = np.asarray(iio.imread(mask_path))
+            if m.ndim == 3:
+                m = m[..., -1] if m.shape[-1] in (2, 4) else m[..., 0]
+            mask = PoseTarget.from_image(m, name=str(mask_path)).mask
+            if tuple(mask.shape) != target.image_size:
+                raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but the image is "
+                                 f"{target.image_size[1]}x{target.image_size[0]}")
+            if target.rgb is None:
+                raise ValueError(f"{mask_path}: the image {path} is a mask already")
+        target = PoseTarget(mask=mask, rgb=target.rgb)
+    return target
+
+
+def read_camera(path: Path | None, fov: float | None, index: int, image_size: tuple[int, int]):
+    """One camera for an image of ``image_size`` (H, W), from a file or a field of view."""
+    import torch
+
+    from taichi_dr.camera import Cameras, intrinsics_from_fov, load_cameras
+
+    if (path is None) == (fov is None):
+        raise CLIError("give exactly one of --camera FILE or --fov DEGREES")
+    if fov is not None:
+        with option_errors("--fov"):
+            K = intrinsics_from_fov(fov, image_size)
+        return Cameras(K, torch.eye(3), torch.zeros(3), image_size)
+    with option_errors("--camera"):
+        if path.suffix.lower() != ".json":
+            raise ValueError(f"{path}: expected a .json camera file ({{'image_size', 'cameras': [{{K, R, t}}]}} "
+                             "or a list of {K, R, t})")
+        try:
+            cams = load_cameras(path)  # the file's own image size, when it has one
+        except ValueError as e:
+            if "image_size" not in str(e):
+                raise
+            cams = load_cameras(path, image_size=image_size)
+        if tuple(cams.image_size) != tuple(image_size):
+            raise ValueError(f"{path}: the camera is for {cams.image_size[1]}x{cams.image_size[0]} (WxH) images "
+                             f"but IMAGE is {image_size[1]}x{image_size[0]}")
+    if not -len(cams) <= index < len(cams):
+        raise CLIError(f"--camera-index {index}: {path} has {len(cams)} camera(s)")
+    return cams[index]
+
+
+def parse_stages(text: str | None):
+    from taichi_dr.pose import DEFAULT_STAGES, Stage
+
+    if not text:
+        return DEFAULT_STAGES
+    stages = []
+    for part in text.split(","):
+        fields = part.strip().split(":")
+        try:
+            if len(fields) not in (3, 4):
+                raise ValueError("expected SIZE:SIGMA:ITERS[:LR]")
+            size, sigma, iters = int(fields[0]), float(fields[1]), int(fields[2])
+            lr = float(fields[3]) if len(fields) == 4 else 1.0
+            stages.append(Stage(size or None, sigma, iters, lr))
+        except ValueError as e:
+            raise CLIError(f"--stages: {part.strip()!r}: {e} (SIZE 0 = full resolution)") from None
+    return tuple(stages)
+
+
+def loss_svg(history: list[float], stages: list[int], width: int = 480, height: int = 240) -> str:
+    """A small SVG line plot of the loss (log scale when it spans over a decade), stage changes dashed."""
+    vals = np.asarray(history, dtype=np.float64)
+    ok = np.isfinite(vals)
+    if not ok.any():
+        vals = np.zeros(1)
+        ok = np.ones(1, bool)
+    positive = bool((vals[ok] > 0).all())
+    log = positive and vals[ok].max() > 10 * vals[ok].min()
+    y = np.log10(vals) if log else vals
+    lo, hi = float(np.nanmin(y[ok])), float(np.nanmax(y[ok]))
+    hi = hi if hi > lo else lo + 1.0
+    m = 36
+    n = max(len(vals) - 1, 1)
+
+    def px(i, v):
+        return m + (width - 2 * m) * i / n, height - m - (height - 2 * m) * (v - lo) / (hi - lo)
+
+    pts = " ".join(f"{px(i, v)[0]:.1f},{px(i, v)[1]:.1f}" for i, v in enumerate(y) if np.isfinite(v))
+    lines = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="11">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<polyline points="{pts}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>']
+    for i in range(1, len(stages)):
+        if stages[i] != stages[i - 1]:
+            x = px(i, lo)[0]
+            lines.append(f'<line x1="{x:.1f}" y1="{m}" x2="{x:.1f}" y2="{height - m}" stroke="#999" '
+                         'stroke-dasharray="4,3"/>')
+    label = (lambda v: f"{10 ** v:.3g}") if log else (lambda v: f"{v:.3g}")
+    lines += [f'<text x="4" y="{m + 4}">{label(hi)}</text>',
+              f'<text x="4" y="{height - m + 4}">{label(lo)}</text>',
+              f'<text x="{width / 2:.0f}" y="{height - 8}" text-anchor="middle">step '
+              f'({"log " if log else ""}loss; dashed: next stage)</text>',
+              "</svg>"]
+    return "\n".join(lines) + "\n"
+
+
+@app.command("pose")
+@handle_errors
+def pose_command(
+    mesh: Path = typer.Argument(..., help="Mesh file (.obj with texture/MTL, .ply, .glb, .off), in its own "
+                                "coordinates."),
+    image: Path = typer.Argument(..., help="Target image: RGBA PNG (alpha = silhouette), greyscale mask, or RGB."),
+    camera: Path = typer.Option(None, help="Camera JSON ({'image_size', 'cameras': [{K, R, t}]} as tdr render "
+                                "writes, or a list of {K, R, t}); or use --fov."),
+    fov: float = typer.Option(None, help="Horizontal field of view in degrees, for a camera without a file "
+                              "(principal point at the centre, identity extrinsics)."),
+    camera_index: int = typer.Option(0, help="Which camera of a file with several."),
+    init: Path = typer.Option(None, "--init", help="Initial pose JSON ({R, t} or {matrix}, optional "
+                              "'convention': object_to_camera | camera_to_object); default: identity."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (must be empty or new)."),
+    mask: Path = typer.Option(None, help="Separate mask image for an RGB IMAGE."),
+    loss: str = typer.Option("auto", help=f"One of {', '.join(LOSS_NAMES)}; auto: silhouette_iou with a "
+                             "mask, rgb without."),
+    stages: str = typer.Option(None, help="Coarse-to-fine schedule SIZE:SIGMA:ITERS[:LR],... (SIZE 0 = full "
+                               "resolution); default 64:3e-3:30:1,128:3e-4:20:1,0:1e-4:15:0.5."),
+    multi_start: int = typer.Option(1, help="Number of starts (the initial pose and rotations of it)."),
+    multi_start_angle: float = typer.Option(45.0, help="Rotation of the extra starts, degrees."),
+    parameterization: str = typer.Option("object_to_camera", help="What moves: object_to_camera (the object, "
+                                         "about its centre) or camera_to_object (the camera)."),
+    rotation: str = typer.Option("axis_angle", help="Rotation update: axis_angle or quaternion."),
+    refine_focal: bool = typer.Option(False, help="Also refine the focal length."),
+    refine_principal_point: bool = typer.Option(False, help="Also refine the principal point."),
+    overwrite: bool = typer.Option(False, help="Write into a non-empty --out folder."),
+    arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan."),
+) -> None:
+    """Refine the pose of MESH so that its render lines up with IMAGE; write overlays, the pose and the loss
+    curve."""
+    import torch
+
+    from taichi_dr.mesh import load_mesh
+    from taichi_dr.pose import Pose, PoseSettings, load_pose, refine_pose, rotation_error_deg, save_pose
+
+    if loss not in LOSS_NAMES:
+        raise CLIError(f"--loss: expected one of {', '.join(LOSS_NAMES)}, got {loss!r}")
+    schedule = parse_stages(stages)
+    try:
+        settings = PoseSettings(stages=schedule, multi_start=multi_start, multi_start_angle=multi_start_angle,
+                                parameterization=parameterization, rotation=rotation,
+                                refine_focal=refine_focal, refine_principal_point=refine_principal_point)
+    except ValueError as e:
+        raise CLIError(str(e).replace("PoseSettings.", "--").replace("_", "-")) from None
+
+    target = read_image(image, mask)
+    cam = read_camera(camera, fov, camera_index, target.image_size)
+    if init is not None:
+        with option_errors("--init"):
+            init_pose = load_pose(init)
+    else:
+        init_pose = Pose.identity()
+    if loss == "auto":
+        loss = "silhouette_iou" if target.mask is not None else "rgb"
+    if loss != "rgb" and target.mask is None:
+        raise CLIError(f"--loss {loss}: needs a silhouette, but {image} has no alpha channel and is not a mask; "
+                       "give --mask or use --loss rgb")
+    with option_errors("MESH"):
+        model = load_mesh(mesh)
+    prepare_out_dir(out, overwrite=overwrite, stale=STALE)
+    init_runtime(arch)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from apps.common import stderr_console
+
+    total = sum(s.iters for s in schedule) + (multi_start - 1) * schedule[0].iters
+    columns = (TextColumn("[bold]pose"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("stage {task.fields[stage]}  loss {task.fields[loss]:.5f}"), TimeElapsedColumn())
+    with Progress(*columns, console=stderr_console(), transient=False) as progress:
+        task = progress.add_task("pose", total=total, stage=0, loss=float("nan"))
+        result = refine_pose(model, target, cam, init_pose.to(dtype=torch.float32), loss=loss,
+                             settings=settings,
+                             callback=lambda s: progress.update(task, advance=1, stage=s.stage, loss=s.loss))
+
+    factor = max(1, 384 // max(target.image_size))
+    save_png(out / "before.png", upscale(_u8(result.overlay_init), factor))
+    save_png(out / "after.png", upscale(_u8(result.overlay), factor))
+    with (out / "loss.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "stage", "loss"])
+        for i, (v, s) in enumerate(zip(result.history, result.history_stage, strict=True)):
+            w.writerow([i, s, f"{v:.8g}"])
+    (out / "loss.svg").write_text(loss_svg(result.history, result.history_stage))
+    final = result.history[-1] if result.history else math.nan
+    save_pose(result.pose, out / "pose.json", K=result.K.double().tolist(), image_size=list(target.image_size),
+              loss=loss, final_loss=final, start=result.start, seconds=round(result.seconds, 3),
+              init=init_pose.to_dict(),
+              change={"rotation_deg": rotation_error_deg(result.pose, init_pose),
+                      "translation": float((result.pose.t.double() - init_pose.t.double()).norm())})
+    typer.echo(f"loss {result.history[0]:.5f} -> {final:.5f}; the pose moved by "
+               f"{rotation_error_deg(result.pose, init_pose):.2f} deg and "
+               f"{float((result.pose.t.double() - init_pose.t.double()).norm()):.4g} in {result.seconds:.1f} s")
+    typer.echo(f"Wrote {out / 'pose.json'}, {out / 'before.png'}, {out / 'after.png'}, {out / 'loss.csv'} and "
+               f"{out / 'loss.svg'}")
+
+
+def _u8(img) -> np.ndarray:
+    from apps.common import to_uint8
+
+    return to_uint8(img)
+
+
+if __name__ == "__main__":
+    app()
+
