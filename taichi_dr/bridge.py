@@ -25,8 +25,7 @@ def check_tensor(name: str, x, shape: Sequence[int | str | None] | None = None, 
                  dtype: torch.dtype | Sequence[torch.dtype] | None = None, finite: bool = False):
     """Validate a tensor argument; raise ValueError/TypeError naming ``name`` and what was expected.
 
-    shape: entries are an int (exact), None (any) or a str (any, but equal wherever the same str repeats
-    across calls sharing ``dims``; use :func:`check_dims` for that). Returns ``x``.
+    shape: entries are an int (exact), None (any) or a str (any; a name for the message). Returns ``x``.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -45,29 +44,9 @@ def check_tensor(name: str, x, shape: Sequence[int | str | None] | None = None, 
     return x
 
 
-def check_dims(named_shapes: dict[str, tuple[torch.Tensor, Sequence]]) -> dict[str, int]:
-    """Check that symbolic dims (strings in the shape specs) agree across several tensors.
-
-    ``{"verts": (verts, ("B", "V", 3)), "colors": (colors, ("B", "V", "C"))}`` -> ``{"B": .., "V": .., "C": ..}``.
-    """
-    dims: dict[str, tuple[int, str]] = {}
-    for name, (x, shape) in named_shapes.items():
-        check_tensor(name, x, shape)
-        for s, n in zip(shape, x.shape, strict=True):
-            if isinstance(s, str):
-                if s in dims and dims[s][0] != n:
-                    raise ValueError(f"{name}: dimension {s} is {n} but {dims[s][1]} has {s}={dims[s][0]}")
-                dims.setdefault(s, (n, name))
-    return {k: v[0] for k, v in dims.items()}
-
-
-def kernel_device() -> torch.device:
-    return runtime.device()
-
-
 def to_kernel(name: str, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A detached, contiguous view of ``x`` on the kernel device (copies only when it must)."""
-    dev = kernel_device()
+    dev = runtime.device()
     if x.device.type != dev.type:
         raise ValueError(f"{name}: tensor is on {x.device} but taichi_dr runs on {runtime.arch()!r}, "
                          f"which reads tensors on {dev}; move it with .to('{dev}')")
