@@ -566,7 +566,8 @@ def _safe_norm(x: Tensor) -> Tensor:
 
 def _face_cross(verts: Tensor, faces: Tensor) -> Tensor:
     """(F, 3) | (B, F, 3) unnormalised ``(v1 - v0) x (v2 - v0)`` (length = twice the face area)."""
-    tri = verts[..., faces, :]  # (..., F, 3, 3)
+    # index_select rather than verts[..., faces, :]: its backward is index_add, not a sorting index_put.
+    tri = verts.index_select(-2, faces.reshape(-1)).unflatten(-2, tuple(faces.shape))  # (..., F, 3, 3)
     return torch.linalg.cross(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :], dim=-1)
 
 

@@ -44,7 +44,8 @@ def _per_view(x: torch.Tensor, B: int) -> torch.Tensor:
 
 def _corner_gather(values: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """values (B, V, C), faces (F, 3) -> (B, F, 3, C)."""
-    return values[:, faces]
+    # index_select rather than values[:, faces]: its backward is index_add, not a sorting index_put.
+    return values.index_select(1, faces.reshape(-1)).view(*values.shape[:1], *faces.shape, values.shape[-1])
 
 
 def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
@@ -76,8 +77,8 @@ def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
     world = _per_view(verts if verts.dim() == 3 else verts[None], B)  # (B, V, 3)
     cam = cameras.world_to_camera(world)  # (B, V, 3)
 
-    # Per-corner channels, laid out [camera xyz | rgb or specular | depth | normals] (+ texture channels).
-    chans: list[torch.Tensor] = [_corner_gather(cam, faces)]
+    # Per-corner channels, laid out [rgb or specular | depth | normals] (+ texture channels).
+    chans: list[torch.Tensor] = []
     names: list[tuple[str, int]] = []
     background: list[float] = []
     textured = mesh.texture is not None and mesh.uvs is not None and "rgb" in outputs
@@ -119,7 +120,7 @@ def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
         names.append(("normals", 3))
         background += [0.0] * 3
 
-    attr_chans = [c.expand(B, *c.shape[1:]) if c.shape[0] != B else c for c in chans[1:]]
+    attr_chans = [c.expand(B, *c.shape[1:]) if c.shape[0] != B else c for c in chans]
     n_plain = sum(c.shape[-1] for c in attr_chans)
     if textured:
         attr_chans.append(mesh.corner_uvs()[None].expand(B, -1, -1, -1).to(cam))
@@ -127,12 +128,12 @@ def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
             attr_chans.append(face_shading)
     if bool((cam[..., 2] < settings.near).any()):
         # Some vertex is nearer than the near plane: clip per face corner, then project the corners.
-        corners, face_index = clip_near(torch.cat([chans[0], *attr_chans], -1), settings.near)
+        corners, face_index = clip_near(torch.cat([_corner_gather(cam, faces), *attr_chans], -1), settings.near)
         face_verts = _project(corners[..., :3], cameras.K[:, None, None], settings.near)
         corner_attrs = corners[..., 3:]
     else:
         # The common case: project the V vertices once, then gather them into faces.
-        face_verts = _project(cam, cameras.K[:, None], settings.near)[:, faces]
+        face_verts = _corner_gather(_project(cam, cameras.K[:, None], settings.near), faces)
         corner_attrs = torch.cat(attr_chans, -1) if attr_chans else None
         face_index = None
     face_verts = face_verts.contiguous()
@@ -198,7 +199,7 @@ def _albedo(mesh: Mesh, B: int, world: torch.Tensor) -> torch.Tensor:
     if mesh.vert_colors is not None:
         vc = mesh.vert_colors
         vc = vc if vc.dim() == 3 else vc[None]
-        return vc[:, mesh.faces].to(world)
+        return _corner_gather(vc, mesh.faces).to(world)
     if mesh.face_colors is not None:
         fc = mesh.face_colors
         fc = fc if fc.dim() == 3 else fc[None]

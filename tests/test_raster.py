@@ -149,7 +149,7 @@ def test_silhouette_of_disc_matches_analytic_area():
 def test_binning_lists_every_touching_face_once_in_order():
     fv, *_ , size = random_scene(F=30)
     s = RasterSettings(sigma=1e-2, tile_size=4, near=1.0)
-    offsets, tile_faces, tiles_x, n_tiles = bin_faces(fv, size, s)
+    offsets, tile_faces, tiles_x, n_tiles, _ = bin_faces(fv, size, s)
     assert offsets.shape[0] == 2 * n_tiles + 1
     for seg in range(2 * n_tiles):
         faces = tile_faces[offsets[seg]:offsets[seg + 1]].tolist()
@@ -158,6 +158,28 @@ def test_binning_lists_every_touching_face_once_in_order():
     ref_alpha = soft_rasterize_reference(fv, size, None, s)[0]
     ours = soft_rasterize(fv, size, None, s)[0]
     torch.testing.assert_close(ours, ref_alpha, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_results_do_not_depend_on_tile_size(mode):
+    # Every pixel sums its faces in the same (ascending) order whatever the tiling, so the outputs are bitwise
+    # equal, for tiles that do not divide the image too. Gradients are summed per tile before they are added
+    # to the face's, so they agree to rounding.
+    fv, attrs, tex, uvs, shading, size = random_scene(F=30)
+    results = []
+    for ts in (2, 3, 7, 32, None):
+        s = RasterSettings(sigma=1e-2, gamma=0.05, near=1.0, far=10.0, mode=mode, tile_size=ts)
+        inputs = [x.clone().requires_grad_() for x in (fv, attrs, tex, shading)]
+        alpha, image, p2f = soft_rasterize(inputs[0], size, inputs[1], s, inputs[2], uvs, inputs[3])
+        (alpha.sum() + (image * torch.linspace(-1, 2, image.shape[-1])).sum()).backward()
+        results.append([alpha, image, p2f] + [x.grad for x in inputs])
+    assert results[0][0].max() > 0.5
+    for other in results[1:]:
+        for a, b in zip(results[0][:3], other[:3], strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(results[0][3:], other[3:], strict=True):
+            assert a.abs().max() > 0
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_no_nan_for_degenerate_and_extreme_faces():

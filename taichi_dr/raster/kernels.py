@@ -11,7 +11,8 @@ Array layouts (Taichi ndarrays over torch tensors; NC = NA + NT channels):
     params       (8,)  see the slot names below; in the data's float type (f32 runs need no f64 support)
     tile_offsets (B * T + 1,) int32: tile s of view b lists tile_faces[offsets[b*T+s] : offsets[b*T+s+1]]
     alpha (B, H, W), image (B, H, W, NC), pix_to_face (B, H, W) int32,
-    stats (B, H, W, 2) = [m, S]: the softmax shift and denominator (background included), for backward
+    stats (B, H, W, 3) = [m, S, z]: the softmax shift and denominator (background included), for backward,
+                   and the depth of the nearest covering face
 """
 
 
@@ -71,17 +72,20 @@ def _seg_closest(p, a, b, inv_len2):
 
 
 @ti.func
-def _nearest_edge(setup: ti.template(), b, f, p, p0, p1, p2):
+def _nearest_edge(S, p, p0, p1, p2, s, fp: ti.template()):
     """Squared distance from p to the nearest edge segment, that edge (0: p0p1, 1: p1p2, 2: p2p0) and the
-    closest point's parameter t along it."""
-    t, d2 = _seg_closest(p, p0, p1, setup[b, f, 16])
-    edge = 0
-    t1, d1 = _seg_closest(p, p1, p2, setup[b, f, 17])
-    if d1 < d2:
-        t, d2, edge = t1, d1, 1
-    t2, dd2 = _seg_closest(p, p2, p0, setup[b, f, 18])
-    if dd2 < d2:
-        t, d2, edge = t2, dd2, 2
+    closest point's parameter t along it (S: the face's setup row, s: p's edge-line distances).
+
+    Only edges with p on the outer side of their line can hold the nearest boundary point of a point outside
+    a convex polygon, and for a point inside it is the nearest line's edge: the others are skipped."""
+    corners = [p0, p1, p2]
+    inside = s.min() >= 0
+    d2, t, edge = ti.cast(0.0, fp), ti.cast(0.0, fp), -1
+    for k in ti.static(range(3)):
+        if s[k] < 0 or (inside and edge < 0 and s[k] == s.min()):
+            tk, dk = _seg_closest(p, corners[k], corners[(k + 1) % 3], S[16 + k])
+            if edge < 0 or dk < d2:
+                t, d2, edge = tk, dk, k
     return d2, edge, t
 
 
@@ -95,47 +99,60 @@ SETUP = 19
 
 
 @ti.func
-def _coverage(setup: ti.template(), b, f, p, radius, fp: ti.template()):
-    """Cheap tests of pixel centre p against face f: (near, s) where near says p lies within the cut-off
-    radius of every edge line (a necessary condition for coverage) and s (3,) are the line distances."""
+def _load_face(setup: ti.template(), face_verts: ti.template(), b, f, fp: ti.template()):
+    """Face f's setup row S (SETUP,) and corners (p0, p1, p2, z), read once per tile and then kept in
+    registers while the tile's pixels are tested against them."""
+    S = ti.Vector([setup[b, f, k] for k in ti.static(range(SETUP))], dt=fp)
+    p0, p1, p2, z = _corners(face_verts, b, f, fp)
+    return S, p0, p1, p2, z
+
+
+@ti.func
+def _coverage(S, p, radius, fp: ti.template()):
+    """Cheap tests of pixel centre p against a face (setup row S): (near, s) where near says p lies within
+    the cut-off radius of every edge line (a necessary condition for coverage) and s (3,) are the line
+    distances."""
     s = ti.Vector([-radius - 1.0, 0.0, 0.0], dt=fp)
-    near = p[0] >= setup[b, f, 0] and p[1] >= setup[b, f, 1] and p[0] <= setup[b, f, 2] and p[1] <= setup[b, f, 3]
+    near = p[0] >= S[0] and p[1] >= S[1] and p[0] <= S[2] and p[1] <= S[3]
     if near:
-        s = ti.Vector([setup[b, f, 4 + 3 * k] * p[0] + setup[b, f, 5 + 3 * k] * p[1] + setup[b, f, 6 + 3 * k]
-                       for k in ti.static(range(3))])
+        s = ti.Vector([S[4 + 3 * k] * p[0] + S[5 + 3 * k] * p[1] + S[6 + 3 * k] for k in ti.static(range(3))])
         near = s.min() >= -radius
     return near, s
 
 
 @ti.func
-def _barycentrics(setup: ti.template(), b, f, s):
+def _barycentrics(S, s):
     """Screen barycentrics (w0, w1, w2) from the edge-line distances (w_k is opposite edge k + 1)."""
-    return ti.Vector([s[1] * setup[b, f, 14], s[2] * setup[b, f, 15], s[0] * setup[b, f, 13]])
+    return ti.Vector([s[1] * S[14], s[2] * S[15], s[0] * S[13]])
 
 
 @ti.func
-def _pair(setup: ti.template(), face_verts: ti.template(), b, f, p, s, fp: ti.template()):
-    """Barycentrics w (3,), inside flag and squared distance to the boundary for a pixel near face f."""
-    inside = s.min() >= 0
-    d2 = s.min() * s.min()  # inside a convex polygon the nearest boundary point is on the nearest line
-    if not inside:
-        p0, p1, p2, _z = _corners(face_verts, b, f, fp)
-        d2, _edge, _t = _nearest_edge(setup, b, f, p, p0, p1, p2)
-    return _barycentrics(setup, b, f, s), inside, d2
-
-
-@ti.func
-def _select(setup: ti.template(), face_verts: ti.template(), b, f, p, radius, cutoff, fp: ti.template()):
-    """Whether face f reaches pixel centre p (covers it, or is within the cut-off distance), with the
-    screen barycentrics w, the inside flag and the squared distance to the boundary. Forward and backward
-    both select pairs with this, so they always see the same pairs."""
+def _select(S, p0, p1, p2, p, radius, cutoff, with_edge: ti.template(), fp: ti.template()):
+    """Whether a face reaches pixel centre p (covers it, or is within the cut-off distance), with the
+    screen barycentrics w, the inside flag, the squared distance d2 to the boundary, the nearest edge and the
+    parameter of the closest point on it (inside the face, only if with_edge). Forward and backward both
+    select pairs with this, so they always see the same pairs."""
     w = ti.Vector([0.0, 0.0, 0.0], dt=fp)  # built from a list: see the module docstring
     inside = False
-    d2 = ti.cast(0.0, fp)
-    near_face, s_lines = _coverage(setup, b, f, p, radius, fp)
+    d2, t, edge = ti.cast(0.0, fp), ti.cast(0.0, fp), -1
+    near_face, s = _coverage(S, p, radius, fp)
     if near_face:
-        w, inside, d2 = _pair(setup, face_verts, b, f, p, s_lines, fp)
-    return near_face and (inside or d2 <= cutoff), w, inside, d2
+        w = _barycentrics(S, s)
+        inside = s.min() >= 0
+        if ti.static(with_edge) or not inside:
+            d2, edge, t = _nearest_edge(S, p, p0, p1, p2, s, fp)
+        if inside:
+            d2 = s.min() * s.min()  # the same distance: the nearest point lies on the nearest line
+    return near_face and (inside or d2 <= cutoff), w, inside, d2, edge, t
+
+
+@ti.func
+def _tile_pixels(S, x0, y0, x1, y1):
+    """The pixels of tile [x0, x1] x [y0, y1] that face window S[0:4] may reach (one pixel of slack each
+    side; _coverage makes the exact test): (xa, xb, ya, yb), empty when xa > xb or ya > yb."""
+    xa, xb = _pixel_range(S[0], S[2], 1.0, x1 + 1)
+    ya, yb = _pixel_range(S[1], S[3], 1.0, y1 + 1)
+    return ti.max(xa, x0), xb, ti.max(ya, y0), yb
 
 
 @ti.func
@@ -335,7 +352,16 @@ def _add_corner_grads(g_verts: ti.template(), b, f, g_p0, g_p1, g_p2, g_z, with_
 
 
 # ----------------------------------------------------------------------------------------------------
-# Forward and backward over pixels. Each pixel walks its tile's face list.
+# Forward and backward, one thread per screen tile: each face of the tile's list is read once, then tested
+# against the tile's pixels inside its window. Per-pixel state lives in the output arrays (in cache), and
+# every pixel still sees its faces in ascending order, so results do not depend on the tile size.
+
+
+@ti.func
+def _tile(alpha: ti.template(), b, ty, tx, tile):
+    """Pixel bounds (x0, y0, x1, y1) of tile (ty, tx), inclusive, clipped to the image."""
+    x0, y0 = tx * tile, ty * tile
+    return x0, y0, ti.min(x0 + tile, alpha.shape[2]) - 1, ti.min(y0 + tile, alpha.shape[1]) - 1
 
 
 @ti.kernel
@@ -345,62 +371,147 @@ def rasterize_forward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd,
                       tile: ti.i32, tiles_x: ti.i32, n_tiles: ti.i32,
                       NA: ti.template(), NT: ti.template(), shaded: ti.template(), hard: ti.template(),
                       cull: ti.template(), fp: ti.template()):
-    for b, y, x in ti.ndrange(alpha.shape[0], alpha.shape[1], alpha.shape[2]):
-        s = b * n_tiles + (y // tile) * tiles_x + x // tile
-        p = ti.Vector([x + 0.5, y + 0.5], dt=fp)
+    for b, ty, tx in ti.ndrange(alpha.shape[0], n_tiles // tiles_x, tiles_x):
+        x0, y0, x1, y1 = _tile(alpha, b, ty, tx, tile)
         sigma, cutoff, gamma = params[SIGMA], params[CUTOFF], params[GAMMA]
         near, far, radius = params[NEAR], params[FAR], params[RADIUS]
-        transmit = ti.cast(1.0, fp)  # 1 - alpha = prod_j (1 - D_j); underflow to 0 just means alpha = 1
-        m = params[EPS]  # running softmax shift: max(eps, max_j zn_j)
-        denom = ti.cast(1.0, fp)  # background weight exp((eps - m) / gamma), rescaled as m grows
-        acc = ti.Vector([background[c] for c in ti.static(range(max(NA + NT, 1)))], dt=fp)
-        best_f, best_z = -1, far
-        for i in range(offsets[s], offsets[s + 1]):
+        # While accumulating: alpha holds the transmittance prod_j (1 - D_j) (underflow to 0 just means
+        # alpha = 1), stats [m, S, z] the softmax shift max(eps, max_j zn_j), the denominator (background
+        # weight exp((eps - m) / gamma) included, rescaled as m grows) and the nearest covering depth.
+        for y in range(y0, y1 + 1):
+            for x in range(x0, x1 + 1):
+                alpha[b, y, x] = 1.0
+                stats[b, y, x, 0], stats[b, y, x, 1], stats[b, y, x, 2] = params[EPS], 1.0, far
+                pix_to_face[b, y, x] = -1
+                for c in ti.static(range(max(NA + NT, 1))):
+                    image[b, y, x, c] = background[c]
+        for i in range(offsets[b * n_tiles + ty * tiles_x + tx], offsets[b * n_tiles + ty * tiles_x + tx + 1]):
             f = tile_faces[i]
-            ok, w, inside, d2 = _select(setup, face_verts, b, f, p, radius, cutoff, fp)
-            if not ok:
-                continue
-            z = ti.Vector([face_verts[b, f, 0, 2], face_verts[b, f, 1, 2], face_verts[b, f, 2, 2]], dt=fp)
-            # zp is a weighted harmonic mean of the corner depths, so it can only leave [near, far] if the
-            # face crosses `far`; silhouettes need it only to pick the nearest covering face.
-            zp = far
-            wp = ti.Vector([1.0, 0.0, 0.0], dt=fp)
-            if ti.static(NA + NT > 0 or hard) or inside or z.max() > far:
-                wp, zp, _wc, _q = _perspective(w, z)
-                if zp < near or zp > far:
-                    continue
-            if inside and zp < best_z:
-                best_f, best_z = f, zp
-            if ti.static(not hard):
-                xs = (d2 if inside else -d2) / sigma
-                one_minus_d = 1.0 / (1.0 + ti.exp(xs))  # sigmoid(-x); exp overflow gives exactly 0
-                transmit *= one_minus_d
-                if ti.static(NA + NT > 0):
-                    zn = (far - zp) / (far - near)
-                    if zn > m:
-                        scale = ti.exp((m - zn) / gamma)
-                        denom *= scale
-                        acc *= scale
-                        m = zn
-                    e = ti.exp((zn - m) / gamma) * (1.0 - one_minus_d)
-                    denom += e
-                    acc += e * _face_value(face_attrs, texture, face_uvs, face_shading, b, f, wp,
-                                           NA, NT, shaded, fp)
-        pix_to_face[b, y, x] = best_f
-        if ti.static(hard):
-            alpha[b, y, x] = 1.0 if best_f >= 0 else 0.0
-            if best_f >= 0:
-                _near, s_lines = _coverage(setup, b, best_f, p, radius, fp)
-                _p0, _p1, _p2, z = _corners(face_verts, b, best_f, fp)
-                wp, _zp, _wc, _q = _perspective(_barycentrics(setup, b, best_f, s_lines), z)
-                acc = _face_value(face_attrs, texture, face_uvs, face_shading, b, best_f, wp, NA, NT, shaded, fp)
-        else:
-            alpha[b, y, x] = 1.0 - transmit
-            stats[b, y, x, 0] = m
-            stats[b, y, x, 1] = denom
-            acc = acc / denom
-        for c in ti.static(range(max(NA + NT, 1))):
-            image[b, y, x, c] = acc[c]
+            S, p0, p1, p2, z = _load_face(setup, face_verts, b, f, fp)
+            xa, xb, ya, yb = _tile_pixels(S, x0, y0, x1, y1)
+            for y in range(ya, yb + 1):  # nested ranges: ndrange divides per step
+                for x in range(xa, xb + 1):
+                    p = ti.Vector([x + 0.5, y + 0.5], dt=fp)
+                    ok, w, inside, d2, _edge, _t = _select(S, p0, p1, p2, p, radius, cutoff, False, fp)
+                    if not ok:
+                        continue
+                    # zp is a weighted harmonic mean of the corner depths, so it can only leave [near, far] if
+                    # the face crosses `far`; silhouettes need it only to pick the nearest covering face.
+                    zp = far
+                    wp = ti.Vector([1.0, 0.0, 0.0], dt=fp)
+                    if ti.static(NA + NT > 0 or hard) or inside or z.max() > far:
+                        wp, zp, _wc, _q = _perspective(w, z)
+                        if zp < near or zp > far:
+                            continue
+                    if inside and zp < stats[b, y, x, 2]:
+                        stats[b, y, x, 2] = zp
+                        pix_to_face[b, y, x] = f
+                    if ti.static(not hard):
+                        xs = (d2 if inside else -d2) / sigma
+                        one_minus_d = 1.0 / (1.0 + ti.exp(xs))  # sigmoid(-x); exp overflow gives exactly 0
+                        alpha[b, y, x] *= one_minus_d
+                        if ti.static(NA + NT > 0):
+                            zn = (far - zp) / (far - near)
+                            m = stats[b, y, x, 0]
+                            scale = ti.cast(1.0, fp)
+                            if zn > m:
+                                scale = ti.exp((m - zn) / gamma)
+                                m = zn
+                                stats[b, y, x, 0] = m
+                            e = ti.exp((zn - m) / gamma) * (1.0 - one_minus_d)
+                            stats[b, y, x, 1] = stats[b, y, x, 1] * scale + e
+                            val = _face_value(face_attrs, texture, face_uvs, face_shading, b, f, wp, NA, NT, shaded, fp)
+                            for c in ti.static(range(NA + NT)):
+                                image[b, y, x, c] = image[b, y, x, c] * scale + e * val[c]
+        for y in range(y0, y1 + 1):
+            for x in range(x0, x1 + 1):
+                if ti.static(hard):
+                    best_f = pix_to_face[b, y, x]
+                    alpha[b, y, x] = 1.0 if best_f >= 0 else 0.0
+                    if best_f >= 0:
+                        S, _p0, _p1, _p2, z = _load_face(setup, face_verts, b, best_f, fp)
+                        _near, s_lines = _coverage(S, ti.Vector([x + 0.5, y + 0.5], dt=fp), radius, fp)
+                        wp, _zp, _wc, _q = _perspective(_barycentrics(S, s_lines), z)
+                        val = _face_value(face_attrs, texture, face_uvs, face_shading, b, best_f, wp, NA, NT,
+                                          shaded, fp)
+                        for c in ti.static(range(max(NA + NT, 1))):
+                            image[b, y, x, c] = val[c]
+                else:
+                    alpha[b, y, x] = 1.0 - alpha[b, y, x]
+                    for c in ti.static(range(max(NA + NT, 1))):
+                        image[b, y, x, c] = image[b, y, x, c] / stats[b, y, x, 1]
+
+
+@ti.func
+def _sign(inside):
+    return 1.0 if inside else -1.0
+
+
+@ti.func
+def _pair_backward(face_verts: ti.template(), face_attrs: ti.template(), texture: ti.template(),
+                   face_uvs: ti.template(), face_shading: ti.template(), params: ti.template(),
+                   alpha: ti.template(), image: ti.template(), stats: ti.template(), g_alpha: ti.template(),
+                   g_image: ti.template(), g_attrs: ti.template(), g_texture: ti.template(),
+                   g_shading: ti.template(), b, y, x, f, S, p0, p1, p2, z,
+                   NA: ti.template(), NT: ti.template(), shaded: ti.template(), hard: ti.template(),
+                   fp: ti.template()):
+    """Gradient of pixel (b, y, x) through face f, if the pair was selected: scatters to the face's
+    attributes, texture and shading, and returns the corner gradients (g_p0, g_p1, g_p2) (2,) and g_z (3,)."""
+    sigma, cutoff, gamma = params[SIGMA], params[CUTOFF], params[GAMMA]
+    near, far, radius = params[NEAR], params[FAR], params[RADIUS]
+    g_p0, g_p1, g_p2 = ti.Vector([0.0, 0.0], dt=fp), ti.Vector([0.0, 0.0], dt=fp), ti.Vector([0.0, 0.0], dt=fp)
+    g_z = ti.Vector([0.0, 0.0, 0.0], dt=fp)
+    p = ti.Vector([x + 0.5, y + 0.5], dt=fp)
+    ok, w, inside, d2, edge, t = _select(S, p0, p1, p2, p, radius, cutoff, True, fp)
+    wp, zp, wc, Q = w, far, w, ti.cast(1.0, fp)
+    if ok:
+        if ti.static(NA + NT > 0 or hard) or z.max() > far:  # as in the forward: silhouettes skip this
+            wp, zp, wc, Q = _perspective(w, z)
+            ok = zp >= near and zp <= far
+    if ok:
+        g_img = ti.Vector([g_image[b, y, x, c] for c in ti.static(range(max(NA + NT, 1)))], dt=fp)
+        g_val = g_img
+        g_x = ti.cast(0.0, fp)
+        g_zp = ti.cast(0.0, fp)
+        if ti.static(not hard):
+            xs = (_sign(inside) * d2) / sigma
+            D = 1.0 / (1.0 + ti.exp(-xs))
+            g_x = g_alpha[b, y, x] * (1.0 - alpha[b, y, x]) * D  # d alpha / d x_j = (1 - alpha) * D_j
+            if ti.static(NA + NT > 0):
+                img = ti.Vector([image[b, y, x, c] for c in ti.static(range(NA + NT))], dt=fp)
+                m, denom = stats[b, y, x, 0], stats[b, y, x, 1]
+                zn = (far - zp) / (far - near)
+                ez = ti.exp((zn - m) / gamma)
+                weight = D * ez / denom
+                val = _face_value(face_attrs, texture, face_uvs, face_shading, b, f, wp, NA, NT, shaded, fp)
+                proj = g_img.dot(val - img)
+                g_x += proj * ez / denom * D * (1.0 - D)
+                g_zp = -proj * weight / gamma / (far - near)
+                g_val = g_img * weight
+        if ti.static(NA + NT > 0):
+            g_wp = _face_value_backward(face_attrs, texture, face_uvs, face_shading, g_attrs, g_texture,
+                                        g_shading, b, f, wp, g_val, NA, NT, shaded, fp)
+            g_p0, g_p1, g_p2, g_z = _barycentric_backward(p, p0, p1, p2, z, w, wp, zp, wc, Q, g_wp, g_zp)
+        if ti.static(not hard):
+            # d2 = |p - q|^2 with q = a + t (e - a) the closest point of the nearest edge (a, e); t is
+            # optimal there, so only the explicit dependence on the edge's end points remains.
+            a, e = p2, p0
+            if edge == 0:
+                a, e = p0, p1
+            elif edge == 1:
+                a, e = p1, p2
+            r = -2.0 * g_x * _sign(inside) / sigma * (p - (a + t * (e - a)))
+            g_a, g_e = r * (1.0 - t), r * t
+            if edge == 0:
+                g_p0 += g_a
+                g_p1 += g_e
+            elif edge == 1:
+                g_p1 += g_a
+                g_p2 += g_e
+            else:
+                g_p2 += g_a
+                g_p0 += g_e
+    return g_p0, g_p1, g_p2, g_z
 
 
 @ti.kernel
@@ -411,76 +522,40 @@ def rasterize_backward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd
                        tile: ti.i32, tiles_x: ti.i32, n_tiles: ti.i32,
                        NA: ti.template(), NT: ti.template(), shaded: ti.template(), hard: ti.template(),
                        cull: ti.template(), fp: ti.template()):
-    for b, y, x in ti.ndrange(alpha.shape[0], alpha.shape[1], alpha.shape[2]):
-        s = b * n_tiles + (y // tile) * tiles_x + x // tile
-        p = ti.Vector([x + 0.5, y + 0.5], dt=fp)
-        sigma, cutoff, gamma = params[SIGMA], params[CUTOFF], params[GAMMA]
-        near, far, radius = params[NEAR], params[FAR], params[RADIUS]
-        g_img = ti.Vector([g_image[b, y, x, c] for c in ti.static(range(max(NA + NT, 1)))], dt=fp)
-        img = ti.Vector([image[b, y, x, c] for c in ti.static(range(max(NA + NT, 1)))], dt=fp)
-        # Hard mode: only the visible face's value depends on anything smooth.
-        first, last = offsets[s], offsets[s + 1]
+    for b, ty, tx in ti.ndrange(alpha.shape[0], n_tiles // tiles_x, tiles_x):
+        x0, y0, x1, y1 = _tile(alpha, b, ty, tx, tile)
         if ti.static(hard):
-            first, last = 0, 0
-            if pix_to_face[b, y, x] >= 0:
-                first, last = -1, 0  # one pass with f = pix_to_face
-        transmit = 1.0 - alpha[b, y, x]
-        m, denom = stats[b, y, x, 0], stats[b, y, x, 1]
-        if ti.static(NA + NT == 0 and not hard):
-            if transmit * g_alpha[b, y, x] == 0:
-                last = first  # every pair's gradient g * (1 - alpha) * D is exactly zero here
-        for i in range(first, last):
-            f = 0
-            if ti.static(hard):
-                f = pix_to_face[b, y, x]
-            else:
+            # Only the visible face's value depends on anything smooth.
+            for y in range(y0, y1 + 1):
+                for x in range(x0, x1 + 1):
+                    f = pix_to_face[b, y, x]
+                    if f >= 0:
+                        S, p0, p1, p2, z = _load_face(setup, face_verts, b, f, fp)
+                        g_p0, g_p1, g_p2, g_z = _pair_backward(
+                            face_verts, face_attrs, texture, face_uvs, face_shading, params, alpha, image, stats,
+                            g_alpha, g_image, g_attrs, g_texture, g_shading, b, y, x, f, S, p0, p1, p2, z,
+                            NA, NT, shaded, hard, fp)
+                        _add_corner_grads(g_verts, b, f, g_p0, g_p1, g_p2, g_z, NA + NT > 0)
+        else:
+            for i in range(offsets[b * n_tiles + ty * tiles_x + tx], offsets[b * n_tiles + ty * tiles_x + tx + 1]):
                 f = tile_faces[i]
-            ok, w, inside, d2 = _select(setup, face_verts, b, f, p, radius, cutoff, fp)
-            if not ok:
-                continue
-            p0, p1, p2, z = _corners(face_verts, b, f, fp)
-            _d2, edge, t = _nearest_edge(setup, b, f, p, p0, p1, p2)
-            wp, zp, wc, Q = w, far, w, ti.cast(1.0, fp)
-            if ti.static(NA + NT > 0 or hard) or z.max() > far:  # as in the forward: silhouettes skip this
-                wp, zp, wc, Q = _perspective(w, z)
-                if zp < near or zp > far:
-                    continue
-            g_val = g_img
-            g_x = ti.cast(0.0, fp)
-            g_zp = ti.cast(0.0, fp)
-            if ti.static(not hard):
-                xs = (d2 if inside else -d2) / sigma
-                D = 1.0 / (1.0 + ti.exp(-xs))
-                g_x = g_alpha[b, y, x] * transmit * D  # d alpha / d x_j = (1 - alpha) * D_j
-                if ti.static(NA + NT > 0):
-                    zn = (far - zp) / (far - near)
-                    ez = ti.exp((zn - m) / gamma)
-                    weight = D * ez / denom
-                    val = _face_value(face_attrs, texture, face_uvs, face_shading, b, f, wp, NA, NT, shaded, fp)
-                    proj = g_img.dot(val - img)
-                    g_x += proj * ez / denom * D * (1.0 - D)
-                    g_zp = -proj * weight / gamma / (far - near)
-                    g_val = g_img * weight
-            g_p0, g_p1, g_p2 = ti.Vector.zero(fp, 2), ti.Vector.zero(fp, 2), ti.Vector.zero(fp, 2)
-            g_z = ti.Vector.zero(fp, 3)
-            if ti.static(NA + NT > 0):
-                g_wp = _face_value_backward(face_attrs, texture, face_uvs, face_shading, g_attrs, g_texture,
-                                            g_shading, b, f, wp, g_val, NA, NT, shaded, fp)
-                g_p0, g_p1, g_p2, g_z = _barycentric_backward(p, p0, p1, p2, z, w, wp, zp, wc, Q, g_wp, g_zp)
-            if ti.static(not hard):
-                # d2 = |p - q|^2 with q = a + t (e - a) the closest point of the nearest edge (a, e); t is
-                # optimal there, so only the explicit dependence on the edge's end points remains.
-                r = ti.Vector.zero(fp, 2)
-                if edge == 0:
-                    r = -2.0 * g_x * (1.0 if inside else -1.0) / sigma * (p - (p0 + t * (p1 - p0)))
-                    g_p0 += r * (1.0 - t)
-                    g_p1 += r * t
-                elif edge == 1:
-                    r = -2.0 * g_x * (1.0 if inside else -1.0) / sigma * (p - (p1 + t * (p2 - p1)))
-                    g_p1 += r * (1.0 - t)
-                    g_p2 += r * t
-                else:
-                    r = -2.0 * g_x * (1.0 if inside else -1.0) / sigma * (p - (p2 + t * (p0 - p2)))
-                    g_p2 += r * (1.0 - t)
-                    g_p0 += r * t
-            _add_corner_grads(g_verts, b, f, g_p0, g_p1, g_p2, g_z, NA + NT > 0)
+                S, p0, p1, p2, z = _load_face(setup, face_verts, b, f, fp)
+                xa, xb, ya, yb = _tile_pixels(S, x0, y0, x1, y1)
+                # The face's corner gradients, summed over this tile's pixels, then added once.
+                g_p0, g_p1, g_p2 = (ti.Vector([0.0, 0.0], dt=fp), ti.Vector([0.0, 0.0], dt=fp),
+                                    ti.Vector([0.0, 0.0], dt=fp))
+                g_z = ti.Vector([0.0, 0.0, 0.0], dt=fp)
+                for y in range(ya, yb + 1):  # nested ranges: ndrange divides per step
+                    for x in range(xa, xb + 1):
+                        if ti.static(NA + NT == 0):
+                            if alpha[b, y, x] == 1.0 or g_alpha[b, y, x] == 0:
+                                continue  # every pair's gradient g * (1 - alpha) * D is exactly zero here
+                        d_p0, d_p1, d_p2, d_z = _pair_backward(
+                            face_verts, face_attrs, texture, face_uvs, face_shading, params, alpha, image, stats,
+                            g_alpha, g_image, g_attrs, g_texture, g_shading, b, y, x, f, S, p0, p1, p2, z,
+                            NA, NT, shaded, hard, fp)
+                        g_p0 += d_p0
+                        g_p1 += d_p1
+                        g_p2 += d_p2
+                        g_z += d_z
+                _add_corner_grads(g_verts, b, f, g_p0, g_p1, g_p2, g_z, NA + NT > 0)

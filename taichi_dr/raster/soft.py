@@ -36,13 +36,14 @@ def bin_faces(face_verts: torch.Tensor, image_size: tuple[int, int], settings: R
               params: torch.Tensor | None = None):
     """Lists, per screen tile, the faces whose cut-off window reaches it.
 
-    face_verts (B, F, 3, 3) -> (tile_offsets (B * T + 1,) int32, tile_faces (N,) int32, tiles_x, n_tiles):
+    face_verts (B, F, 3, 3) -> (tile_offsets (B * T + 1,) int32, tile_faces (N,) int32, tiles_x, n_tiles,
+    tile side):
     tile s of view b holds ``tile_faces[tile_offsets[b * T + s] : tile_offsets[b * T + s + 1]]``, in
     ascending face order.
     """
     H, W = image_size
     B = face_verts.shape[0]
-    ts = settings.tile_size
+    ts = settings.tile_for(B, image_size, runtime.ensure_init())
     tiles_x, tiles_y = -(-W // ts), -(-H // ts)
     n_tiles = tiles_x * tiles_y
     params = _params(settings, image_size, face_verts) if params is None else params
@@ -57,7 +58,7 @@ def bin_faces(face_verts: torch.Tensor, image_size: tuple[int, int], settings: R
     cursor = torch.zeros((B, n_tiles), dtype=torch.int32, device=dev)
     K.fill_tiles(face_verts, params, offsets, cursor, tile_faces, W, H, ts, tiles_x,
                  settings.cull_backfaces, fp)
-    return offsets, tile_faces, tiles_x, n_tiles
+    return offsets, tile_faces, tiles_x, n_tiles, ts
 
 
 class SoftRasterizeOp(bridge.KernelOp):
@@ -81,29 +82,29 @@ class SoftRasterizeOp(bridge.KernelOp):
         B = face_verts.shape[0]
         nc = self.n_attrs + self.n_tex
         params = _params(self.settings, self.image_size, face_verts)
-        offsets, tile_faces, tiles_x, n_tiles = bin_faces(face_verts, self.image_size, self.settings, params)
+        offsets, tile_faces, tiles_x, n_tiles, ts = bin_faces(face_verts, self.image_size, self.settings, params)
         opts = dict(dtype=face_verts.dtype, device=face_verts.device)
         alpha = torch.empty((B, H, W), **opts)
         image = torch.empty((B, H, W, max(nc, 1)), **opts)
         pix_to_face = torch.empty((B, H, W), dtype=torch.int32, device=face_verts.device)
-        stats = torch.empty((B, H, W, 2), **opts)
+        stats = torch.empty((B, H, W, 3), **opts)
         background = torch.tensor(self.settings.background_values(max(nc, 1)), **opts)
         inputs = [x if x is not None else _dummy(face_verts)
                   for x in (face_attrs, texture, face_uvs, face_shading)]
         setup = torch.empty((B, face_verts.shape[1], K.SETUP), **opts)
         K.face_setup(face_verts, params, setup, _FP[face_verts.dtype])
         K.rasterize_forward(face_verts, *inputs, setup, params, background, offsets, tile_faces,
-                            alpha, image, pix_to_face, stats, self.settings.tile_size, tiles_x, n_tiles,
+                            alpha, image, pix_to_face, stats, ts, tiles_x, n_tiles,
                             *self._static_args(face_verts))
         # alpha and image become autograd outputs (non-leaf) once returned; keep detached aliases so the
         # backward kernel never touches an autograd tensor.
-        saved = (face_verts, inputs, setup, params, offsets, tile_faces, tiles_x, n_tiles, alpha.detach(),
+        saved = (face_verts, inputs, setup, params, offsets, tile_faces, ts, tiles_x, n_tiles, alpha.detach(),
                  image.detach(), pix_to_face, stats,
                  (face_attrs is not None, texture is not None, face_shading is not None))
         return (alpha, image[..., :nc], pix_to_face), saved
 
     def backward(self, saved, g_alpha, g_image, _g_pix_to_face):
-        (face_verts, inputs, setup, params, offsets, tile_faces, tiles_x, n_tiles, alpha, image, pix_to_face,
+        (face_verts, inputs, setup, params, offsets, tile_faces, ts, tiles_x, n_tiles, alpha, image, pix_to_face,
          stats, present) = saved
         face_attrs, texture, face_uvs, face_shading = inputs
         if g_image.shape[-1] == 0:
@@ -114,7 +115,7 @@ class SoftRasterizeOp(bridge.KernelOp):
         g_shading = torch.zeros_like(face_shading)
         K.rasterize_backward(face_verts, face_attrs, texture, face_uvs, face_shading, setup, params, offsets,
                              tile_faces, alpha, image, pix_to_face, stats, g_alpha, g_image,
-                             g_verts, g_attrs, g_texture, g_shading, self.settings.tile_size, tiles_x, n_tiles,
+                             g_verts, g_attrs, g_texture, g_shading, ts, tiles_x, n_tiles,
                              *self._static_args(face_verts))
         has_attrs, has_tex, has_shading = present
         return (g_verts, g_attrs if has_attrs else None, g_texture if has_tex else None, None,
