@@ -364,6 +364,31 @@ def _tile(alpha: ti.template(), b, ty, tx, tile):
     return x0, y0, ti.min(x0 + tile, alpha.shape[2]) - 1, ti.min(y0 + tile, alpha.shape[1]) - 1
 
 
+@ti.func
+def _blend(face_attrs: ti.template(), texture: ti.template(), face_uvs: ti.template(),
+           face_shading: ti.template(), params: ti.template(), alpha: ti.template(), image: ti.template(),
+           stats: ti.template(), b, y, x, f, wp, zp, inside, d2, NA: ti.template(), NT: ti.template(),
+           shaded: ti.template(), fp: ti.template()):
+    """Soft mode: fold face f's coverage (and value) into pixel (b, y, x)'s running state."""
+    sigma, gamma, near, far = params[SIGMA], params[GAMMA], params[NEAR], params[FAR]
+    xs = (d2 if inside else -d2) / sigma
+    one_minus_d = 1.0 / (1.0 + ti.exp(xs))  # sigmoid(-x); exp overflow gives exactly 0
+    alpha[b, y, x] *= one_minus_d
+    if ti.static(NA + NT > 0):
+        zn = (far - zp) / (far - near)
+        m = stats[b, y, x, 0]
+        scale = ti.cast(1.0, fp)
+        if zn > m:  # a new maximum: rescale what was summed so far (a streaming softmax)
+            scale = ti.exp((m - zn) / gamma)
+            m = zn
+            stats[b, y, x, 0] = m
+        e = ti.exp((zn - m) / gamma) * (1.0 - one_minus_d)
+        stats[b, y, x, 1] = stats[b, y, x, 1] * scale + e
+        val = _face_value(face_attrs, texture, face_uvs, face_shading, b, f, wp, NA, NT, shaded, fp)
+        for c in ti.static(range(NA + NT)):
+            image[b, y, x, c] = image[b, y, x, c] * scale + e * val[c]
+
+
 @ti.kernel
 def rasterize_forward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd, face_shading: nd,
                       setup: nd, params: nd, background: nd, offsets: nd, tile_faces: nd,
@@ -373,8 +398,7 @@ def rasterize_forward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd,
                       cull: ti.template(), fp: ti.template()):
     for b, ty, tx in ti.ndrange(alpha.shape[0], n_tiles // tiles_x, tiles_x):
         x0, y0, x1, y1 = _tile(alpha, b, ty, tx, tile)
-        sigma, cutoff, gamma = params[SIGMA], params[CUTOFF], params[GAMMA]
-        near, far, radius = params[NEAR], params[FAR], params[RADIUS]
+        cutoff, near, far, radius = params[CUTOFF], params[NEAR], params[FAR], params[RADIUS]
         # While accumulating: alpha holds the transmittance prod_j (1 - D_j) (underflow to 0 just means
         # alpha = 1), stats [m, S, z] the softmax shift max(eps, max_j zn_j), the denominator (background
         # weight exp((eps - m) / gamma) included, rescaled as m grows) and the nearest covering depth.
@@ -407,33 +431,18 @@ def rasterize_forward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd,
                         stats[b, y, x, 2] = zp
                         pix_to_face[b, y, x] = f
                     if ti.static(not hard):
-                        xs = (d2 if inside else -d2) / sigma
-                        one_minus_d = 1.0 / (1.0 + ti.exp(xs))  # sigmoid(-x); exp overflow gives exactly 0
-                        alpha[b, y, x] *= one_minus_d
-                        if ti.static(NA + NT > 0):
-                            zn = (far - zp) / (far - near)
-                            m = stats[b, y, x, 0]
-                            scale = ti.cast(1.0, fp)
-                            if zn > m:
-                                scale = ti.exp((m - zn) / gamma)
-                                m = zn
-                                stats[b, y, x, 0] = m
-                            e = ti.exp((zn - m) / gamma) * (1.0 - one_minus_d)
-                            stats[b, y, x, 1] = stats[b, y, x, 1] * scale + e
-                            val = _face_value(face_attrs, texture, face_uvs, face_shading, b, f, wp, NA, NT, shaded, fp)
-                            for c in ti.static(range(NA + NT)):
-                                image[b, y, x, c] = image[b, y, x, c] * scale + e * val[c]
+                        _blend(face_attrs, texture, face_uvs, face_shading, params, alpha, image, stats,
+                               b, y, x, f, wp, zp, inside, d2, NA, NT, shaded, fp)
         for y in range(y0, y1 + 1):
             for x in range(x0, x1 + 1):
                 if ti.static(hard):
-                    best_f = pix_to_face[b, y, x]
-                    alpha[b, y, x] = 1.0 if best_f >= 0 else 0.0
-                    if best_f >= 0:
-                        S, _p0, _p1, _p2, z = _load_face(setup, face_verts, b, best_f, fp)
+                    f = pix_to_face[b, y, x]
+                    alpha[b, y, x] = 1.0 if f >= 0 else 0.0
+                    if f >= 0:  # the nearest covering face's value
+                        S, _p0, _p1, _p2, z = _load_face(setup, face_verts, b, f, fp)
                         _near, s_lines = _coverage(S, ti.Vector([x + 0.5, y + 0.5], dt=fp), radius, fp)
                         wp, _zp, _wc, _q = _perspective(_barycentrics(S, s_lines), z)
-                        val = _face_value(face_attrs, texture, face_uvs, face_shading, b, best_f, wp, NA, NT,
-                                          shaded, fp)
+                        val = _face_value(face_attrs, texture, face_uvs, face_shading, b, f, wp, NA, NT, shaded, fp)
                         for c in ti.static(range(max(NA + NT, 1))):
                             image[b, y, x, c] = val[c]
                 else:
