@@ -44,6 +44,12 @@ def _hardware_vulkan_likely() -> bool:
 
 def _try_init(arch_name: str, **kwargs) -> bool:
     arch = {"cpu": ti.cpu, "cuda": ti.cuda, "vulkan": ti.vulkan}[arch_name]
+    if arch_name == "cpu":
+        # Taichi's default CPU schedule gives each thread one contiguous block of at least 512 iterations: a
+        # loop over a few hundred heavy items (the rasterizer's screen tiles) ran on one core. Small dynamic
+        # tasks instead (kernels can ask for smaller ones with ti.loop_config). The changed block size also
+        # keys Taichi's offline cache, so kernels cached under the default schedule are not reused.
+        kwargs = dict(kwargs, make_cpu_multithreading_loop=False, default_cpu_block_dim=16)
     ti.init(arch=arch, **kwargs)
     # ti.init silently falls back to CPU when the asked-for backend is missing.
     got = ti.lang.impl.current_cfg().arch

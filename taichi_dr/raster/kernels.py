@@ -355,6 +355,8 @@ def _add_corner_grads(g_verts: ti.template(), b, f, g_p0, g_p1, g_p2, g_z, with_
 # Forward and backward, one thread per screen tile: each face of the tile's list is read once, then tested
 # against the tile's pixels inside its window. Per-pixel state lives in the output arrays (in cache), and
 # every pixel still sees its faces in ascending order, so results do not depend on the tile size.
+# `block` is the loop's block_dim: 1 on the CPU, where a task is one tile (tiles are few and their costs
+# uneven), the GPU thread-block size elsewhere.
 
 
 @ti.func
@@ -395,7 +397,8 @@ def rasterize_forward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd,
                       alpha: nd, image: nd, pix_to_face: nd, stats: nd,
                       tile: ti.i32, tiles_x: ti.i32, n_tiles: ti.i32,
                       NA: ti.template(), NT: ti.template(), shaded: ti.template(), hard: ti.template(),
-                      cull: ti.template(), fp: ti.template()):
+                      cull: ti.template(), fp: ti.template(), block: ti.template()):
+    ti.loop_config(block_dim=block)
     for b, ty, tx in ti.ndrange(alpha.shape[0], n_tiles // tiles_x, tiles_x):
         x0, y0, x1, y1 = _tile(alpha, b, ty, tx, tile)
         cutoff, near, far, radius = params[CUTOFF], params[NEAR], params[FAR], params[RADIUS]
@@ -530,7 +533,8 @@ def rasterize_backward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd
                        g_verts: nd, g_attrs: nd, g_texture: nd, g_shading: nd,
                        tile: ti.i32, tiles_x: ti.i32, n_tiles: ti.i32,
                        NA: ti.template(), NT: ti.template(), shaded: ti.template(), hard: ti.template(),
-                       cull: ti.template(), fp: ti.template()):
+                       cull: ti.template(), fp: ti.template(), block: ti.template()):
+    ti.loop_config(block_dim=block)
     for b, ty, tx in ti.ndrange(alpha.shape[0], n_tiles // tiles_x, tiles_x):
         x0, y0, x1, y1 = _tile(alpha, b, ty, tx, tile)
         if ti.static(hard):

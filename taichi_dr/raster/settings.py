@@ -61,10 +61,10 @@ class RasterSettings:
         return self.sigma_px(image_size) * math.log(1.0 / self.dist_eps - 1.0)
 
     def tile_for(self, batch: int, image_size: tuple[int, int], arch: str) -> int:
-        """The tile side for a call: `tile_size` if set. Otherwise the largest of 32, 16 and 8 that still
-        gives each CPU thread 64 tiles to balance the load (measured on 2 cores: 32 is fastest for the
-        B1-B3 benchmarks when there are enough tiles, as each thread reads a face once per tile), and 8 on
-        GPUs, which run one thread per tile and need thousands of them."""
+        """The tile side for a call: `tile_size` if set. Otherwise, on the CPU, the largest of 32, 16 and 8
+        that still gives each thread 16 tiles to balance the load (measured on 2 cores: 32 is fastest for
+        B1-B3, since a thread reads each face once per tile), and 8 on GPUs, which run one thread per tile
+        and need thousands of them."""
         if self.tile_size is not None:
             return self.tile_size
         if arch != "cpu":
@@ -72,7 +72,7 @@ class RasterSettings:
         threads = os.cpu_count() or 1
         H, W = image_size
         for ts in (32, 16):
-            if batch * -(-H // ts) * -(-W // ts) >= 64 * threads:
+            if batch * -(-H // ts) * -(-W // ts) >= 16 * threads:
                 return ts
         return 8
 

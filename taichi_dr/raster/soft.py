@@ -75,7 +75,8 @@ class SoftRasterizeOp(bridge.KernelOp):
 
     def _static_args(self, fv):
         s = self.settings
-        return (self.n_attrs, self.n_tex, self.shaded, s.mode == "hard", s.cull_backfaces, _FP[fv.dtype])
+        block = 1 if runtime.ensure_init() == "cpu" else 128
+        return (self.n_attrs, self.n_tex, self.shaded, s.mode == "hard", s.cull_backfaces, _FP[fv.dtype], block)
 
     def forward(self, face_verts, face_attrs, texture, face_uvs, face_shading):
         H, W = self.image_size
