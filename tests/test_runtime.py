@@ -1,0 +1,30 @@
+"""The runtime module: one initialisation per process, clear errors, and the CPU loop schedule."""
+
+import pytest
+import taichi as ti
+
+from taichi_dr import runtime
+
+
+def test_init_is_idempotent_and_refuses_to_switch():
+    arch = runtime.ensure_init()
+    assert runtime.init() == arch
+    assert runtime.init(arch) == arch
+    other = "vulkan" if arch != "vulkan" else "cpu"
+    with pytest.raises(RuntimeError, match="already initialised"):
+        runtime.init(other)
+
+
+def test_unknown_arch_names_the_argument():
+    with pytest.raises(ValueError, match="TAICHI_DR_ARCH"):
+        runtime.init("tpu")
+
+
+def test_cpu_loops_are_split_into_small_tasks():
+    # Taichi's default CPU schedule hands each thread one block of at least 512 iterations, which left the
+    # rasterizer's few hundred tile tasks on one core; runtime.init must turn it off on the cpu arch.
+    if runtime.ensure_init() != "cpu":
+        pytest.skip("cpu arch only")
+    cfg = ti.lang.impl.current_cfg()
+    assert cfg.make_cpu_multithreading_loop is False
+    assert cfg.default_cpu_block_dim <= 32
