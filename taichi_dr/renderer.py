@@ -45,7 +45,7 @@ def _per_view(x: torch.Tensor, B: int) -> torch.Tensor:
 def _corner_gather(values: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """values (B, V, C), faces (F, 3) -> (B, F, 3, C)."""
     # index_select rather than values[:, faces]: its backward is index_add, not a sorting index_put.
-    return values.index_select(1, faces.reshape(-1)).view(*values.shape[:1], *faces.shape, values.shape[-1])
+    return values.index_select(1, faces.reshape(-1)).unflatten(1, tuple(faces.shape))
 
 
 def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,

@@ -1,13 +1,15 @@
 """IDR training end to end on tiny synthetic data: convergence, checkpoints and resume, meshing,
 rendering."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from taichi_dr.camera import Cameras
 from taichi_dr.data import dataset_from_sdf
-from taichi_dr.mesh import face_normals, icosphere
+from taichi_dr.mesh import face_areas, face_normals, icosphere
 from taichi_dr.metrics import chamfer_distance
 from taichi_dr.sdf.analytic import box_sdf, sphere_sdf
 from taichi_dr.sdf.train import (
@@ -45,15 +47,15 @@ def _true_sphere():
 
 def test_reconstruction_of_a_sphere_converges():
     ds = _sphere_dataset()
-    model, history = train_idr(ds, IDRConfig(iterations=70, **TINY))
-    assert len(history) == 70
+    model, history = train_idr(ds, IDRConfig(iterations=100, **TINY))
+    assert len(history) == 100
     before = chamfer_distance(extract_mesh(IDRModel(IDRConfig(**TINY)).sdf, 40), _true_sphere(), 4000)
     after = chamfer_distance(extract_mesh(model.sdf, 40), _true_sphere(), 4000)
     assert before > 0.1
     assert after < 0.03, (before, after)
     assert np.mean([h["psnr"] for h in history[-10:]]) > 20
     views = render_views(model, ds.cameras[:3], IDRConfig().tracer)
-    assert image_metrics(views, ds.images[:3], ds.masks[:3])["mask_iou"] > 0.85   # (~0.45 at initialisation)
+    assert image_metrics(views, ds.images[:3], ds.masks[:3])["mask_iou"] > 0.9   # (~0.45 at initialisation)
 
 
 def test_checkpoint_resume_matches_uninterrupted_run(tmp_path):
@@ -86,6 +88,8 @@ def test_extract_mesh_of_analytic_sdfs():
     mesh = extract_mesh(lambda x: sphere_sdf(x, 0.4, CENTER), resolution=48, chunk=1000)
     radii = (mesh.verts - torch.tensor(CENTER)).norm(dim=-1)
     assert ((radii - 0.4).abs() < 0.004).all() and len(mesh.faces) > 1000
+    # and the whole sphere is there (Chamfer from 4000 samples is noise-bound near 0.01 here, so check the area)
+    assert float(face_areas(mesh.verts, mesh.faces).sum()) == pytest.approx(4 * math.pi * 0.4**2, rel=0.02)
     # outward faces: normals point away from the centre
     centres = mesh.verts[mesh.faces].mean(1) - torch.tensor(CENTER)
     assert ((face_normals(mesh.verts, mesh.faces) * centres).sum(-1) > 0).float().mean() > 0.99
