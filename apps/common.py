@@ -4,7 +4,9 @@ progress bars."""
 from __future__ import annotations
 
 import functools
+import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -43,13 +45,15 @@ def handle_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _interrupts_raise():
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:
             if debug_enabled():
                 raise
             sys.stderr.write("Interrupted.\n")
+            sys.stderr.flush()
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except (CLIError, ValueError, TypeError, OSError) as e:
             if debug_enabled():
@@ -61,6 +65,27 @@ def handle_errors(fn: Callable) -> Callable:
             raise typer.Exit(EXIT_ERROR) from None
 
     return wrapper
+
+
+@contextmanager
+def _interrupts_raise():
+    """Inside a command, Ctrl-C raises KeyboardInterrupt (the command may save its state, then
+    :func:`handle_errors` reports it); outside, the ``tdr`` program's startup handler (see :mod:`apps`) ends
+    the process at once, so a Ctrl-C during imports or after the command never prints a traceback."""
+    import signal
+    import threading
+
+    import apps
+
+    armed = (apps.STARTUP_HANDLER_INSTALLED and threading.current_thread() is threading.main_thread()
+             and signal.getsignal(signal.SIGINT) is apps.exit_interrupted)
+    if armed:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if armed:
+            signal.signal(signal.SIGINT, apps.exit_interrupted)
 
 
 @contextmanager
@@ -77,6 +102,64 @@ def option_errors(option: str):
         if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
             msg = f"{e.filename}: {msg}"
         raise CLIError(f"{option}: {msg}") from e
+
+
+def settings_error(err: Exception, owner: str, options: dict[str, str]) -> CLIError:
+    """A library settings error, worded for the command line.
+
+    ``"FitSettings: views_per_step must be >= 0"`` or ``"PoseSettings.rotation: ..."`` (``owner`` is the class
+    name) becomes ``"--views-per-step must be >= 0"``: the field name that starts the message is replaced by
+    the option that sets it (``options``: field -> option). Only that leading name changes, so quoted values
+    and choices in the rest of the message stay as the library spells them.
+    """
+    msg = str(err)
+    for sep in (": ", "."):
+        if msg.startswith(owner + sep):
+            msg = msg[len(owner) + len(sep):]
+            break
+    field = re.match(r"[A-Za-z_]\w*", msg)
+    if field and field.group(0) in options:
+        msg = options[field.group(0)] + msg[field.end():]
+    return CLIError(msg)
+
+
+def command_options(command: Callable) -> dict[str, str]:
+    """``{parameter name: its long option}`` of a typer command (``views_per_step`` -> ``--views-per-step``),
+    for :func:`settings_error` where a settings field has the name of the option that sets it."""
+    import inspect
+
+    options = {}
+    for name, param in inspect.signature(command).parameters.items():
+        decls = [d for d in (getattr(param.default, "param_decls", None) or ()) if d.startswith("--")]
+        options[name] = decls[0].split("/")[0] if decls else "--" + name.replace("_", "-")
+    return options
+
+
+def choice(option: str, value: str, choices: Sequence[str]) -> str:
+    """``value`` as one of ``choices``, accepting '-' for '_' and any case (``axis-angle`` is ``axis_angle``);
+    returns the library's spelling, or raises CLIError listing the choices."""
+    key = str(value).strip().lower().replace("-", "_")
+    for c in choices:
+        if c.lower().replace("-", "_") == key:
+            return c
+    raise CLIError(f"{option}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory for tensors on ``device`` (GPU: free device memory; CPU: MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def init_runtime(arch: str | None) -> str:
@@ -181,12 +264,44 @@ def upscale(img: np.ndarray, factor: int) -> np.ndarray:
     return np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
 
 
+# A GIF is for looking at: at most this many frames and bytes of pixels (20000 views of 8 px enlarged to
+# 256 px would otherwise need 4 GB in memory).
+GIF_MAX_FRAMES = 360
+GIF_MAX_BYTES = 96 * 2**20
+
+
+def gif_layout(num_frames: int, frame_size: tuple[int, int], target: int = 256) -> tuple[int, int, int]:
+    """How to turn ``num_frames`` images of ``frame_size`` (H, W) into a GIF within the limits above.
+
+    Returns ``(stride, up, down)``: keep every ``stride``-th frame, then enlarge by ``up`` (nearest
+    neighbour, towards ``target`` pixels) or shrink by keeping every ``down``-th pixel.
+    """
+    h, w = frame_size
+    stride = max(1, math.ceil(num_frames / GIF_MAX_FRAMES))
+    kept = math.ceil(num_frames / stride)
+    up = upscale_factor(frame_size, target)
+    while up > 1 and kept * h * w * 3 * up * up > GIF_MAX_BYTES:
+        up -= 1
+    down = 1
+    while kept * math.ceil(h / down) * math.ceil(w / down) * 3 > GIF_MAX_BYTES:
+        down += 1
+    return stride, up, down
+
+
+def gif_frame(img, up: int, down: int) -> np.ndarray:
+    """An (H, W, C) image as a GIF frame laid out by :func:`gif_layout`: (H', W', 3) uint8."""
+    rgb = to_rgb(img)
+    return upscale(rgb[::down, ::down], up) if down > 1 else upscale(rgb, up)
+
+
 def write_gif(path: Path, frames: Sequence[np.ndarray], fps: float = 12.0) -> None:
-    """Write (H, W, 3) uint8 frames as a looping GIF."""
+    """Write (H, W, 3) uint8 frames as a looping GIF (evenly thinned to at most ``GIF_MAX_FRAMES``)."""
     import imageio.v3 as iio
 
     if not frames:
         return
+    if len(frames) > GIF_MAX_FRAMES:
+        frames = [frames[i] for i in np.linspace(0, len(frames) - 1, GIF_MAX_FRAMES).round().astype(int)]
     # imageio's pillow plugin takes the frame duration in milliseconds.
     iio.imwrite(path, np.stack(frames), extension=".gif", duration=int(round(1000.0 / fps)), loop=0)
 

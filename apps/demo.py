@@ -22,11 +22,14 @@ import typer
 
 from apps.common import (
     CLIError,
+    available_memory_bytes,
+    command_options,
     handle_errors,
     hstack,
     init_runtime,
     prepare_out_dir,
     save_png,
+    settings_error,
     stderr_console,
     to_rgb,
     upscale,
@@ -85,12 +88,19 @@ def demo_command(
     from taichi_dr.mesh import asset_path, load_mesh
     from taichi_dr.metrics import bbox_diagonal, chamfer_distance
 
-    if views < 2:
-        raise CLIError(f"--views: expected at least 2 views, got {views}")
+    if not 2 <= views <= 1000:  # every view is held three times over in memory for the pictures
+        raise CLIError(f"--views: expected 2 to 1000 views, got {views}")
+    if views_per_step < 0:
+        raise CLIError(f"--views-per-step: expected >= 0 (0 = all views), got {views_per_step}")
     if not 16 <= size <= 1024:
         raise CLIError(f"--size: expected an image size in [16, 1024] pixels, got {size}")
     if iters < 0:
         raise CLIError(f"--iters: expected >= 0, got {iters}")
+    # Target, initial and fitted RGBA views (float32) are all held for the pictures.
+    need, free = 3 * views * size * size * 16, available_memory_bytes(torch.device("cpu"))
+    if free is not None and need > free // 2:
+        raise CLIError(f"--views {views} at --size {size}: the pictures need about {need / 2**30:.1f} GiB but "
+                       f"{free / 2**30:.1f} GiB is free; use fewer or smaller views")
     prepare_out_dir(out, overwrite=overwrite, stale=STALE)
     arch_used = init_runtime(arch)
     console = stderr_console()
@@ -117,7 +127,10 @@ def demo_command(
     template, label = load_template(None)
     fit_dir = out / "fit"
     fit_dir.mkdir(exist_ok=True)
-    settings = FitSettings(iters=iters, views_per_step=views_per_step or None)
+    try:
+        settings = FitSettings(iters=iters, views_per_step=views_per_step or None)
+    except (ValueError, TypeError) as e:
+        raise settings_error(e, "FitSettings", command_options(demo_command)) from None
     identity = fit_identity(targets_dir, targets_dir / "cameras.json", tgt, cams, label, template, 1.0, False)
     hint = resume_command_line(targets_dir, targets_dir / "cameras.json", fit_dir, iters=iters,
                                views_per_step=views_per_step)

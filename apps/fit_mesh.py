@@ -26,7 +26,9 @@ import typer
 
 from apps.common import (
     EXIT_INTERRUPTED,
+    GIF_MAX_FRAMES,
     CLIError,
+    command_options,
     handle_errors,
     hstack,
     init_runtime,
@@ -34,6 +36,7 @@ from apps.common import (
     prepare_out_dir,
     progress_bar,
     save_png,
+    settings_error,
     stderr_console,
     to_rgb,
     upscale,
@@ -46,6 +49,8 @@ CHECKPOINT = "checkpoint.pt"
 LOG = "loss_log.csv"
 STALE = ("progress_*.png", "progress.gif", LOG, CHECKPOINT, "mesh.obj", "mesh.mtl", "mesh.png")
 CHECKPOINT_VERSION = 1
+# FitSettings' default, repeated here so that --help needs no taichi_dr import (tests check they agree).
+LAPLACIAN_WEIGHT = 2e-4
 
 # What a resumed run must share with the checkpoint: the problem (targets, cameras) and the parameters'
 # meaning (template, its placement, whether colours are learned). Settings such as lr, weights or iters
@@ -56,6 +61,7 @@ IDENTITY_OPTIONS = {
     "template": "--template",
     "template_scale": "--template-scale",
     "rgb": "--rgb/--no-rgb",
+    "parameterization": "--parameterization",
 }
 
 
@@ -236,7 +242,8 @@ def run_fit(out: Path, *, silhouettes: torch.Tensor, cameras, template, settings
 
     torch.manual_seed(seed)
     centre, radius = estimate_bounding_sphere(silhouettes, cameras)
-    model = MeshDeformer(template, centre, radius * template_scale, learn_colors=learn_rgb)
+    model = MeshDeformer(template, centre, radius * template_scale, learn_colors=learn_rgb,
+                         parameterization=settings.parameterization)
     fitter = MeshFitter(model, silhouettes, cameras, rgb=rgb if learn_rgb else None, settings=settings,
                         seed=seed)
     initial_mesh = fitter.current_mesh()
@@ -302,7 +309,10 @@ def run_fit(out: Path, *, silhouettes: torch.Tensor, cameras, template, settings
     mesh = fitter.current_mesh()
     save_mesh(mesh, out / "mesh.obj")
     final = fitter.evaluate()
-    frames = [np.asarray(_imread(p)) for p in sorted(out.glob("progress_*.png"))]
+    pngs = sorted(out.glob("progress_*.png"))
+    if len(pngs) > GIF_MAX_FRAMES:  # read only the frames the GIF keeps
+        pngs = [pngs[i] for i in np.linspace(0, len(pngs) - 1, GIF_MAX_FRAMES).round().astype(int)]
+    frames = [np.asarray(_imread(p)) for p in pngs]
     write_gif(out / "progress.gif", frames, fps=8)
     return FitResult(mesh=mesh, initial_mesh=initial_mesh, initial=initial, final=final,
                      iterations=fitter.iteration, fitter=fitter)
@@ -318,15 +328,16 @@ def _imread(path: Path):
 # The command
 
 
-def load_problem(targets_path: Path, cameras_path: Path, fov: float):
-    """Targets and cameras, checked against each other (count and image size)."""
+def load_problem(targets_path: Path, cameras_path: Path, fov: float, camera_convention: str = "softras"):
+    """Targets and cameras, checked against each other (count and image size). ``camera_convention`` says how
+    .npy/.csv (distance, elevation, azimuth) rows become cameras (``load_cameras``'s ``convention``)."""
     from taichi_dr.camera import load_cameras
     from taichi_dr.targets import load_targets
 
     with option_errors("--targets"):
         targets = load_targets(targets_path)
     with option_errors("--cameras"):
-        cameras = load_cameras(cameras_path, image_size=targets.image_size, fov=fov)
+        cameras = load_cameras(cameras_path, image_size=targets.image_size, fov=fov, convention=camera_convention)
     if len(cameras) != targets.num_views:
         raise CLIError(f"--cameras {str(cameras_path)!r} has {len(cameras)} cameras but --targets "
                        f"{str(targets_path)!r} has {targets.num_views} views; they must pair up one to one")
@@ -354,9 +365,9 @@ def load_template(template: Path | None):
 
 
 def fit_identity(targets_path, cameras_path, targets, cameras, template_label: str, template_mesh,
-                 template_scale: float, rgb: bool) -> dict:
+                 template_scale: float, rgb: bool, parameterization: str = "tanh") -> dict:
     """What a resumed run must match (``IDENTITY_OPTIONS``): digests of the loaded data, not just paths."""
-    return {
+    identity = {
         "targets": {"path": str(targets_path), "digest": tensor_digest(targets.silhouettes)},
         "cameras": {"path": str(cameras_path), "digest": tensor_digest(cameras.K, cameras.R, cameras.t)},
         "template": {"path": template_label,
@@ -364,10 +375,14 @@ def fit_identity(targets_path, cameras_path, targets, cameras, template_label: s
         "template_scale": float(template_scale),
         "rgb": bool(rgb),
     }
+    if parameterization != "tanh":  # absent = tanh, so checkpoints from before the option still resume
+        identity["parameterization"] = parameterization
+    return identity
 
 
 def resume_command_line(targets, cameras, out, *, template=None, template_scale=1.0, rgb=False, fov=30.0,
-                        iters=300, views_per_step=0) -> str:
+                        iters=300, views_per_step=0, camera_convention="softras",
+                        parameterization="tanh") -> str:
     """The ``tdr fit-mesh ... --resume`` command line that continues a run."""
     hint = ["tdr", "fit-mesh", "--targets", str(targets), "--cameras", str(cameras), "--out", str(out)]
     if template is not None:
@@ -378,8 +393,12 @@ def resume_command_line(targets, cameras, out, *, template=None, template_scale=
         hint += ["--rgb"]
     if fov != 30.0:
         hint += ["--fov", str(fov)]
+    if camera_convention != "softras":
+        hint += ["--camera-convention", camera_convention]
     if views_per_step:
         hint += ["--views-per-step", str(views_per_step)]
+    if parameterization != "tanh":
+        hint += ["--parameterization", parameterization]
     return shlex.join(hint + ["--iters", str(iters), "--resume"])
 
 
@@ -399,17 +418,30 @@ def fit_mesh_command(
     template: Path = typer.Option(None, help="Template mesh (default: icosphere level 3, 642 vertices)."),
     template_scale: float = typer.Option(1.0, help="Multiplier of the template radius estimated from the "
                                          "silhouettes."),
-    iters: int = typer.Option(300, help="Total number of iterations (with --resume: up to this many)."),
+    iters: int = typer.Option(600, help="Total number of iterations (with --resume: up to this many)."),
     lr: float = typer.Option(0.01, help="Adam learning rate of the geometry."),
     color_lr: float = typer.Option(0.05, help="Adam learning rate of the colours (with --rgb)."),
     fov: float = typer.Option(30.0, help="Full horizontal field of view in degrees, for .npy/.csv cameras."),
-    sigma: float = typer.Option(1e-4, help="Soft rasterizer sharpness during fitting."),
+    camera_convention: str = typer.Option("softras", help="How .npy/.csv (distance, elevation, azimuth) rows "
+                                          "become cameras: 'softras' (the images SoftRas renders from them; "
+                                          "its look_at is mirrored) or 'opencv' (the un-mirrored camera at "
+                                          "the same eye). .json/.npz cameras hold K, R, t and ignore it."),
+    sigma: float = typer.Option(1e-4, help="Soft rasterizer sharpness at the start of the fit."),
+    sigma_final: float = typer.Option(1e-5, help="Sharpness at the last iteration: sigma shrinks geometrically "
+                                      "from --sigma to it, so thin parts end up covering pixel centres, not "
+                                      "just blurring into them; 0 = keep --sigma."),
     gamma: float = typer.Option(1e-4, help="Soft rasterizer depth temperature."),
     rgb: bool = typer.Option(False, "--rgb/--no-rgb", help="Also learn per-vertex colours (RGBA targets)."),
     rgb_weight: float = typer.Option(1.0, help="Weight of the L1 colour loss with --rgb."),
-    laplacian_weight: float = typer.Option(20.0, help="Weight of the mean uniform-Laplacian loss."),
-    flatten_weight: float = typer.Option(0.5, help="Weight of the mean flatten loss."),
-    views_per_step: int = typer.Option(0, help="Views rendered per iteration (random subset); 0 = all."),
+    laplacian_weight: float = typer.Option(LAPLACIAN_WEIGHT, help="Weight of the scale-free Laplacian "
+                                           "(bending) energy; independent of the template's resolution and "
+                                           "the object's size."),
+    flatten_weight: float = typer.Option(0.0, help="Weight of the mean flatten (fold) loss (SoftRas's 0.0003 "
+                                         "on its 642-vertex sphere is 0.58 here; it holds finer templates "
+                                         "back)."),
+    views_per_step: int = typer.Option(40, help="Views rendered per iteration (random subset); 0 = all."),
+    parameterization: str = typer.Option("tanh", help="Vertex displacement map: 'tanh' or 'sigmoid' "
+                                         "(SoftRas's demo)."),
     resume: bool = typer.Option(False, help=f"Continue from OUT/{CHECKPOINT}."),
     overwrite: bool = typer.Option(False, help="Write into a non-empty --out folder (replacing a run)."),
     seed: int = typer.Option(0, help="Random seed (view sampling)."),
@@ -429,15 +461,23 @@ def fit_mesh_command(
             raise CLIError(f"{name}: expected >= 1, got {v}")
     if not (math.isfinite(template_scale) and template_scale > 0):
         raise CLIError(f"--template-scale: expected a number > 0, got {template_scale}")
+    if not (math.isfinite(sigma_final) and sigma_final >= 0):
+        raise CLIError(f"--sigma-final: expected a number > 0, or 0 to keep --sigma, got {sigma_final}")
     try:
         settings = FitSettings(iters=iters, lr=lr, color_lr=color_lr, sigma=sigma, gamma=gamma,
+                               sigma_final=sigma_final or None,
                                laplacian_weight=laplacian_weight, flatten_weight=flatten_weight,
                                rgb_weight=rgb_weight,
-                               views_per_step=views_per_step or None)
+                               views_per_step=views_per_step or None, parameterization=parameterization)
     except ValueError as e:
-        raise CLIError(str(e).replace("FitSettings: ", "--").replace("_", "-")) from None
+        raise settings_error(e, "FitSettings", command_options(fit_mesh_command)) from None
 
-    tgt, cams = load_problem(targets, cameras, fov)
+    from taichi_dr.camera import SPHERICAL_CONVENTIONS
+
+    if camera_convention not in SPHERICAL_CONVENTIONS:
+        raise CLIError(f"--camera-convention: expected one of {', '.join(SPHERICAL_CONVENTIONS)}, got "
+                       f"{camera_convention!r}")
+    tgt, cams = load_problem(targets, cameras, fov, camera_convention)
     if rgb and tgt.rgb is None:
         raise CLIError(f"--rgb: the targets {str(targets)!r} have no colours (masks only); use RGBA PNGs or "
                        "(N, 4, H, W) arrays, or drop --rgb")
@@ -445,9 +485,11 @@ def fit_mesh_command(
     prepare_out_dir(out, overwrite=overwrite, resume=resume, stale=STALE)
     init_runtime(arch)
 
-    identity = fit_identity(targets, cameras, tgt, cams, template_label, template_mesh, template_scale, rgb)
+    identity = fit_identity(targets, cameras, tgt, cams, template_label, template_mesh, template_scale, rgb,
+                            parameterization)
     hint = resume_command_line(targets, cameras, out, template=template, template_scale=template_scale,
-                               rgb=rgb, fov=fov, iters=iters, views_per_step=views_per_step)
+                               rgb=rgb, fov=fov, iters=iters, views_per_step=views_per_step,
+                               camera_convention=camera_convention, parameterization=parameterization)
     result = run_fit(out, silhouettes=tgt.silhouettes, cameras=cams, template=template_mesh,
                      settings=settings, identity=identity, rgb=tgt.rgb, learn_rgb=rgb,
                      template_scale=template_scale, seed=seed, log_every=log_every,

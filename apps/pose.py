@@ -24,7 +24,17 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from apps.common import CLIError, handle_errors, init_runtime, option_errors, prepare_out_dir, save_png, upscale
+from apps.common import (
+    CLIError,
+    choice,
+    handle_errors,
+    init_runtime,
+    option_errors,
+    prepare_out_dir,
+    save_png,
+    settings_error,
+    upscale,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False)
 
@@ -34,6 +44,10 @@ def _group() -> None:
     """Pose refinement (``tdr pose``). The main ``tdr`` app registers :func:`pose_command` as ``pose``."""
 
 STALE = ("before.png", "after.png", "pose.json", "loss.csv", "loss.svg")
+# PoseSettings fields -> the options that set them, for error messages.
+POSE_OPTIONS = {"stages": "--stages", "multi_start": "--multi-start", "multi_start_angle": "--multi-start-angle",
+                "parameterization": "--parameterization", "rotation": "--rotation",
+                "refine_focal": "--refine-focal", "refine_principal_point": "--refine-principal-point"}
 LOSS_NAMES = ("auto", "silhouette_iou", "silhouette_mse", "rgb", "distance_transform")
 
 
@@ -87,6 +101,8 @@ def read_camera(path: Path | None, fov: float | None, index: int, image_size: tu
     if (path is None) == (fov is None):
         raise CLIError("give exactly one of --camera FILE or --fov DEGREES")
     if fov is not None:
+        if not 0 < fov < 180:
+            raise CLIError(f"--fov: expected a horizontal field of view in degrees in (0, 180), got {fov}")
         with option_errors("--fov"):
             K = intrinsics_from_fov(fov, image_size)
         return Cameras(K, torch.eye(3), torch.zeros(3), image_size)
@@ -103,9 +119,45 @@ def read_camera(path: Path | None, fov: float | None, index: int, image_size: tu
         if tuple(cams.image_size) != tuple(image_size):
             raise ValueError(f"{path}: the camera is for {cams.image_size[1]}x{cams.image_size[0]} (WxH) images "
                              f"but IMAGE is {image_size[1]}x{image_size[0]}")
-    if not -len(cams) <= index < len(cams):
-        raise CLIError(f"--camera-index {index}: {path} has {len(cams)} camera(s)")
+    if not 0 <= index < len(cams):
+        raise CLIError(f"--camera-index {index}: expected an index in [0, {len(cams) - 1}] ({path} has "
+                       f"{len(cams)} camera{'s' if len(cams) != 1 else ''})")
     return cams[index]
+
+
+def check_target(target, image: Path, loss: str) -> None:
+    """Refuse a target with nothing to align to: the loss would stay flat and the pose would not move."""
+    if target.mask is not None and loss != "rgb":
+        if not bool((target.mask > 0.5).any()):
+            raise CLIError(f"IMAGE {str(image)!r}: the silhouette is empty (no pixel above 0.5 in the "
+                           f"{'alpha channel' if target.rgb is not None else 'mask'}); nothing to align the mesh to")
+    elif target.rgb is not None and target.mask is None:
+        bg = target.rgb.new_tensor(target.background)
+        if not bool(((target.rgb - bg).abs() > 1.0 / 255).any()):
+            raise CLIError(f"IMAGE {str(image)!r}: every pixel is the background colour {target.background}; "
+                           "nothing to align the mesh to")
+
+
+def check_initial_view(model, pose, cam, image_size: tuple[int, int], init: Path | None) -> None:
+    """Refuse an initial pose at which the camera does not see the mesh (behind it, or projected outside the
+    image): the render is empty, the loss has no gradient and the pose would not move."""
+    import torch
+
+    what = f"--init {str(init)!r}" if init is not None else "the initial pose (identity; give --init)"
+    with torch.no_grad():
+        pts = pose.apply(model.verts.to(pose.R.dtype))
+        uvz = cam.to(dtype=pts.dtype).project(pts)[0]  # (V, 3): pixel u, v and depth z
+    front = uvz[:, 2] > 1e-6
+    if not bool(front.any()):
+        raise CLIError(f"{what}: the mesh is behind the camera (every vertex has camera-space depth <= 0; "
+                       f"the largest is {float(uvz[:, 2].max()):.4g}); the camera looks along +z, so the mesh needs "
+                       "a positive depth (check the sign of t and the pose's 'convention')")
+    u, v = uvz[front, 0], uvz[front, 1]
+    h, w = image_size
+    if float(u.max()) < 0 or float(u.min()) > w or float(v.max()) < 0 or float(v.min()) > h:
+        raise CLIError(f"{what}: the mesh projects outside the {w}x{h} image (u in [{float(u.min()):.4g}, "
+                       f"{float(u.max()):.4g}], v in [{float(v.min()):.4g}, {float(v.max()):.4g}] pixels); "
+                       "start from a pose at which the camera sees it")
 
 
 def parse_stages(text: str | None):
@@ -123,7 +175,11 @@ def parse_stages(text: str | None):
             lr = float(fields[3]) if len(fields) == 4 else 1.0
             stages.append(Stage(size or None, sigma, iters, lr))
         except ValueError as e:
-            raise CLIError(f"--stages: {part.strip()!r}: {e} (SIZE 0 = full resolution)") from None
+            msg = str(e)
+            for field in ("size", "sigma", "iters", "lr"):  # Stage.sigma -> SIGMA, as the format names it
+                msg = msg.replace(f"Stage.{field}", field.upper())
+            raise CLIError(f"--stages: {part.strip()!r}: {msg} (SIZE:SIGMA:ITERS[:LR], SIZE 0 = full "
+                           "resolution)") from None
     return tuple(stages)
 
 
@@ -198,17 +254,29 @@ def pose_command(
     import torch
 
     from taichi_dr.mesh import load_mesh
-    from taichi_dr.pose import Pose, PoseSettings, load_pose, refine_pose, rotation_error_deg, save_pose
+    from taichi_dr.pose import (
+        CONVENTIONS,
+        ROTATIONS,
+        Pose,
+        PoseSettings,
+        load_pose,
+        refine_pose,
+        rotation_error_deg,
+        save_pose,
+    )
 
-    if loss not in LOSS_NAMES:
-        raise CLIError(f"--loss: expected one of {', '.join(LOSS_NAMES)}, got {loss!r}")
+    loss = choice("--loss", loss, LOSS_NAMES)
+    parameterization = choice("--parameterization", parameterization, CONVENTIONS)
+    rotation = choice("--rotation", rotation, ROTATIONS)
+    if camera_index < 0:
+        raise CLIError(f"--camera-index: expected an index >= 0, got {camera_index}")
     schedule = parse_stages(stages)
     try:
         settings = PoseSettings(stages=schedule, multi_start=multi_start, multi_start_angle=multi_start_angle,
                                 parameterization=parameterization, rotation=rotation,
                                 refine_focal=refine_focal, refine_principal_point=refine_principal_point)
-    except ValueError as e:
-        raise CLIError(str(e).replace("PoseSettings.", "--").replace("_", "-")) from None
+    except (ValueError, TypeError) as e:
+        raise settings_error(e, "PoseSettings", POSE_OPTIONS) from None
 
     target = read_image(image, mask)
     cam = read_camera(camera, fov, camera_index, target.image_size)
@@ -219,11 +287,16 @@ def pose_command(
         init_pose = Pose.identity()
     if loss == "auto":
         loss = "silhouette_iou" if target.mask is not None else "rgb"
+    if loss == "rgb" and target.rgb is None:
+        raise CLIError(f"--loss rgb: needs a colour image, but {image} is a mask (greyscale, or black and white); "
+                       "use a silhouette loss")
     if loss != "rgb" and target.mask is None:
         raise CLIError(f"--loss {loss}: needs a silhouette, but {image} has no alpha channel and is not a mask; "
                        "give --mask or use --loss rgb")
+    check_target(target, image, loss)
     with option_errors("MESH"):
         model = load_mesh(mesh)
+    check_initial_view(model, init_pose, cam, target.image_size, init)
     prepare_out_dir(out, overwrite=overwrite, stale=STALE)
     init_runtime(arch)
 

@@ -23,7 +23,17 @@ import numpy as np
 import torch
 import typer
 
-from apps.common import CLIError, handle_errors, hstack, init_runtime, prepare_out_dir, save_png, to_uint8
+from apps.common import (
+    CLIError,
+    available_memory_bytes,
+    handle_errors,
+    hstack,
+    init_runtime,
+    prepare_out_dir,
+    save_png,
+    settings_error,
+    to_uint8,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False)
 
@@ -44,10 +54,12 @@ def mesh_metrics(mesh, gt, n: int = 100_000, threshold: float | None = None, see
     * fscore at ``threshold`` (default 1% of the ground truth's bounding-box diagonal): harmonic mean of
       precision (mesh points within the threshold of gt) and recall (gt points within it of mesh).
     """
-    import trimesh
     from scipy.spatial import cKDTree
 
+    from taichi_dr.mesh import import_trimesh
     from taichi_dr.metrics import _as_trimesh
+
+    trimesh = import_trimesh()  # keeps a Ctrl-C during its first import (trimesh catches BaseException)
 
     a, b = _as_trimesh(mesh, "mesh"), _as_trimesh(gt, "gt")
     diag = float(np.linalg.norm(b.vertices.max(0) - b.vertices.min(0)))
@@ -97,8 +109,75 @@ def _load_data(data: Path, holdout_every: int, scene_radius: float):
 
     if not Path(data).exists():
         raise CLIError(f"DATA {str(data)!r} does not exist")
+    if holdout_every < 0 or holdout_every == 1:
+        raise CLIError(f"--holdout-every: expected 0 (no held-out views) or K >= 2 (views 0, K, 2K, ... held "
+                       f"out), got {holdout_every}")
     kwargs = {"scene_radius": scene_radius} if (Path(data) / "transforms_train.json").is_file() else {}
     return split_holdout(load_dataset(data, **kwargs), holdout_every)
+
+
+# The IDR options each config field comes from, for error messages.
+IDR_OPTIONS = {"iterations": "--iterations", "rays_per_batch": "--rays", "lr": "--lr",
+               "geometry_depth": "--depth", "geometry_width": "--width", "geometry_frequencies": "--frequencies",
+               "feature_dim": "--feature-dim", "rendering_depth": "--render-depth",
+               "rendering_width": "--render-width", "checkpoint_every": "--checkpoint-every",
+               "validate_every": "--validate-every", "seed": "--seed"}
+# Surface samples per mesh for evaluate: ~150 bytes each with the KD-trees, so 10 M is ~3 GB for two meshes.
+MAX_POINTS = 10_000_000
+# Memory of one training ray, per unit of network size (geometry depth x width + colour depth x width +
+# feature size): measured 75 KB per ray at the default sizes on CPU (peak RSS at --rays 256 vs 2048), i.e.
+# ~17 bytes per unit; 20 leaves some room.
+RAY_BYTES_PER_UNIT = 20
+
+
+def check_rays(rays: int, train, config, device: torch.device) -> None:
+    """Refuse a ray batch larger than the training pixels, or than memory holds (it would run for hours, or
+    until the machine swaps, before the first step ends)."""
+    n, (h, w) = len(train), train.image_size
+    pixels = n * h * w
+    if rays > pixels:
+        raise CLIError(f"--rays {rays}: more than the {pixels} pixels of the {n} training views "
+                       f"({w}x{h}); use at most {pixels}")
+    units = (config.geometry_depth * config.geometry_width + config.rendering_depth * config.rendering_width
+             + config.feature_dim)
+    need = rays * units * RAY_BYTES_PER_UNIT
+    free = available_memory_bytes(device)
+    if free is not None and need > free:
+        most = max(1, free // (units * RAY_BYTES_PER_UNIT))
+        raise CLIError(f"--rays {rays}: a batch needs about {need / 2**30:.1f} GiB with these network sizes but "
+                       f"{free / 2**30:.1f} GiB is free on {device.type}; use at most about {most}")
+
+
+def read_idr_checkpoint(path: Path, option: str, *, resume: bool = False) -> dict:
+    """The checkpoint ``tdr reconstruct`` wrote at ``path`` (a file or its folder), checked to be one.
+
+    Any other file (text, a corrupt or truncated save, a ``tdr fit-mesh`` checkpoint) gives a one-line
+    CLIError naming ``option`` and the file, instead of an unpickling error or KeyError from deep inside.
+    """
+    from taichi_dr.sdf.train import CHECKPOINT_NAME, IDRConfig
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CLIError(f"{option}: no checkpoint at {str(path)!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle, zip and torch errors of every kind for a file that is not a checkpoint
+        raise CLIError(f"{option}: {str(path)!r} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(state, dict) and "fitter" in state:
+        raise CLIError(f"{option}: {str(path)!r} is a tdr fit-mesh checkpoint; give the checkpoint.pt that "
+                       "tdr reconstruct wrote")
+    needed = ("config", "model", "iteration") + (("optimizer", "scheduler", "generator") if resume else ())
+    missing = [k for k in needed if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CLIError(f"{option}: {str(path)!r} is not a tdr reconstruct checkpoint (it has no "
+                       f"{', '.join(missing)})")
+    try:
+        IDRConfig.from_dict(state["config"])
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"{option}: {str(path)!r} holds settings this version cannot read ({e})") from None
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,22 +229,48 @@ def reconstruct_command(
     if method != "idr":
         raise CLIError(f"--method: only 'idr' is available, got {method!r}")
     for name, value, lo in (("--iterations", iterations, 1), ("--rays", rays, 1), ("--depth", depth, 1),
-                            ("--width", width, 1), ("--resolution", resolution, 8)):
+                            ("--width", width, 1), ("--resolution", resolution, 8),
+                            ("--frequencies", frequencies, 0), ("--feature-dim", feature_dim, 1),
+                            ("--render-depth", render_depth, 1), ("--render-width", render_width, 1),
+                            ("--checkpoint-every", checkpoint_every, 0), ("--validate-every", validate_every, 0)):
         if value < lo:
             raise CLIError(f"{name}: must be >= {lo}, got {value}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise CLIError(f"--lr: must be a number > 0, got {lr}")
+    if not (math.isfinite(scene_radius) and scene_radius > 0):
+        raise CLIError(f"--scene-radius: must be a number > 0, got {scene_radius}")
+    # Marching cubes holds the float32 grid and its own copies (~4 x res^3 x 4 bytes): refuse it now, not
+    # after hours of training.
+    grid_bytes, free = 16 * resolution ** 3, available_memory_bytes(torch.device("cpu"))
+    if free is not None and grid_bytes > free:
+        raise CLIError(f"--resolution {resolution}: marching cubes needs about {grid_bytes / 2**30:.1f} GiB but "
+                       f"{free / 2**30:.1f} GiB is free; use at most about {int((free / 16) ** (1 / 3))}")
     if not 0 < render_scale <= 1:
         raise CLIError(f"--render-scale: must be in (0, 1], got {render_scale}")
     if resume and not (Path(out) / "checkpoint.pt").is_file():
         raise CLIError(f"--resume: no checkpoint.pt in {str(out)!r}")
+    if resume:
+        read_idr_checkpoint(Path(out) / "checkpoint.pt", "--resume", resume=True)
     train, test = _load_data(data, holdout_every, scene_radius)
+    if test is not None and min(test.image_size) * render_scale < min(8, *test.image_size):
+        h, w = test.image_size
+        raise CLIError(f"--render-scale {render_scale}: the held-out renders of the {w}x{h} images would be "
+                       f"{max(1, round(w * render_scale))}x{max(1, round(h * render_scale))} pixels; use at "
+                       f"least {min(8, h, w) / min(h, w):.3g}")
     skip = (depth // 2,) if depth >= 2 and width > 3 * (1 + 2 * frequencies) else ()
-    config = IDRConfig(iterations=iterations, rays_per_batch=rays, lr=lr, geometry_depth=depth,
-                       geometry_width=width, geometry_frequencies=frequencies, geometry_skip_in=skip,
-                       feature_dim=feature_dim, rendering_depth=render_depth, rendering_width=render_width,
-                       learn_cameras=learn_cameras, checkpoint_every=checkpoint_every,
-                       validate_every=validate_every, seed=seed)
-    prepare_out_dir(out, overwrite=overwrite, resume=resume, stale=STALE)
+    try:
+        config = IDRConfig(iterations=iterations, rays_per_batch=rays, lr=lr, geometry_depth=depth,
+                           geometry_width=width, geometry_frequencies=frequencies, geometry_skip_in=skip,
+                           feature_dim=feature_dim, rendering_depth=render_depth, rendering_width=render_width,
+                           learn_cameras=learn_cameras, checkpoint_every=checkpoint_every,
+                           validate_every=validate_every, seed=seed)
+    except (ValueError, TypeError) as e:
+        raise settings_error(e, "IDRConfig", IDR_OPTIONS) from None
     used = init_runtime(arch)
+    from taichi_dr import runtime
+
+    check_rays(rays, train, config, runtime.device())
+    prepare_out_dir(out, overwrite=overwrite, resume=resume, stale=STALE)
 
     def on_validation(it, result):
         v = result["rendered"]
@@ -231,8 +336,16 @@ def evaluate_command(
 
     if gt is None and data is None:
         raise CLIError("give --gt GT_MESH and/or --data DATASET")
-    if points < 100:
-        raise CLIError(f"--points: must be >= 100, got {points}")
+    if not 100 <= points <= MAX_POINTS:
+        raise CLIError(f"--points: expected 100 to {MAX_POINTS} surface samples per mesh, got {points}")
+    if json_out is not None and not Path(json_out).parent.is_dir():
+        raise CLIError(f"--json: the folder {str(Path(json_out).parent)!r} does not exist")
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+        raise CLIError(f"--threshold: the F-score distance must be a number > 0, got {threshold}")
+    if checkpoint is not None and data is None:
+        raise CLIError("--checkpoint scores the held-out views of --data; give --data DATASET too")
+    if checkpoint is not None:
+        read_idr_checkpoint(checkpoint, "--checkpoint")
     pred = load_mesh(mesh)
     result: dict = {"mesh": str(mesh)}
     if gt is not None:
@@ -254,7 +367,11 @@ def _score_views(mesh, test, checkpoint) -> dict:
     from taichi_dr.sdf.train import image_metrics, load_model, render_views
 
     if checkpoint is not None:
-        model, config = load_model(checkpoint)
+        try:
+            model, config = load_model(checkpoint)
+        except RuntimeError as e:  # the weights do not fit the networks its config describes
+            raise CLIError(f"--checkpoint: {str(checkpoint)!r} cannot be loaded: {str(e).splitlines()[0]}") \
+                from None
         rendered = render_views(model, test.cameras.to(device=runtime.device()), config.tracer)
         return image_metrics(rendered, test.images, test.masks)
     # Mask IoU from the mesh itself: bring it into the normalised frame and rasterise it (hard mode).
@@ -298,8 +415,15 @@ def make_dataset_command(
 
     if views < 1 or not 16 <= size <= 4096:
         raise CLIError(f"--views must be >= 1 and --size in [16, 4096], got {views} and {size}")
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise CLIError(f"--sigma: must be a number > 0, got {sigma}")
     if not 0 < fov < 180:
         raise CLIError(f"--fov: expected degrees in (0, 180), got {fov}")
+    # All views are held in memory (RGB float and mask) until they are written.
+    need, free = views * size * size * 13, available_memory_bytes(torch.device("cpu"))
+    if free is not None and need > free // 2:
+        raise CLIError(f"--views {views} at --size {size}: the images need about {need / 2**30:.1f} GiB but "
+                       f"{free / 2**30:.1f} GiB is free; use fewer or smaller views")
     loaded = load_mesh(mesh)
     prepare_out_dir(out, overwrite=overwrite,
                     stale=("image/*.png", "mask/*.png", "cameras.npz", "gt_mesh.ply"))
@@ -320,7 +444,7 @@ def make_dataset_command(
     distance = radius / math.sin(math.atan(0.8 * math.tan(math.radians(fov) / 2)))
     cams = Cameras.from_spherical(torch.full((views,), distance, dtype=torch.float64),
                                   torch.from_numpy(elevation), torch.from_numpy(azimuth), fov=fov,
-                                  image_size=(size, size)).to(dtype=torch.float32)
+                                  image_size=(size, size), convention="opencv").to(dtype=torch.float32)
     from taichi_dr import runtime
 
     dev = runtime.device()

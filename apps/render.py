@@ -12,19 +12,19 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import typer
 
 from apps.common import (
     CLIError,
+    gif_frame,
+    gif_layout,
     handle_errors,
     init_runtime,
     option_errors,
     prepare_out_dir,
     save_png,
-    to_rgb,
-    upscale,
-    upscale_factor,
     write_gif,
 )
 
@@ -61,14 +61,16 @@ def parse_distance(distance: str, fov: float) -> float:
 
 
 def turntable_cameras(num_views: int, image_size: tuple[int, int], *, distance: float, elevation,
-                      fov: float):
-    """SoftRas spherical cameras, azimuth ``360 * i / num_views`` degrees; elevation a float or (N,)."""
+                      fov: float, convention: str = "softras"):
+    """Spherical cameras (``Cameras.from_spherical`` with ``convention``: "softras" renders what SoftRas
+    renders from the same angles), azimuth ``360 * i / num_views`` degrees; elevation a float or (N,)."""
     from taichi_dr.camera import Cameras
 
     azimuth = torch.arange(num_views, dtype=torch.float64) * (360.0 / num_views)
     elev = torch.as_tensor(elevation, dtype=torch.float64).expand(num_views)
     return Cameras.from_spherical(torch.full((num_views,), float(distance), dtype=torch.float64), elev,
-                                  azimuth, fov=fov, image_size=image_size).to(dtype=torch.float32)
+                                  azimuth, fov=fov, image_size=image_size,
+                                  convention=convention).to(dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -103,18 +105,23 @@ def _device() -> torch.device:
     return runtime.device()
 
 
-def write_views(out: Path, rgba: torch.Tensor, fps: float = 12.0) -> list[Path]:
-    """Write ``view_XXX.png`` (RGBA) for each view and ``turntable.gif`` (composited over white)."""
-    paths = []
-    factor = upscale_factor(tuple(rgba.shape[1:3]), 256)
+def save_views(out: Path, rgba: torch.Tensor, start: int, layout: tuple[int, int, int]) -> list[np.ndarray]:
+    """Write ``view_XXX.png`` (RGBA) for views ``start ..`` of ``rgba`` (N, H, W, 4); return the GIF frames
+    (composited over white) of the views that ``layout`` (:func:`apps.common.gif_layout`) keeps."""
+    stride, up, down = layout
     frames = []
-    for i, img in enumerate(rgba):
-        p = out / VIEW_PATTERN.format(i)
-        save_png(p, img)
-        paths.append(p)
-        frames.append(upscale(to_rgb(img), factor))
-    write_gif(out / "turntable.gif", frames, fps=fps)
-    return paths
+    for k, img in enumerate(rgba):
+        save_png(out / VIEW_PATTERN.format(start + k), img)
+        if (start + k) % stride == 0:
+            frames.append(gif_frame(img, up, down))
+    return frames
+
+
+def write_views(out: Path, rgba: torch.Tensor, fps: float = 12.0) -> None:
+    """Write ``view_XXX.png`` (RGBA) for each view and ``turntable.gif`` (composited over white, frames and
+    size bounded by :func:`apps.common.gif_layout`)."""
+    layout = gif_layout(len(rgba), tuple(rgba.shape[1:3]))
+    write_gif(out / "turntable.gif", save_views(out, rgba, 0, layout), fps=fps)
 
 
 @handle_errors
@@ -129,6 +136,9 @@ def render_command(
     fov: float = typer.Option(30.0, help="Full horizontal field of view in degrees (SoftRas "
                               "viewing_angle=15 is 30)."),
     sigma: float = typer.Option(1e-5, help="Soft rasterizer sharpness (NDC units; small = crisp)."),
+    camera_convention: str = typer.Option("softras", help="'softras': the images SoftRas renders from these "
+                                          "angles (its look_at camera is mirrored left-right); 'opencv': what "
+                                          "a real camera at the same place sees."),
     overwrite: bool = typer.Option(False, help="Write into a non-empty --out folder."),
     arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan (default: "
                              "TAICHI_DR_ARCH or auto)."),
@@ -143,8 +153,15 @@ def render_command(
         raise CLIError(f"--size: expected an image size in [8, 4096] pixels, got {size}")
     if not 0 < fov < 180:
         raise CLIError(f"--fov: expected a field of view in (0, 180) degrees, got {fov}")
-    if not sigma > 0:
-        raise CLIError(f"--sigma: must be > 0, got {sigma}")
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise CLIError(f"--sigma: must be a number > 0, got {sigma}")
+    if not math.isfinite(elevation):
+        raise CLIError(f"--elevation: expected an angle in degrees, got {elevation}")
+    from taichi_dr.camera import SPHERICAL_CONVENTIONS
+
+    if camera_convention not in SPHERICAL_CONVENTIONS:
+        raise CLIError(f"--camera-convention: expected one of {', '.join(SPHERICAL_CONVENTIONS)}, got "
+                       f"{camera_convention!r}")
     dist = parse_distance(distance, fov)
     if not Path(mesh).is_file():
         raise CLIError(f"MESH {str(mesh)!r} does not exist or is not a file")
@@ -154,18 +171,28 @@ def render_command(
     init_runtime(arch)
 
     normalised, centre, scale = loaded.normalized()
-    cameras = turntable_cameras(views, (size, size), distance=dist, elevation=elevation, fov=fov)
-    rgba = render_views(normalised, cameras, sigma=sigma)
-    if not bool((rgba[..., 3] > 0.5).any()):
+    cameras = turntable_cameras(views, (size, size), distance=dist, elevation=elevation, fov=fov,
+                                convention=camera_convention)
+    # Render and write a chunk of views at a time, so memory does not grow with --views.
+    layout = gif_layout(views, (size, size))
+    chunk = max(1, min(views, (64 * 2**20) // (16 * size * size)))
+    frames, visible = [], False
+    for start in range(0, views, chunk):
+        rgba = render_views(normalised, cameras[start:start + chunk], sigma=sigma)
+        visible = visible or bool((rgba[..., 3] > 0.5).any())
+        frames += save_views(out, rgba, start, layout)
+    if not visible:
         raise CLIError(f"MESH {str(mesh)!r}: nothing visible in any view (is the mesh degenerate?)")
-    write_views(out, rgba)
+    write_gif(out / "turntable.gif", frames)
     save_cameras_json(cameras, out / "cameras.json")
     info = {
         "mesh": str(mesh),
         "normalisation": {"centre": [float(c) for c in centre], "scale": float(scale),
                           "note": "views show (verts - centre) * scale"},
         "views": views, "image_size": [size, size], "fov": fov, "distance": dist, "elevation": elevation,
-        "azimuths": [360.0 * i / views for i in range(views)], "sigma": sigma,
+        "azimuths": [360.0 * i / views for i in range(views)], "camera_convention": camera_convention,
+        "sigma": sigma,
     }
     (out / "render.json").write_text(json.dumps(info, indent=1) + "\n")
-    typer.echo(f"Wrote {views} views ({size}x{size}), turntable.gif and cameras.json to {out}")
+    gif_note = f" (one frame per {layout[0]} views)" if layout[0] > 1 else ""
+    typer.echo(f"Wrote {views} views ({size}x{size}), turntable.gif{gif_note} and cameras.json to {out}")

@@ -1,7 +1,10 @@
 """Soft rasterizer benchmarks (issue 2): B1, B2, B3 and a faces x image-size table.
 
 Prints markdown tables: forward and forward+backward medians (seconds), peak extra memory, and the dense
-pure-PyTorch reference (taichi_dr.reference) beside each, measured in the same run. Each case runs in a fresh
+pure-PyTorch reference (taichi_dr.reference) beside each, measured in the same run. Forward+backward is timed
+for both backward modes, alternating in one process: the deterministic one (fixed-order gradient sums, the
+CPU default) and the float-atomic one (RasterSettings(deterministic=False), the GPU default), with their
+ratio. Each case runs in a fresh
 subprocess: kernels are compiled on a tiny batch first, then the peak resident memory of one forward+backward
 above that baseline is recorded ("peak extra MB"), then the timings. The reference is too
 slow for the full B1/B3 sizes on a CPU, so it runs on a subset of views / a smaller image and its time is
@@ -15,6 +18,7 @@ scaled linearly by the number of pixels (marked "scaled"); memory is not scaled.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -70,6 +74,22 @@ def timed(fn, repeats: int) -> tuple[float, float]:
         runtime.sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times), peak_extra_mb(base)
+
+
+def timed_pair(fn_a, fn_b, repeats: int) -> tuple[float, float]:
+    """Median seconds of fn_a() and fn_b(), run alternately (after a warm-up of each), so that load changes
+    during the run hit both alike."""
+    times_a, times_b = [], []
+    for fn in (fn_a, fn_b):
+        fn()
+    runtime.sync()
+    for _ in range(repeats):
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            t = time.perf_counter()
+            fn()
+            runtime.sync()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times_a), statistics.median(times_b)
 
 
 def spherical_cameras(n: int, size: int, distance: float = 2.732, elevation: float = 30.0, fov: float = 30.0):
@@ -152,8 +172,15 @@ def run_case(name: str, impl: str, repeats: int) -> dict:
     runtime.sync()
     mem = peak_extra_mb(base)
     fwd = timed(make(mesh, cameras, settings, rgb, False), repeats)[0] if impl == "taichi" else float("nan")
-    fb = timed(make(mesh, cameras, settings, rgb, True), repeats)[0]
-    return {"fwd": fwd, "fb": fb, "mem": mem, "views": views, "size": size, "faces": mesh.faces.shape[0]}
+    if impl == "taichi":
+        atomic = dataclasses.replace(settings, deterministic=False)
+        make(mesh, spherical_cameras(1, 16), atomic, rgb, True)()  # compiles the atomic variant
+        fb, fb_atomic = timed_pair(make(mesh, cameras, dataclasses.replace(settings, deterministic=True), rgb, True),
+                                   make(mesh, cameras, atomic, rgb, True), repeats)
+    else:
+        fb, fb_atomic = timed(make(mesh, cameras, settings, rgb, True), repeats)[0], float("nan")
+    return {"fwd": fwd, "fb": fb, "fb_atomic": fb_atomic, "mem": mem, "views": views, "size": size,
+            "faces": mesh.faces.shape[0]}
 
 
 def in_subprocess(name: str, impl: str, repeats: int, arch: str) -> dict:
@@ -165,8 +192,8 @@ def in_subprocess(name: str, impl: str, repeats: int, arch: str) -> dict:
 def row(name: str, repeats: int, arch: str, reference: bool):
     r = in_subprocess(name, "taichi", repeats, arch)
     views, size, target = CASES[name][1], CASES[name][2], CASES[name][5]
-    print(f"  ({name}: taichi_dr forward {r['fwd']:.3f} s, forward+backward {r['fb']:.3f} s)", file=sys.stderr,
-          flush=True)
+    print(f"  ({name}: taichi_dr forward {r['fwd']:.3f} s, forward+backward {r['fb']:.3f} s deterministic, "
+          f"{r['fb_atomic']:.3f} s atomic)", file=sys.stderr, flush=True)
     ref = "- | -"
     if reference and CASES[name][6] is not None:
         q = in_subprocess(name, "reference", 1, arch)
@@ -175,7 +202,8 @@ def row(name: str, repeats: int, arch: str, reference: bool):
         ref = f"{q['fb'] * scale:.2f}{scaled}, {q['mem']:.0f} MB | {q['fb'] * scale / r['fb']:.0f}x"
     verdict = "yes" if r["fb"] <= target else "NO"
     print(f"| {LABELS[name]} | {r['faces']} | {views} x {size}^2 | {r['fwd']:.3f} | {r['fb']:.3f} | "
-          f"{r['mem']:.0f} | {ref} | {target} | {verdict} |", flush=True)
+          f"{r['fb_atomic']:.3f} | {r['fb'] / r['fb_atomic']:.2f} | {r['mem']:.0f} | {ref} | {target} | {verdict} |",
+          flush=True)
 
 
 def main():
@@ -196,9 +224,9 @@ def main():
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"arch={arch}, torch threads={torch.get_num_threads()}, cpu cores={os.cpu_count()}, "
           f"load average at start {load:.1f}\n")
-    print("| case | faces | views x size | forward s | fwd+bwd s | peak extra MB | PyTorch reference fwd+bwd s, "
-          "peak MB, ratio | target s | met |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| case | faces | views x size | forward s | fwd+bwd s (deterministic) | fwd+bwd s (atomic) | "
+          "det / atomic | peak extra MB | PyTorch reference fwd+bwd s, peak MB, ratio | target s | met |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in ("B1", "B2", "B3"):
         if args.only in (None, name):
             row(name, repeats, arch, not args.no_reference)

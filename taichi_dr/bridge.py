@@ -7,7 +7,9 @@ to input gradients. :func:`apply` wraps it in a ``torch.autograd.Function``:
 * inputs are checked (shape, dtype, device) with messages naming the argument;
 * kernels only ever see detached, contiguous tensors (Taichi attaches ``.grad`` to a leaf tensor that
   requires grad, and ndarray arguments must be contiguous), so callers' tensors are never modified;
-* missing output gradients arrive as zeros, so backward kernels need no special cases.
+* missing output gradients arrive as zeros, so backward kernels need no special cases;
+* forward and backward hold :func:`taichi_dr.runtime.kernel_lock`: on CUDA torch runs ``backward`` on its
+  own autograd thread, and users may train in several threads, while Taichi's launches are not thread-safe.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def check_tensor(name: str, x, shape: Sequence[int | str | None] | None = None, 
     """Validate a tensor argument; raise ValueError/TypeError naming ``name`` and what was expected.
 
     shape: entries are an int (exact), None (any) or a str (any; a name for the message). Returns ``x``.
+    finite: also scan for NaN/Inf. That reads a result back from the device (a host synchronisation on a
+    GPU); to check several tensors, pass ``finite=False`` here and call :func:`check_finite` once.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -42,6 +46,22 @@ def check_tensor(name: str, x, shape: Sequence[int | str | None] | None = None, 
     if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: contains NaN or Inf values")
     return x
+
+
+def check_finite(tensors: dict[str, torch.Tensor | None]) -> None:
+    """Raise ValueError naming the first of ``tensors`` (name -> tensor or None) with a NaN or Inf.
+
+    One scan per tensor and a single read on the host for all of them: on a GPU every separate ``bool()``
+    would wait for the device, so an API call checks its inputs here, once, at its boundary.
+    """
+    floats = {name: x for name, x in tensors.items() if x is not None and x.is_floating_point()}
+    if not floats:
+        return
+    device = next(iter(floats.values())).device
+    flags = torch.stack([torch.isfinite(x.detach()).all().to(device) for x in floats.values()]).tolist()
+    for name, ok in zip(floats, flags, strict=True):
+        if not ok:
+            raise ValueError(f"{name}: contains NaN or Inf values")
 
 
 def to_kernel(name: str, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -84,7 +104,8 @@ class _TaichiFunction(torch.autograd.Function):
     def forward(ctx, op: KernelOp, *inputs):
         runtime.ensure_init()
         plain = [x.detach().contiguous() if isinstance(x, torch.Tensor) else x for x in inputs]
-        outputs, saved = op.forward(*plain)
+        with runtime.kernel_lock():
+            outputs, saved = op.forward(*plain)
         outputs = tuple(outputs)
         ctx.op = op
         ctx.saved = saved
@@ -104,7 +125,8 @@ class _TaichiFunction(torch.autograd.Function):
             if g is None:
                 g = torch.zeros(shape, dtype=dtype if dtype.is_floating_point else torch.float32, device=device)
             grads.append(g.detach().contiguous())
-        input_grads = ctx.op.backward(ctx.saved, *grads)
+        with runtime.kernel_lock():   # possibly on torch's autograd thread, concurrently with the main one
+            input_grads = ctx.op.backward(ctx.saved, *grads)
         input_grads = tuple(input_grads)
         if len(input_grads) != ctx.n_inputs:
             raise RuntimeError(f"{type(ctx.op).__name__}.backward returned {len(input_grads)} gradients "

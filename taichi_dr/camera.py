@@ -5,6 +5,11 @@ z forward, so depth > 0 is in front); ``K`` maps camera coordinates to pixels, w
 corner of the top-left pixel (pixel centres at ``+0.5``); ``image_size`` is ``(H, W)``; ``fov`` is the
 full horizontal angle in degrees.
 
+Mirrored cameras: ``R`` is always a proper rotation (det +1). A camera whose image is the left-right mirror
+of what a real camera would see -- SoftRas's (and Kato's neural renderer's) ``look_at`` camera is one -- is
+written with a negative ``fx`` in ``K``: the rotation stays a rotation (so rotation parameterisations and
+pose refinement work unchanged) and the mirror lives in the image axis. ``Cameras.mirrored`` tells which.
+
 Everything is plain torch and differentiable, so gradients reach the camera from any loss on projected
 points or rays. :class:`CameraParameters` wraps a :class:`Cameras` batch in learnable corrections for pose
 refinement. Rotation helpers (axis-angle, 6D, quaternions) are batched over leading dims and give finite
@@ -33,6 +38,7 @@ __all__ = [
     "matrix_to_quaternion",
     "is_rotation",
     "load_cameras",
+    "SPHERICAL_CONVENTIONS",
     "save_cameras_json",
 ]
 
@@ -45,6 +51,9 @@ Z_EPS = 1e-6
 ROTATION_ATOL = 1e-3
 # Below this squared angle the rotation formulas switch to Taylor series (truncation error < 1e-16).
 _SMALL_ANGLE2 = 1e-4
+# How (distance, elevation, azimuth) rows become cameras (Cameras.from_spherical): "softras" renders what
+# SoftRas renders from the row (a mirrored camera), "opencv" what a real camera at that eye sees.
+SPHERICAL_CONVENTIONS = ("softras", "opencv")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -276,8 +285,10 @@ def _rq3(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Cameras:
     """Batch of B pinhole cameras.
 
-    K ``(B, 3, 3)``: intrinsics in pixels, upper triangular (skew allowed), ``fx, fy > 0``, last row
-    ``(0, 0, 1)``. R ``(B, 3, 3)``, t ``(B, 3)``: world -> camera ``x_c = R x_w + t``, OpenCV axes.
+    K ``(B, 3, 3)``: intrinsics in pixels, upper triangular (skew allowed), ``fy > 0``, ``fx != 0``, last
+    row ``(0, 0, 1)``; ``fx < 0`` is a mirrored camera (u decreases as camera x grows, as with SoftRas's
+    look_at cameras; see :attr:`mirrored`). R ``(B, 3, 3)``, t ``(B, 3)``: world -> camera
+    ``x_c = R x_w + t``, OpenCV axes.
     ``image_size`` is ``(H, W)``. Unbatched ``(3, 3)`` / ``(3,)`` inputs get B = 1, and a batch of 1
     broadcasts against the others (e.g. one K shared by all views). All three share one dtype (float32 or
     float64) and device; array-likes are converted to match the tensors. The attributes K, R, t may carry
@@ -329,11 +340,14 @@ class Cameras:
                 i = int(bad.nonzero()[0, 0])
                 raise ValueError(f"Cameras: K[{i}] = {K[i].tolist()} must be upper triangular with "
                                  "K[2, 2] == 1 (normalise a projective K by dividing by K[2, 2])")
-            bad = (K[:, 0, 0] <= 0) | (K[:, 1, 1] <= 0)
+            # fx < 0 is allowed: a mirrored camera. Both signs flipped would be a proper camera rotated 180
+            # degrees about its axis, and fy < 0 alone a mirror too, so requiring fy > 0 keeps one spelling.
+            bad = (K[:, 0, 0] == 0) | (K[:, 1, 1] <= 0)
             if bool(bad.any()):
                 i = int(bad.nonzero()[0, 0])
                 raise ValueError(f"Cameras: K[{i}] has focal lengths fx={K[i, 0, 0].item()}, "
-                                 f"fy={K[i, 1, 1].item()}; both must be > 0 (OpenCV axes)")
+                                 f"fy={K[i, 1, 1].item()}; expected fy > 0 and fx != 0 (fx > 0 for an OpenCV "
+                                 "camera, fx < 0 for a left-right mirrored one such as SoftRas's)")
             ortho, det = _rotation_errors(self.R)
             bad = (ortho > ROTATION_ATOL) | (det > ROTATION_ATOL)
             if bool(bad.any()):
@@ -383,6 +397,13 @@ class Cameras:
     @property
     def dtype(self) -> torch.dtype:
         return self.K.dtype
+
+    @property
+    def mirrored(self) -> torch.Tensor:
+        """``(B,)`` bool: True for a left-right mirrored camera (``fx < 0``, e.g. SoftRas's look_at). Its
+        projected triangles have the opposite screen-space winding, so front faces there have positive
+        signed pixel area."""
+        return self.K[:, 0, 0] < 0
 
     def __repr__(self) -> str:
         return (f"Cameras(B={len(self)}, image_size={self.image_size}, dtype={self.dtype}, "
@@ -437,7 +458,7 @@ class Cameras:
         px = self._points(pixels, "pixels", 2)
         K = self.K[:, None]
         fx, fy, s, cx, cy = K[..., 0, 0], K[..., 1, 1], K[..., 0, 1], K[..., 0, 2], K[..., 1, 2]
-        # K^-1 [u, v, 1] for an upper-triangular K (fx, fy > 0 is checked at construction).
+        # K^-1 [u, v, 1] for an upper-triangular K (fx != 0, fy > 0 is checked at construction).
         y = (px[..., 1] - cy) / fy
         x = (px[..., 0] - cx - s * y) / fx
         d_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)  # norm >= 1: normalising is safe
@@ -513,13 +534,28 @@ class Cameras:
 
     @staticmethod
     def from_spherical(distance, elevation, azimuth, fov: float = 30.0,
-                       image_size: tuple[int, int] = (256, 256)) -> Cameras:
-        """SoftRas cameras looking at the origin from ``eye = d (cos e sin a, sin e, -cos e cos a)``
-        (degrees, world y up). Scalars or ``(B,)`` tensors/arrays, broadcast; differentiable in tensors.
+                       image_size: tuple[int, int] = (256, 256), convention: str = "softras") -> Cameras:
+        """Cameras looking at the origin from SoftRas's ``eye = d (cos e sin a, sin e, -cos e cos a)``
+        (``get_points_from_angles``; degrees, world y up). Scalars or ``(B,)`` tensors/arrays, broadcast;
+        differentiable in tensors. ``fov`` is the full horizontal angle: SoftRas's ``viewing_angle=15`` is
+        ``fov=30``.
+
+        ``convention`` (see :data:`SPHERICAL_CONVENTIONS`):
+
+        * ``"softras"`` (default): the image SoftRas renders from this row, pixel for pixel. SoftRas's
+          ``look_at`` (Kato's neural renderer's) has camera axes ``x = up x forward``, ``y = forward x x``,
+          and its rasterizer puts NDC x to the right and NDC y up, which is the mirror image of what a
+          real camera at that eye sees. Here that is the proper look-at rotation below with ``fx < 0``
+          (a mirrored camera, :attr:`Cameras.mirrored`).
+        * ``"opencv"``: the un-mirrored camera at the same eye (the same R, ``fx > 0``): what a real camera
+          there sees. Its images are SoftRas's flipped left-right.
 
         The up direction is world y made orthogonal to the view, i.e. ``sign(cos e)`` times the elevation
         tangent; that is SoftRas's look_at wherever it is defined, and stays defined at elevation +-90.
         """
+        if convention not in SPHERICAL_CONVENTIONS:
+            raise ValueError(f"from_spherical: convention must be one of {SPHERICAL_CONVENTIONS}, "
+                             f"got {convention!r}")
         ref = next((x for x in (distance, elevation, azimuth) if isinstance(x, torch.Tensor)
                     and x.is_floating_point()), None)
         dtype, device = (ref.dtype, ref.device) if ref is not None else (torch.float32, None)
@@ -542,6 +578,12 @@ class Cameras:
         R = _look_at_rotation(-direction, up, "from_spherical")
         t = -(R @ eye[..., None])[..., 0]
         K = intrinsics_from_fov(fov, image_size, dtype).to(eye.device)
+        if convention == "softras":
+            # SoftRas's camera axes are (-x, -y, z) of this rotation and its NDC y points up, so
+            # u = W/2 + f x_s / z = W/2 - f x / z and v = H/2 - f y_s / z = H/2 + f y / z: only fx changes
+            # sign. The principal point stays W/2, so the image is an exact column flip of "opencv"'s.
+            # (SoftRas's images are square; other sizes keep the horizontal fov and square pixels.)
+            K[0, 0] = -K[0, 0]
         return Cameras(K, R, t, image_size)
 
     @staticmethod
@@ -635,12 +677,14 @@ class CameraParameters(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 def load_cameras(path, image_size: tuple[int, int] | None = None, fov: float | None = None,
-                 dtype: torch.dtype = torch.float32) -> Cameras:
+                 dtype: torch.dtype = torch.float32, convention: str = "softras") -> Cameras:
     """Load a camera batch from a file; the format follows the extension.
 
-    * ``.npy`` / ``.csv``: rows ``(distance, elevation_deg, azimuth_deg)`` (SoftRas convention, see
-      :meth:`Cameras.from_spherical`); needs ``fov`` and ``image_size``. A CSV may start with a header line
-      and may use commas or whitespace.
+    * ``.npy`` / ``.csv``: rows ``(distance, elevation_deg, azimuth_deg)`` as SoftRas's ``camera.npy``, made
+      into cameras by :meth:`Cameras.from_spherical` with ``convention``: ``"softras"`` (default: the images
+      SoftRas renders from these rows, mirrored cameras) or ``"opencv"`` (un-mirrored cameras at the same
+      eyes); needs ``fov`` and ``image_size``. A CSV may start with a header line and may use commas or
+      whitespace. ``convention`` only matters for these rows; the other formats hold K, R, t themselves.
     * ``.npz``: IDR ``cameras.npz`` with ``world_mat_i`` and optional ``scale_mat_i`` (i = 0..n-1); cameras
       of the normalised projections ``P_i = (world_mat_i @ scale_mat_i)[:3, :4]`` (decomposed in float64);
       needs ``image_size``.
@@ -650,6 +694,8 @@ def load_cameras(path, image_size: tuple[int, int] | None = None, fov: float | N
     Errors are ValueError (FileNotFoundError for a missing file) naming the file and what is wrong.
     """
     path = Path(path)
+    if convention not in SPHERICAL_CONVENTIONS:
+        raise ValueError(f"load_cameras: convention must be one of {SPHERICAL_CONVENTIONS}, got {convention!r}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: camera file not found")
     ext = path.suffix.lower()
@@ -662,7 +708,7 @@ def load_cameras(path, image_size: tuple[int, int] | None = None, fov: float | N
                 raise ValueError(f"{path}: SoftRas (distance, elevation, azimuth) cameras need both fov and "
                                  "image_size arguments")
             rows = torch.from_numpy(rows).to(torch.float64)
-            cams = Cameras.from_spherical(rows[:, 0], rows[:, 1], rows[:, 2], fov, image_size)
+            cams = Cameras.from_spherical(rows[:, 0], rows[:, 1], rows[:, 2], fov, image_size, convention)
         elif ext == ".npz":
             if image_size is None:
                 raise ValueError(f"{path}: IDR cameras need the image_size=(H, W) argument")

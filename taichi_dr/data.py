@@ -402,6 +402,13 @@ def write_idr(root, images, masks, cameras: Cameras, scale_mat=None, *, overwrit
     if images.dim() != 4 or images.shape[-1] != 3 or masks.shape != images.shape[:3] or len(cameras) != n:
         raise ValueError(f"write_idr: expected images (N, H, W, 3), masks (N, H, W) and N cameras, got "
                          f"{tuple(images.shape)}, {tuple(masks.shape)} and {len(cameras)}")
+    if bool(cameras.mirrored.any()):
+        # P = K [R | t] of a mirrored camera (fx < 0) has det < 0, which IDR's loaders (and ours) read as a
+        # proper camera with a negative projective scale: a different camera. Refuse rather than write it.
+        i = int(cameras.mirrored.nonzero()[0, 0])
+        raise ValueError(f"write_idr: camera {i} is mirrored (fx < 0, e.g. SoftRas-convention spherical "
+                         "cameras); IDR's cameras.npz holds only proper cameras (use "
+                         "Cameras.from_spherical(..., convention='opencv'))")
     s = np.eye(4) if scale_mat is None else np.asarray(torch.as_tensor(scale_mat).cpu(), dtype=np.float64)
     (root / "image").mkdir(parents=True, exist_ok=True)
     (root / "mask").mkdir(parents=True, exist_ok=True)

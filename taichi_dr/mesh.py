@@ -15,18 +15,23 @@ as a connected mesh).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "Mesh",
     "asset_path",
+    "check_render_inputs",
     "face_areas",
     "face_normals",
     "icosphere",
@@ -37,6 +42,47 @@ __all__ = [
 
 _ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 _FORMATS = (".obj", ".ply", ".glb", ".off")
+
+
+@contextlib.contextmanager
+def interrupts_kept():
+    """Run a block that calls trimesh without losing a Ctrl-C.
+
+    trimesh catches ``BaseException`` around its optional imports and in some loaders, so a KeyboardInterrupt
+    raised inside it can be swallowed and the program carries on. Here SIGINT is noted (and passed on to the
+    handler that was in place); if the block then ends normally, KeyboardInterrupt is raised after it. Only
+    in the main thread (the only one that receives signals); elsewhere the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous in (signal.SIG_IGN, None):
+        yield
+        return
+    received = []
+
+    def note_interrupt(signum, frame):
+        received.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+        else:  # SIG_DFL
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def import_trimesh():
+    """``import trimesh``, without letting it swallow a Ctrl-C that arrives during its (slow) first import."""
+    with interrupts_kept():
+        import trimesh
+    return trimesh
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,6 +307,60 @@ class Mesh:
                                    face_colors=face_colors, uvs=uvs, face_uvs_idx=face_uvs_idx)
 
 
+# Tensors already checked by check_render_inputs, with the version (in-place edit counter) they were checked
+# at and what was found: a render loop reuses the same faces (and often colours) every step, so it pays the
+# host synchronisation of a check once, not per step. Keys are weak: a freed tensor leaves the cache.
+_CHECKED = WeakIdKeyDictionary()
+
+
+def _checked(t: Tensor, compute):
+    """``compute(t)`` (any host-side summary of ``t``), cached per tensor object and in-place version."""
+    cache = _CHECKED
+    hit = cache.get(t)
+    if hit is not None and hit[0] == t._version:
+        return hit[1]
+    value = compute(t)
+    cache[t] = (t._version, value)
+    return value
+
+
+def check_render_inputs(mesh: Mesh) -> None:
+    """What the renderer needs of a mesh beyond finite vertices, with messages naming the field.
+
+    faces (F, 3) integer indices within [0, V) (the kernels would otherwise read out of bounds, or Taichi
+    report ``INDICES element is out of DATA bounds``); vert_colors (V, 3) or (B, V, 3) and face_colors (F, 3)
+    or (B, F, 3), finite (a NaN colour would render NaN pixels). Unlike :meth:`Mesh.validate` colours may
+    leave [0, 1] (an optimiser may push them there). Raises ValueError / TypeError.
+    """
+    name = getattr(mesh, "name", "mesh")
+    verts, faces = mesh.verts, mesh.faces
+    V = int(verts.shape[-2]) if isinstance(verts, torch.Tensor) and verts.dim() >= 2 else 0
+    if not isinstance(faces, torch.Tensor):
+        raise TypeError(f"mesh {name!r}: faces must be a torch.Tensor, got {type(faces).__name__}")
+    if faces.dim() != 2 or faces.shape[1] != 3:
+        raise ValueError(f"mesh {name!r}: faces must have shape (F, 3), got {tuple(faces.shape)}")
+    if faces.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"mesh {name!r}: faces must be an integer tensor (int64), got {faces.dtype}")
+    lo, hi = _checked(faces, lambda f: (int(f.min()), int(f.max())) if f.numel() else (0, -1))
+    if lo < 0 or hi >= V:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"mesh {name!r}: faces hold vertex index {bad}, outside [0, {V}) for the "
+                         f"{_plural(V, 'vertex')}")
+    F = int(faces.shape[0])
+    for field, rows, what in (("vert_colors", V, "vertices"), ("face_colors", F, "faces")):
+        colors = getattr(mesh, field, None)
+        if colors is None:
+            continue
+        if not isinstance(colors, torch.Tensor) or not colors.is_floating_point():
+            got = colors.dtype if isinstance(colors, torch.Tensor) else type(colors).__name__
+            raise TypeError(f"mesh {name!r}: {field} must be a floating-point tensor, got {got}")
+        if colors.dim() not in (2, 3) or colors.shape[-1] != 3 or colors.shape[-2] != rows:
+            raise ValueError(f"mesh {name!r}: {field} must have shape ({rows}, 3) or (B, {rows}, 3) for the "
+                             f"{rows} {what}, got {tuple(colors.shape)}")
+        if not _checked(colors, lambda c: bool(torch.isfinite(c).all())):
+            raise ValueError(f"mesh {name!r}: {field} contain NaN or Inf")
+
+
 def _midpoint_topology(faces: Tensor, num_verts: int | None = None) -> tuple[Tensor, Tensor]:
     """trimesh's midpoint subdivision of the index buffer ``faces`` (F, 3).
 
@@ -269,7 +369,7 @@ def _midpoint_topology(faces: Tensor, num_verts: int | None = None) -> tuple[Ten
     ``[f0, m01, m20], [m01, f1, m12], [m20, m12, f2], [m01, m12, m20]``; the midpoint ends are read back from
     that layout and checked against trimesh's own midpoints, so a change in trimesh fails loudly.
     """
-    import trimesh
+    trimesh = import_trimesh()
 
     f = faces.detach().cpu().numpy()
     nv = int(f.max()) + 1 if num_verts is None else num_verts
@@ -322,7 +422,7 @@ def load_mesh(path, device=None, dtype: torch.dtype = torch.float32) -> Mesh:
     Every problem raises ValueError naming the file: missing or unreadable file, unknown format, no faces
     (a point cloud), faces with fewer than 3 corners, indices out of range, non-finite vertices.
     """
-    import trimesh
+    trimesh = import_trimesh()
 
     path = Path(path)
     if not path.is_file():
@@ -331,12 +431,13 @@ def load_mesh(path, device=None, dtype: torch.dtype = torch.float32) -> Mesh:
     if ext not in _FORMATS:
         raise ValueError(f"load_mesh: {str(path)!r}: unsupported format {ext!r}; expected one of {_FORMATS}")
     try:
-        if ext == ".obj":
-            text = _obj_text_for_trimesh(path.read_bytes().decode("utf-8", errors="replace"), path)
-            tm = trimesh.load(io.BytesIO(text.encode("utf-8")), file_type="obj", force="mesh", process=False,
-                              resolver=trimesh.resolvers.FilePathResolver(str(path)))
-        else:
-            tm = trimesh.load(str(path), force="mesh", process=False)
+        with interrupts_kept():
+            if ext == ".obj":
+                text = _obj_text_for_trimesh(path.read_bytes().decode("utf-8", errors="replace"), path)
+                tm = trimesh.load(io.BytesIO(text.encode("utf-8")), file_type="obj", force="mesh",
+                                  process=False, resolver=trimesh.resolvers.FilePathResolver(str(path)))
+            else:
+                tm = trimesh.load(str(path), force="mesh", process=False)
     except ValueError as err:
         if str(path) in str(err):
             raise
@@ -344,11 +445,34 @@ def load_mesh(path, device=None, dtype: torch.dtype = torch.float32) -> Mesh:
     except Exception as err:  # trimesh raises IndexError, KeyError, ... on malformed files
         raise ValueError(f"load_mesh: cannot parse {str(path)!r}: {type(err).__name__}: {err}") from err
 
-    if not isinstance(tm, trimesh.Trimesh) or len(tm.vertices) == 0:
-        raise ValueError(f"load_mesh: {str(path)!r} holds no mesh vertices")
-    if len(tm.faces) == 0:
-        raise ValueError(f"load_mesh: {str(path)!r} has vertices but no faces (a point cloud or lines?)")
+    if not isinstance(tm, trimesh.Trimesh) or len(tm.vertices) == 0 or len(tm.faces) == 0:
+        # trimesh drops the vertices no face uses, so say what the file itself holds.
+        count = len(tm.vertices) if isinstance(tm, trimesh.Trimesh) else 0
+        count = count or _file_vertex_count(trimesh, path)
+        if count:
+            raise ValueError(f"load_mesh: {str(path)!r} has {_plural(count, 'vertex')} but no faces "
+                             "(a point cloud or lines?)")
+        raise ValueError(f"load_mesh: {str(path)!r} holds no vertices and no faces")
     return _from_trimesh(tm, name=str(path), device=device, dtype=dtype).validate()
+
+
+def _plural(count: int, noun: str) -> str:
+    """``"1 vertex"``, ``"4 vertices"``, ``"2 texture coordinates"``."""
+    if count == 1:
+        return f"1 {noun}"
+    irregular = {"vertex": "vertices", "index": "indices"}
+    return f"{count} {irregular.get(noun, noun + 's')}"
+
+
+def _file_vertex_count(trimesh, path: Path) -> int:
+    """How many vertices the file at ``path`` holds when read as points (0 if it cannot be read so)."""
+    try:
+        with interrupts_kept():
+            loaded = trimesh.load(str(path), process=False)
+    except Exception:
+        return 0
+    geometries = loaded.geometry.values() if isinstance(loaded, trimesh.Scene) else [loaded]
+    return sum(len(getattr(g, "vertices", ())) for g in geometries)
 
 
 def _obj_index(token: str, count: int, what: str, path: Path, lineno: int) -> int:
@@ -361,7 +485,7 @@ def _obj_index(token: str, count: int, what: str, path: Path, lineno: int) -> in
     absolute = i if i > 0 else count + 1 + i  # negative indices count back from the last one defined so far
     if i == 0 or not 1 <= absolute <= count:
         raise ValueError(f"load_mesh: {str(path)!r} line {lineno}: {what} index {i} is out of range "
-                         f"({count} {what}s defined so far; OBJ indices start at 1)")
+                         f"({_plural(count, what)} defined so far; OBJ indices start at 1)")
     return absolute
 
 
@@ -402,7 +526,7 @@ def _obj_text_for_trimesh(text: str, path: Path) -> str:
 
 
 def _from_trimesh(tm, name: str, device, dtype: torch.dtype) -> Mesh:
-    import trimesh
+    trimesh = import_trimesh()
 
     def tensor(a, dt):
         return torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)
@@ -451,7 +575,7 @@ def save_mesh(mesh: Mesh, path) -> None:
     Colours and textures are stored as 8-bit. A texture needs one UV per vertex in these formats, so
     vertices whose corners use different UVs are written as separate vertices (as loading returns them).
     """
-    import trimesh
+    trimesh = import_trimesh()
     from PIL import Image
 
     path = Path(path)
@@ -519,7 +643,7 @@ def icosphere(level: int = 3, radius: float = 1.0, device=None, dtype: torch.dty
     ``20 * 4**level`` faces and ``10 * 4**level + 2`` vertices, centred at the origin, faces counter-clockwise
     seen from outside (outward normals).
     """
-    import trimesh
+    trimesh = import_trimesh()
 
     if not isinstance(level, int) or not 0 <= level <= 6:
         raise ValueError(f"icosphere: level must be an int in 0..6, got {level!r}")

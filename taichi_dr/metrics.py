@@ -8,8 +8,9 @@ import torch
 
 def _as_trimesh(mesh, name: str):
     """A taichi_dr Mesh (``.verts``/``.faces``), a trimesh.Trimesh or a ``(verts, faces)`` pair."""
-    import trimesh
+    from .mesh import import_trimesh
 
+    trimesh = import_trimesh()  # keeps a Ctrl-C during its first import
     if isinstance(mesh, trimesh.Trimesh):
         verts, faces = mesh.vertices, mesh.faces
     elif hasattr(mesh, "verts") and hasattr(mesh, "faces"):
@@ -38,7 +39,9 @@ def _as_trimesh(mesh, name: str):
 
 def sample_surface(mesh, n: int, seed: int = 0) -> np.ndarray:
     """(n, 3) points sampled uniformly by area on the surface of ``mesh``."""
-    import trimesh
+    from .mesh import import_trimesh
+
+    trimesh = import_trimesh()
 
     points, _ = trimesh.sample.sample_surface(_as_trimesh(mesh, "mesh"), int(n), seed=seed)
     return np.asarray(points)

@@ -98,6 +98,7 @@ __all__ = [
     "save_pose",
     "signed_distance",
     "silhouette_iou_loss",
+    "squared_distance_transform",
     "silhouette_mse_loss",
     "surface_points",
     "target_image",
@@ -424,6 +425,15 @@ class PoseTarget:
                 torch.from_numpy(inside).to(device=m.device, dtype=m.dtype))
 
     @cached_property
+    def _edge_bins(self) -> Tensor | None:
+        """(H, W) int64 on the mask's device: each pixel's signed distance to the edge of the binarised mask
+        as a bin of :func:`_signed_distance_bins` (computed once); None for a mask without an edge."""
+        m = self._require_mask("the silhouette losses").detach() >= 0.5
+        if not bool(m.any()) or bool(m.all()):
+            return None
+        return _signed_distance_bins(m)
+
+    @cached_property
     def signed_distance(self) -> np.ndarray:
         """(H, W) float64 numpy: pixel-unit signed distance to the edge of the mask binarised at 0.5
         (> 0 outside, < 0 inside; see :func:`signed_distance`), computed once."""
@@ -472,6 +482,67 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
     return np.where(mask, 0.5 - distance_transform_edt(mask), distance_transform_edt(~mask) - 0.5)
 
 
+def squared_distance_transform(mask: Tensor) -> Tensor:
+    """Exact squared Euclidean distance transform, on the mask's device: for each True pixel of ``mask (H, W)``
+    bool, the squared distance in pixels (integer-valued float64) to the nearest False pixel; 0 at False
+    pixels; inf everywhere when there is no False pixel.
+
+    CPU tensors go to SciPy (``distance_transform_edt``, linear time, and the array is shared, not copied);
+    tensors on a GPU stay there (:func:`_squared_edt_torch`), so a training step never waits for a copy.
+    """
+    if mask.device.type != "cpu":
+        return _squared_edt_torch(mask)
+    from scipy.ndimage import distance_transform_edt
+
+    m = mask.numpy()
+    if m.all():
+        return torch.full(m.shape, math.inf, dtype=torch.float64)
+    return torch.from_numpy(np.square(distance_transform_edt(m)).round())
+
+
+def _squared_edt_torch(mask: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+    """:func:`squared_distance_transform` with torch operations of fixed sizes (no host synchronisation).
+
+    Separable and exact: the distance along each row by running maxima/minima of the False pixels' columns,
+    then ``D(i, j) = min_k g(k, j)^2 + (i - k)^2`` over the rows, in chunks of columns: ``H^2 W`` work, cheap
+    on a GPU at the image sizes of pose refinement but far slower than SciPy's linear-time transform on a
+    CPU (hence SciPy there).
+    """
+    H, W = mask.shape
+    opts = dict(dtype=torch.float64, device=mask.device)
+    cols = torch.arange(W, **opts)
+    free = ~mask
+    last = torch.where(free, cols, torch.full_like(cols, -math.inf)).cummax(dim=1).values
+    following = torch.where(free, cols, torch.full_like(cols, math.inf)).flip(1).cummin(dim=1).values.flip(1)
+    g2 = torch.minimum(cols - last, following - cols).square()  # inf in rows without a False pixel
+    rows = torch.arange(H, **opts)
+    row_d2 = (rows[:, None] - rows[None, :]).square()  # (H, H)
+    out = torch.empty(H, W, **opts)
+    step = max(1, chunk_elements // max(H * H, 1))
+    for c0 in range(0, W, step):
+        out[:, c0:c0 + step] = (g2[None, :, c0:c0 + step] + row_d2[:, :, None]).amin(dim=1)
+    return out
+
+
+def _signed_distance_bins(mask: Tensor) -> Tensor:
+    """(H, W) int64: the signed distance of :func:`signed_distance` (``0.5 - sqrt(n)`` inside, ``sqrt(n) - 0.5``
+    outside, n >= 1 the squared distance to the nearest pixel of the other side) as a bin index that
+    increases with it: ``N - n`` inside, ``N - 1 + n`` outside, ``N = (H - 1)^2 + (W - 1)^2 + 1`` (so
+    indices lie in ``[1, 2N - 2]``). A mask without an edge gives clamped, meaningless bins."""
+    H, W = mask.shape
+    N = (H - 1) ** 2 + (W - 1) ** 2 + 1
+    n_in = squared_distance_transform(mask)
+    n_out = squared_distance_transform(~mask)
+    n = torch.where(mask, n_in, n_out).nan_to_num(posinf=N - 1).clamp(1, N - 1).round().long()
+    return torch.where(mask, N - n, N - 1 + n)
+
+
+def _bin_levels(n_bins: int, N: int, like: Tensor) -> Tensor:
+    """The signed distance (float64) each bin of :func:`_signed_distance_bins` stands for."""
+    b = torch.arange(n_bins, dtype=torch.float64, device=like.device)
+    return torch.where(b < N, 0.5 - (N - b).clamp_min(0).sqrt(), (b - N + 1).clamp_min(0).sqrt() - 0.5)
+
+
 def matched_mask(rendered: RenderOutput, target: PoseTarget) -> Tensor:
     """The target mask drawn with the render's own edge profile: ``(1, H, W)``, no gradient.
 
@@ -481,23 +552,43 @@ def matched_mask(rendered: RenderOutput, target: PoseTarget) -> Tensor:
     prefers a pose that shrinks the object (a few percent of the distance at SoftRas's sigma), and rotates
     it to match the shrunken shape. Instead, the profile ``alpha(s)`` as a function of the signed distance
     ``s`` to the render's hard silhouette (``pix_to_face >= 0``) is measured on the current render (the mean
-    alpha at each distance) and applied to the target's signed distance map, so at the true pose the two
-    agree whatever sigma, mesh density or resolution. Falls back to the raw mask when nothing is rendered.
+    alpha at each distance) and applied to the target's signed distance map (linear interpolation between
+    the distances the render has, the end values beyond), so at the true pose the two agree whatever sigma,
+    mesh density or resolution. Falls back to the raw mask when nothing is rendered (or everything is).
+
+    Runs on the render's device with fixed-size tensor operations (no host synchronisation; on a GPU no
+    SciPy either): the signed distances are exact square roots of integers, so they are binned by their
+    squared value.
     """
     mask = target._require_mask("the silhouette losses")
-    cov = (rendered.pix_to_face[0] >= 0).cpu().numpy()
-    if not cov.any() or cov.all() or rendered.alpha.shape[0] != 1:
+    target_bins = target._edge_bins
+    if rendered.alpha.shape[0] != 1 or target_bins is None:
         return mask[None]
-    s_r = np.round(signed_distance(cov), 3)
-    alpha = rendered.alpha[0].detach().cpu().double().numpy()
-    levels, inverse = np.unique(s_r, return_inverse=True)
-    profile = np.bincount(inverse.ravel(), weights=alpha.ravel()) / np.bincount(inverse.ravel())
-    s_t = target.signed_distance
-    if not np.isfinite(s_t).any():
-        return mask[None]
-    # np.interp holds the end values beyond the measured range: ~0 far outside, ~1 deep inside.
-    soft = np.interp(s_t, levels, profile)
-    return torch.from_numpy(soft).to(mask)[None]
+    with torch.no_grad():
+        cov = rendered.pix_to_face[0] >= 0
+        H, W = cov.shape
+        N = (H - 1) ** 2 + (W - 1) ** 2 + 1
+        n_bins = 2 * N
+        bins = _signed_distance_bins(cov).reshape(-1)
+        alpha = rendered.alpha[0].detach().to(torch.float64).reshape(-1)
+        total = torch.zeros(n_bins, dtype=torch.float64, device=alpha.device).index_add_(0, bins, alpha)
+        count = torch.zeros_like(total).index_add_(0, bins, torch.ones_like(alpha))
+        present = count > 0
+        profile = total / count.clamp_min(1)
+        levels = _bin_levels(n_bins, N, total)
+        # Fill the bins the render does not have: linear between the nearest present ones, constant beyond.
+        idx = torch.arange(n_bins, device=total.device)
+        below = torch.where(present, idx, torch.full_like(idx, -1)).cummax(0).values
+        above = torch.where(present, idx, torch.full_like(idx, n_bins)).flip(0).cummin(0).values.flip(0)
+        has_below, has_above = below >= 0, above < n_bins
+        lo = torch.where(has_below, below, above).clamp(0, n_bins - 1)
+        hi = torch.where(has_above, above, below).clamp(0, n_bins - 1)
+        span = levels[hi] - levels[lo]
+        w = torch.where(span > 0, (levels - levels[lo]) / span.clamp_min(1e-300), torch.zeros_like(span))
+        filled = profile[lo] + w * (profile[hi] - profile[lo])
+        soft = filled[target_bins.reshape(-1)].reshape(H, W)
+        edged = cov.any() & ~cov.all()
+        return torch.where(edged, soft.to(mask.dtype), mask)[None]
 
 
 def silhouette_iou_loss(rendered: RenderOutput, target: PoseTarget, camera: Cameras | None = None, *,
@@ -1229,6 +1320,28 @@ def _reprojection_step(fld: DisplacementField, mesh: Mesh, rendered: RenderOutpu
     return float(d.square().sum(-1).mean().sqrt())
 
 
+def _sgd_step_direction(g: Tensor, finite: Tensor, lr: float, steepest: bool) -> Tensor:
+    """The gradient ``g (n,)`` an SGD step of ``lr`` takes, without host synchronisation: for ``steepest``
+    of unit length (a step of lr pixels); then at most MAX_STEP_PX / lr long (a trust region: Gauss-Newton
+    steps along directions the image barely constrains are large and leave the range where the linear model
+    holds); zero unless ``finite`` (a 0-dim bool tensor)."""
+    if steepest:
+        norm = g.norm()
+        g = torch.where(norm > 0, g / norm.clamp_min(torch.finfo(g.dtype).tiny), g)
+    step = g.norm() * lr
+    g = g * torch.where(step > MAX_STEP_PX, MAX_STEP_PX / step.clamp_min(MAX_STEP_PX), torch.ones_like(step))
+    return torch.where(finite, g, torch.zeros_like(g))
+
+
+def _to_floats(values: list) -> list[float]:
+    """Python floats of a list of floats and 0-dim tensors, with one device-to-host copy."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    read = iter(torch.stack([v.detach().to(torch.float64).reshape(()) for v in tensors]).cpu().tolist())
+    return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
+
+
 def refine_pose(mesh: Mesh, target, camera: Cameras, init_pose: Pose | None = None, *,
                 loss="silhouette_iou", settings: PoseSettings | None = None, lights: Lights | None = None,
                 outputs: Sequence[str] | None = None, callback: Callable[[PoseStep], None] | None = None
@@ -1304,7 +1417,7 @@ def refine_pose(mesh: Mesh, target, camera: Cameras, init_pose: Pose | None = No
                               settings.refine_principal_point)
 
     total = sum(s.iters for s in settings.stages)
-    skipped = [0]
+    skipped: list = []   # one entry per skipped step (a bool tensor, or 1)
     correspondences = isinstance(objective, DisplacementField) and objective.conversion == "reprojection"
     optimizer = settings.optimizer
     if optimizer == "auto":
@@ -1314,6 +1427,7 @@ def refine_pose(mesh: Mesh, target, camera: Cameras, init_pose: Pose | None = No
         """Optimise ``params`` through ``stages``; returns the last loss."""
         last = float("nan")
         it_global = offset
+        stage_values: list = []   # this stage's losses (tensors) or field values (floats)
         for si, stage in stages:
             size = _stage_size(stage, cam.image_size)
             tgt = target_at(size)
@@ -1338,17 +1452,17 @@ def refine_pose(mesh: Mesh, target, camera: Cameras, init_pose: Pose | None = No
                 lights_obj = _lights_in_object(lights, render_cam.R[0]) if lights is not None else None
                 rendered = render_mesh(static, render_cam, lights_obj, raster, shading=settings.shading,
                                        outputs=outputs)
+                # No host synchronisation in a step (for a loss; fields read their own values): the loss
+                # stays a tensor until the stage is over, and a non-finite step is skipped on the device.
                 if kind == "loss":
                     value = objective(rendered, tgt, render_cam.detach())
                     if not isinstance(value, Tensor) or value.numel() != 1:
                         raise ValueError("loss: the loss function must return a scalar tensor, got "
                                          f"{value if not isinstance(value, Tensor) else tuple(value.shape)}")
                     value = value.reshape(())
-                    if not bool(torch.isfinite(value)):
-                        raise FloatingPointError(f"loss became {float(value)} at stage {si}, step {it}")
                     if value.requires_grad:
                         value.backward()
-                    last = float(value.detach())
+                    last = value.detach()
                 elif isinstance(objective, DisplacementField) and objective.conversion == "reprojection":
                     last = _reprojection_step(objective, static, rendered, tgt, render_cam)
                 else:
@@ -1356,31 +1470,37 @@ def refine_pose(mesh: Mesh, target, camera: Cameras, init_pose: Pose | None = No
                     if any(m.requires_grad for m in maps):
                         torch.autograd.backward(maps, grads)
                     last = rms
-                grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params.parameters())
-                if grads_ok:
-                    if optimizer != "adam" and params.phi.grad is not None:
+                finite = torch.isfinite(torch.as_tensor(last, device=params.phi.device)).all()
+                if params.phi.grad is not None:
+                    finite = finite & torch.isfinite(params.phi.grad).all()
+                if optimizer == "adam":
+                    # Adam's moments would move the pose even on a zeroed gradient: decide on the host.
+                    if bool(finite):
+                        opt.step()
+                    else:  # e.g. a degenerate render; skip the step rather than poison the pose
+                        skipped.append(1)
+                else:
+                    if params.phi.grad is not None:
                         g = params.phi.grad
-                        lr_now = opt.param_groups[0]["lr"]
-                        norm = float(g.norm())
-                        if optimizer == "steepest" and norm > 0:
-                            g.mul_(1.0 / norm)  # a step of lr pixels
-                        # Trust region: at most MAX_STEP_PX pixels (RMS over the points) per step. Gauss-Newton
-                        # steps along directions the image barely constrains are large and leave the range
-                        # where the linear model holds.
-                        step = float(g.norm()) * lr_now
-                        if step > MAX_STEP_PX:
-                            g.mul_(MAX_STEP_PX / step)
-                    opt.step()
-                else:  # e.g. a degenerate render; skip the step rather than poison the pose
-                    skipped[0] += 1
-                history.append(last)
+                        g.copy_(_sgd_step_direction(g, finite, opt.param_groups[0]["lr"], optimizer == "steepest"))
+                    opt.step()   # plain SGD: a zero gradient leaves the pose exactly as it was
+                    skipped.append(~finite)
+                stage_values.append(last)
                 history_stage.append(si)
-                if callback is not None:
+                if callback is not None:   # (a callback reads the loss every step: one sync each)
                     with torch.no_grad():
                         R, t = params.object_to_camera()
-                    callback(PoseStep(start_idx, si, it_global, total, last,
+                    callback(PoseStep(start_idx, si, it_global, total, float(last),
                                       extr.inverse().compose(Pose(R.detach(), t.detach(), validate=False))))
                 it_global += 1
+            values = _to_floats(stage_values)
+            stage_values.clear()
+            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+            if kind == "loss" and bad is not None:
+                raise FloatingPointError(f"loss became {values[bad]} at stage {si}, step {bad}")
+            history.extend(values)
+            if values:
+                last = values[-1]
         params.bake()
         return last
 
@@ -1415,7 +1535,7 @@ def refine_pose(mesh: Mesh, target, camera: Cameras, init_pose: Pose | None = No
                       history_stage=history_stage, start=k_best, start_losses=start_losses,
                       overlay=draw_overlay(background, sil), overlay_init=draw_overlay(background, sil0),
                       silhouette=sil, seconds=time.perf_counter() - t_start,
-                      extra={"skipped_steps": skipped[0]})
+                      extra={"skipped_steps": int(sum(_to_floats(skipped)))})
 
 
 @torch.no_grad()

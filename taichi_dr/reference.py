@@ -34,6 +34,7 @@ from .raster.settings import RasterSettings
 __all__ = ["soft_rasterize_reference"]
 
 _DEGENERATE_AREA2 = 1e-8  # |signed pixel area x 2| below this: the face is skipped (design.md, step 1)
+_SLIVER = 1e-4  # ... and below this x its longest edge squared: a sliver, height < 1e-4 x longest edge
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,13 @@ def _setup_faces(face_verts: torch.Tensor, params: _Params) -> dict[str, torch.T
     with torch.no_grad():
         a, b, c = xy[:, :, 0], xy[:, :, 1], xy[:, :, 2]
         area2 = (b - a)[..., 0] * (c - a)[..., 1] - (b - a)[..., 1] * (c - a)[..., 0]
-        valid = (area2.abs() >= _DEGENERATE_AREA2) & (z >= params.near).all(dim=-1)
+        # The sliver test on edges scaled to ~1 (squares of huge coordinates would overflow).
+        e1, e2 = b - a, c - a
+        scale = torch.maximum(e1.abs().amax(-1), e2.abs().amax(-1)).clamp_min(1e-30)[..., None]
+        u1, u2 = e1 / scale, e2 / scale
+        longest2 = torch.stack([u1, u2, u2 - u1], -2).square().sum(-1).amax(-1)
+        sliver = (u1[..., 0] * u2[..., 1] - u1[..., 1] * u2[..., 0]).abs() < _SLIVER * longest2
+        valid = (area2.abs() >= _DEGENERATE_AREA2) & ~sliver & (z >= params.near).all(dim=-1)
         if params.cull:
             valid &= area2 <= 0  # front faces have negative signed pixel area (y points down)
     # Safe values: a skipped face's pairs are masked out later, and computing them on this triangle keeps

@@ -1,7 +1,8 @@
 """Mesh renderer: mesh + cameras + lights -> images, by composing the small pieces.
 
-    world verts --cameras--> camera space --shade (torch)--> per-corner values --clip_near--> projected
-    corners --soft_rasterize (Taichi)--> alpha, image channels --split--> rgb / depth / normals
+    world verts --cameras--> camera space --shade (torch)--> per-corner values --clip_near (near plane,
+    guard band)--> projected corners --soft_rasterize (Taichi)--> alpha, image channels --split--> rgb / depth /
+    normals
 
 Everything before the rasterizer is torch, so gradients reach vertices, colours, textures, cameras and
 lights; the rasterizer's own backward is hand-written.
@@ -10,19 +11,27 @@ lights; the rasterizer's own backward is hand-written.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 
 from . import bridge
 from .camera import Cameras
-from .mesh import Mesh, face_normals, vertex_normals
-from .raster.clip import clip_near
+from .mesh import Mesh, check_render_inputs, face_normals, vertex_normals
+from .raster.clip import clip_near, guard_planes
 from .raster.settings import RasterSettings
 from .raster.soft import soft_rasterize
 from .shading import Lights, shade
 
 OUTPUTS = ("rgb", "depth", "normals")
+RASTER_FIELDS = ", ".join(f.name for f in dataclasses.fields(RasterSettings))
+# Faces are clipped this much (relatively) in front of the near plane. The rasterizer drops a pixel whose
+# interpolated depth is below `near`, and along a cut edge that depth is `near` itself in exact arithmetic:
+# rounding would drop or keep each pixel there at random (float32 and float64 disagreeing by a whole soft
+# edge, alpha 0.5). 1e-5 is far above float32's rounding of the depth (~1e-7) and moves the plane by
+# 1e-6 units at near = 0.1.
+NEAR_CLIP_SLACK = 1e-5
 
 
 @dataclass
@@ -58,8 +67,17 @@ def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
     (lighting at vertices, interpolated) or "flat" (per face, as SoftRas). outputs: any of "rgb", "depth",
     "normals"; alpha and pix_to_face are always computed. Returns a RenderOutput with (B, H, W, ...) maps.
     """
-    settings = settings or RasterSettings()
-    outputs = tuple(outputs)
+    if settings is None:
+        settings = RasterSettings()
+    elif isinstance(settings, dict):
+        try:
+            settings = RasterSettings(**settings)
+        except TypeError as e:
+            raise TypeError(f"settings: {e} (RasterSettings takes {RASTER_FIELDS})") from None
+    elif not isinstance(settings, RasterSettings):
+        raise TypeError(f"settings: expected a taichi_dr.RasterSettings (or a dict of its fields), got "
+                        f"{type(settings).__name__}")
+    outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)  # "rgb" is one output, not r, g, b
     unknown = set(outputs) - set(OUTPUTS)
     if unknown:
         raise ValueError(f"outputs: unknown {sorted(unknown)}; choose from {OUTPUTS}")
@@ -73,7 +91,13 @@ def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
         raise ValueError(f"mesh.verts: batch {verts.shape[0]} does not match {B} cameras")
     if verts.dtype != cameras.dtype:
         raise TypeError(f"mesh.verts is {verts.dtype} but the cameras are {cameras.dtype}")
-    bridge.check_tensor("mesh.verts", verts, None, finite=True)
+    bridge.check_tensor("mesh.verts", verts, None)
+    finite = {"mesh.verts": verts}
+    if lights is not None:
+        lights.validate(finite=False)
+        finite.update({f"Lights.{k}": getattr(lights, k) for k in ("ambient", "directions", "colors", "specular")})
+    bridge.check_finite(finite)  # one host read for all of them
+    check_render_inputs(mesh)  # face indices in range, colours finite (cached per tensor: no per-step sync)
     world = _per_view(verts if verts.dim() == 3 else verts[None], B)  # (B, V, 3)
     cam = cameras.world_to_camera(world)  # (B, V, 3)
 
@@ -94,7 +118,6 @@ def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
         albedo = None if textured else _albedo(mesh, B, world)
         diffuse = specular = None
         if lights is not None:
-            lights.validate()
             points_c = _corner_gather(world, faces)
             eyes = cameras.camera_centers()
             Bf = points_c.shape[:2]
@@ -127,8 +150,12 @@ def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
         if face_shading is not None:
             attr_chans.append(face_shading)
     if bool((cam[..., 2] < settings.near).any()):
-        # Some vertex is nearer than the near plane: clip per face corner, then project the corners.
-        corners, face_index = clip_near(torch.cat([_corner_gather(cam, faces), *attr_chans], -1), settings.near)
+        # Some vertex is nearer than the near plane: clip per face corner (at the near plane, then the cut
+        # faces' pieces at the guard band, see raster/clip.py), then project the corners.
+        margin = guard_margin(settings, cameras.image_size)
+        corners, face_index = clip_near(torch.cat([_corner_gather(cam, faces), *attr_chans], -1),
+                                        settings.near * (1 + NEAR_CLIP_SLACK),
+                                        guard_planes(cameras.K, cameras.image_size, margin))
         face_verts = _project(corners[..., :3], cameras.K[:, None, None], settings.near)
         corner_attrs = corners[..., 3:]
     else:
@@ -136,6 +163,13 @@ def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
         face_verts = _corner_gather(_project(cam, cameras.K[:, None], settings.near), faces)
         corner_attrs = torch.cat(attr_chans, -1) if attr_chans else None
         face_index = None
+    if settings.cull_backfaces:
+        # A mirrored camera (fx < 0, e.g. SoftRas's look_at) reverses the screen-space winding; swapping two
+        # corners of its faces keeps the rasterizer's "front faces have negative signed area" test right.
+        swap = cameras.mirrored[:, None, None, None]
+        face_verts = torch.where(swap, face_verts[:, :, [0, 2, 1]], face_verts)
+        if corner_attrs is not None:
+            corner_attrs = torch.where(swap, corner_attrs[:, :, [0, 2, 1]], corner_attrs)
     face_verts = face_verts.contiguous()
     attrs = corner_attrs[..., :n_plain].contiguous() if n_plain > 0 else None
     texture = face_uvs = shading_c = None
@@ -171,6 +205,18 @@ def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
         tex_rgb = image[..., offset:offset + 3]
         out.rgb = tex_rgb if out.rgb is None else out.rgb + tex_rgb
     return out
+
+
+def guard_margin(settings: RasterSettings, image_size: tuple[int, int]) -> float:
+    """Pixels the guard band extends beyond each image border (see raster/clip.py).
+
+    Clipped corners stay within a few image sizes of the image (float32 edge functions keep ~1e-3 px there),
+    yet the band's edges are farther from every pixel than the coverage cut-off radius, and far enough that a
+    pixel deep inside a face, whose nearest edge may become a band edge, has a coverage within exp(-88) of 1
+    either way.
+    """
+    sigma_px = settings.sigma_px(image_size)
+    return 4.0 * max(image_size) + max(math.sqrt(settings.cutoff_d2_px(image_size)), math.sqrt(88.0 * sigma_px)) + 2.0
 
 
 def _project(xyz: torch.Tensor, K: torch.Tensor, near: float) -> torch.Tensor:

@@ -4,12 +4,22 @@ Taichi can be initialised once per process; everything in taichi_dr calls :func:
 launching a kernel, so the first kernel call initialises with the user's choice (``init(arch=...)`` or the
 ``TAICHI_DR_ARCH`` environment variable) and nothing happens at import time.
 
-Kernels are not thread-safe: launch them from the main thread only.
+Threads. Taichi's kernel launches are not thread-safe, and its LLVM backends (cpu, cuda) compile the
+program's struct module only on the thread that initialised them. Yet torch runs ``backward`` on its own
+autograd thread on CUDA, and users train in worker threads. So:
+
+* :func:`init` materialises the program (a no-op kernel) on the initialising thread, under the lock, after
+  which kernels may be compiled and launched from any thread;
+* every kernel launch holds :func:`kernel_lock`, one process-wide re-entrant lock: launch kernels through
+  :mod:`taichi_dr.bridge` (which takes it around a ``KernelOp``'s forward and backward) or decorate them with
+  :func:`locked`. Concurrent callers are serialised, never interleaved inside Taichi.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 from pathlib import Path
 
 import taichi as ti
@@ -17,6 +27,33 @@ import torch
 
 _ARCH_NAMES = ("auto", "cpu", "cuda", "vulkan")
 _state: dict = {"arch": None}
+# Re-entrant: a KernelOp's forward holds it while launching kernels that are themselves `locked`.
+_kernel_lock = threading.RLock()
+
+
+def kernel_lock() -> threading.RLock:
+    """The process-wide lock every Taichi kernel launch (and initialisation) holds: ``with kernel_lock():``."""
+    return _kernel_lock
+
+
+def locked(fn):
+    """Decorate a kernel (or a function that launches kernels) so that every call holds :func:`kernel_lock`.
+
+    Put it above ``@ti.kernel``; the kernel's attributes (e.g. ``.grad``) are kept.
+    """
+
+    @functools.wraps(fn)
+    def launch(*args, **kwargs):
+        with _kernel_lock:
+            return fn(*args, **kwargs)
+
+    return launch
+
+
+@ti.kernel
+def _materialize_program():
+    """Empty: its first launch builds the program's (empty) struct module on the calling thread."""
+    pass
 
 
 def _cuda_usable() -> bool:
@@ -83,6 +120,11 @@ def init(arch: str | None = None, *, debug: bool = False, offline_cache: bool = 
     Taichi's kernels run on (import taichi_dr first, or set OMP_WAIT_POLICY=PASSIVE, to keep torch's
     threads).
     """
+    with _kernel_lock:   # two threads must not both initialise
+        return _init_locked(arch, debug, offline_cache, torch_threads)
+
+
+def _init_locked(arch: str | None, debug: bool, offline_cache: bool, torch_threads: int | None) -> str:
     requested = (arch or os.environ.get("TAICHI_DR_ARCH") or "auto").strip().lower()
     if requested not in _ARCH_NAMES:
         raise ValueError(f"taichi_dr.init: arch must be one of {_ARCH_NAMES}, got {requested!r} "
@@ -102,6 +144,10 @@ def init(arch: str | None = None, *, debug: bool = False, offline_cache: bool = 
         candidates = [requested]
     for name in candidates:
         if _try_init(name, **kwargs):
+            # Taichi's LLVM backends build the struct module on first use and assert that this happens on
+            # the thread that called ti.init: do it now, or a first kernel launched from another thread
+            # (torch's autograd thread on CUDA) would fail.
+            _materialize_program()
             _state["arch"] = name
             _tame_torch_threads(name, torch_threads)
             return name
@@ -128,4 +174,5 @@ def device() -> torch.device:
 def sync() -> None:
     """Wait for queued kernels (for timing)."""
     if _state["arch"] is not None:
-        ti.sync()
+        with _kernel_lock:
+            ti.sync()

@@ -39,11 +39,13 @@ class Lights:
                       colors=torch.full((1, 3), 0.5, **opts),
                       specular=torch.full((3,), float(specular), **opts))
 
-    def validate(self) -> Lights:
-        check_tensor("Lights.ambient", self.ambient, (3,), finite=True)
-        check_tensor("Lights.directions", self.directions, (None, 3), finite=True)
-        check_tensor("Lights.colors", self.colors, (self.directions.shape[0], 3), finite=True)
-        check_tensor("Lights.specular", self.specular, (3,), finite=True)
+    def validate(self, finite: bool = True) -> Lights:
+        """Check shapes (and, with ``finite``, scan for NaN/Inf: one host read per tensor; the renderer
+        passes ``finite=False`` and folds the scan into its single input check)."""
+        check_tensor("Lights.ambient", self.ambient, (3,), finite=finite)
+        check_tensor("Lights.directions", self.directions, (None, 3), finite=finite)
+        check_tensor("Lights.colors", self.colors, (self.directions.shape[0], 3), finite=finite)
+        check_tensor("Lights.specular", self.specular, (3,), finite=finite)
         if not self.shininess > 0:
             raise ValueError(f"Lights.shininess: expected > 0, got {self.shininess}")
         return self

@@ -27,9 +27,10 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args], env=env)
 
 
-def assert_clean_error(result, *needles: str):
-    """Non-zero exit, exactly one ``Error: ...`` line on stderr naming the problem, no traceback."""
-    assert result.exit_code != 0, result.output
+def assert_clean_error(result, *needles: str, absent: tuple[str, ...] = (), exit_code: int | None = None):
+    """Non-zero exit (``exit_code`` if given), exactly one ``Error: ...`` line on stderr containing every
+    needle (case-insensitive) and none of ``absent``, no traceback. Returns that line."""
+    assert result.exit_code != 0 if exit_code is None else result.exit_code == exit_code, result.output
     assert result.exit_code != 130
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
@@ -37,6 +38,9 @@ def assert_clean_error(result, *needles: str):
     assert len(errors) == 1, result.stderr
     for needle in needles:
         assert needle.lower() in errors[0].lower(), (needle, errors[0])
+    for word in absent:
+        assert word not in errors[0], (word, errors[0])
+    return errors[0]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -34,10 +34,13 @@ def random_rotations(n, seed=0, dtype=f64):
     return torch.from_numpy(SciRot.random(n, random_state=seed).as_matrix()).to(dtype)
 
 
-def random_cameras(n=3, seed=0, dtype=f64, image_size=(24, 32)):
+def random_cameras(n=3, seed=0, dtype=f64, image_size=(24, 32), mirrored=False):
+    """Random cameras; ``mirrored``: every other one has fx < 0 (a left-right mirrored image)."""
     g = torch.Generator().manual_seed(seed)
     K = torch.zeros(n, 3, 3, dtype=dtype)
     K[:, 0, 0] = 30 + 20 * torch.rand(n, generator=g, dtype=dtype)
+    if mirrored:
+        K[::2, 0, 0] *= -1
     K[:, 1, 1] = 30 + 20 * torch.rand(n, generator=g, dtype=dtype)
     K[:, 0, 1] = torch.rand(n, generator=g, dtype=dtype) - 0.5  # skew
     K[:, 0, 2] = 16 + torch.rand(n, generator=g, dtype=dtype)
@@ -83,8 +86,10 @@ def test_camera_centers():
     torch.testing.assert_close(cams.world_to_camera(C[:, None])[:, 0], torch.zeros(4, 3, dtype=f64))
 
 
-def test_pixel_rays_pass_through_points():
-    cams = random_cameras(3)
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_pixel_rays_pass_through_points(mirrored):
+    cams = random_cameras(3, mirrored=mirrored)
+    assert cams.mirrored.tolist() == ([True, False, True] if mirrored else [False] * 3)
     g = torch.Generator().manual_seed(1)
     pts = cams.camera_centers()[:, None] + torch.randn(3, 5, 3, generator=g, dtype=f64)
     uvz = cams.project(pts)
@@ -96,8 +101,9 @@ def test_pixel_rays_pass_through_points():
     assert ((s > 0) == (uvz[..., 2] > 0)).all()
 
 
-def test_image_rays_reproject_onto_their_pixel():
-    cams = random_cameras(2, image_size=(5, 7))
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_image_rays_reproject_onto_their_pixel(mirrored):
+    cams = random_cameras(2, image_size=(5, 7), mirrored=mirrored)
     o, d = cams.image_rays()
     assert o.shape == d.shape == (2, 5, 7, 3)
     pts = (o + 2.5 * d).reshape(2, -1, 3)
@@ -163,11 +169,15 @@ def test_look_at():
         Cameras.look_at((0.0, 0.0, 0.0))
 
 
-def test_from_spherical_softras_convention():
+@pytest.mark.parametrize("convention", ["softras", "opencv"])
+def test_from_spherical_conventions(convention):
+    """Both conventions: SoftRas's eye, world up up in the image, the origin at the image centre. "opencv" is
+    the proper look_at camera; "softras" (the default) the same camera with its image mirrored left-right
+    (fx < 0), which is what SoftRas renders (pixel-level agreement: tests/test_softras_camera.py)."""
     dist = torch.tensor([2.732, 3.0, 2.0, 4.0], dtype=f64)
     elev = torch.tensor([30.0, -15.0, 0.0, 89.0], dtype=f64)
     azim = torch.tensor([0.0, 45.0, 200.0, -90.0], dtype=f64)
-    cams = Cameras.from_spherical(dist, elev, azim, fov=30, image_size=(32, 48))
+    cams = Cameras.from_spherical(dist, elev, azim, fov=30, image_size=(32, 48), convention=convention)
     e, a = torch.deg2rad(elev), torch.deg2rad(azim)
     eye = dist[:, None] * torch.stack([e.cos() * a.sin(), e.sin(), -e.cos() * a.cos()], -1)
     torch.testing.assert_close(cams.camera_centers(), eye)
@@ -175,14 +185,35 @@ def test_from_spherical_softras_convention():
     centre = torch.stack([torch.full_like(dist, 24), torch.full_like(dist, 16), dist], -1)
     torch.testing.assert_close(p[:, 0], centre)
     assert (p[:, 1, 1] < p[:, 0, 1]).all()
-    # same cameras as look_at with world y up (which is what SoftRas does)
+    assert is_rotation(cams.R, atol=1e-10)
+    assert cams.mirrored.tolist() == [convention == "softras"] * 4
+    # the rotation is look_at's with world y up; only K's fx sign differs between the conventions
     ref = Cameras.look_at(eye, fov=30, image_size=(32, 48))
     torch.testing.assert_close(cams.R, ref.R)
-    torch.testing.assert_close(cams.K, ref.K)
+    torch.testing.assert_close(cams.t, ref.t)
+    K = ref.K.clone()
+    if convention == "softras":
+        K[:, 0, 0] *= -1
+    torch.testing.assert_close(cams.K, K)
+    # so any point lands on the column mirrored about W/2, same row and depth
+    g = torch.Generator().manual_seed(0)
+    pts = 0.5 * torch.randn(6, 3, generator=g, dtype=f64)
+    mine, proper = cams.project(pts), ref.project(pts)
+    if convention == "softras":
+        proper = proper * torch.tensor([-1.0, 1, 1], dtype=f64) + torch.tensor([48.0, 0, 0], dtype=f64)
+    torch.testing.assert_close(mine, proper)
     # scalars broadcast; straight above is still a valid camera
-    top = Cameras.from_spherical(2.0, 90.0, [0.0, 90.0], 30, (8, 8))
+    top = Cameras.from_spherical(2.0, 90.0, [0.0, 90.0], 30, (8, 8), convention=convention)
     assert len(top) == 2 and is_rotation(top.R)
     torch.testing.assert_close(top.camera_centers(), torch.tensor([[0.0, 2, 0]] * 2), atol=1e-6, rtol=0)
+
+
+def test_from_spherical_default_and_bad_convention():
+    default = Cameras.from_spherical(3.0, 20.0, 40.0)
+    softras = Cameras.from_spherical(3.0, 20.0, 40.0, convention="softras")
+    assert torch.equal(default.K, softras.K) and bool(default.mirrored.all())
+    with pytest.raises(ValueError, match=r"convention must be one of \('softras', 'opencv'\), got 'OpenGL'"):
+        Cameras.from_spherical(3.0, 20.0, 40.0, convention="OpenGL")
 
 
 def test_from_spherical_gradients():
@@ -251,7 +282,9 @@ def test_unbatched_and_broadcast_inputs():
     (dict(t=torch.tensor([0.0, float("nan"), 0])), "NaN"),
     (dict(t=torch.zeros(4)), r"t: expected shape \(3\)"),
     (dict(R=torch.eye(3).expand(2, 3, 3), t=torch.zeros(3, 3)), "batch sizes"),
-    (dict(K=torch.tensor([[-10.0, 0, 4], [0, 10, 4], [0, 0, 1]])), "fx"),
+    (dict(K=torch.tensor([[10.0, 0, 4], [0, -10, 4], [0, 0, 1]])), "fy > 0"),  # mirrors are spelled fx < 0
+    (dict(K=torch.tensor([[-10.0, 0, 4], [0, -10, 4], [0, 0, 1]])), "fy > 0"),
+    (dict(K=torch.tensor([[0.0, 0, 4], [0, 10, 4], [0, 0, 1]])), "fx != 0"),
     (dict(image_size=(8, 0)), "image_size"),
 ])
 def test_validation_errors(kwargs, match):
@@ -376,7 +409,7 @@ def test_is_rotation():
 @pytest.mark.parametrize("rotation", ["axis_angle", "6d"])
 @pytest.mark.parametrize("shared_focal", [True, False])
 def test_camera_parameters(rotation, shared_focal):
-    cams = random_cameras(3)
+    cams = random_cameras(3, mirrored=shared_focal)  # mirrored cameras learn the same way
     params = CameraParameters(cams, rotation=rotation, learn_focal=True, shared_focal=shared_focal)
     init = params()
     for k in "KRt":
@@ -418,17 +451,23 @@ def test_camera_parameters_updates():
 
 def test_load_spherical_npy_and_csv(tmp_path):
     rows = np.array([[2.732, 30.0, 0.0], [2.732, 30.0, 15.0], [3.0, -10.0, 270.0]])
-    ref = Cameras.from_spherical(rows[:, 0], rows[:, 1], rows[:, 2], 30, (16, 16))
     np.save(tmp_path / "views.npy", rows)
     (tmp_path / "views.csv").write_text("distance,elevation,azimuth\n"
                                         + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
     for name in ("views.npy", "views.csv"):
-        cams = load_cameras(tmp_path / name, image_size=(16, 16), fov=30)
-        assert cams.dtype == torch.float32 and len(cams) == 3
-        torch.testing.assert_close(cams.R, ref.R.float())
-        torch.testing.assert_close(cams.t, ref.t.float())
+        for convention in (None, "softras", "opencv"):  # SoftRas's (mirrored) cameras unless told otherwise
+            ref = Cameras.from_spherical(rows[:, 0], rows[:, 1], rows[:, 2], 30, (16, 16),
+                                         convention=convention or "softras")
+            kw = {} if convention is None else dict(convention=convention)
+            cams = load_cameras(tmp_path / name, image_size=(16, 16), fov=30, **kw)
+            assert cams.dtype == torch.float32 and len(cams) == 3
+            assert cams.mirrored.tolist() == [convention != "opencv"] * 3
+            for k in "KRt":
+                torch.testing.assert_close(getattr(cams, k), getattr(ref, k).float())
         with pytest.raises(ValueError, match=rf"{name}.*fov"):
             load_cameras(tmp_path / name, image_size=(16, 16))
+        with pytest.raises(ValueError, match=r"convention must be one of .*got 'left'"):
+            load_cameras(tmp_path / name, image_size=(16, 16), fov=30, convention="left")
     np.save(tmp_path / "bad.npy", np.zeros((3, 4)))
     with pytest.raises(ValueError, match=r"bad\.npy.*\(3, 4\)"):
         load_cameras(tmp_path / "bad.npy", image_size=(16, 16), fov=30)
@@ -479,7 +518,7 @@ def test_load_idr_npz(tmp_path):
 
 
 def test_json_round_trip_and_errors(tmp_path):
-    cams = random_cameras(3, seed=9)
+    cams = random_cameras(3, seed=9, mirrored=True)  # mirrored cameras (fx < 0) round-trip too
     save_cameras_json(cams, tmp_path / "cams.json")
     got = load_cameras(tmp_path / "cams.json", dtype=f64)
     assert got.image_size == cams.image_size

@@ -29,7 +29,7 @@ def _cameras(n=4, size=(20, 24), dist=3.0):
     az = torch.linspace(0, 360, n + 1, dtype=torch.float64)[:-1]
     el = torch.tensor([20.0, -15.0] * n, dtype=torch.float64)[:n]
     d = torch.full((n,), dist, dtype=torch.float64)
-    return Cameras.from_spherical(d, el, az, fov=45, image_size=size)
+    return Cameras.from_spherical(d, el, az, fov=45, image_size=size, convention="opencv")  # IDR: proper
 
 
 def _fixture(tmp_path, n=4, scale=None):

@@ -289,6 +289,122 @@ def test_distance_transform_loss_attracts_from_far_away():
     assert float(params.phi.grad.abs().max()) < 1e-6
 
 
+@pytest.mark.parametrize("shape", [(17, 23), (40, 31), (1, 9)])
+def test_squared_distance_transform_matches_scipy(shape):
+    """Both paths (SciPy for CPU tensors, torch for GPU tensors, run here on the CPU) against SciPy's exact
+    Euclidean distance transform, bit for bit; a mask without False pixels is inf everywhere."""
+    from scipy.ndimage import distance_transform_edt
+
+    from taichi_dr.pose import _squared_edt_torch, squared_distance_transform
+
+    g = torch.Generator().manual_seed(shape[0])
+    for density in (0.05, 0.5, 0.95):
+        m = torch.rand(shape, generator=g) < density
+        m[0, 0] = False
+        ref = distance_transform_edt(m.numpy())
+        for fn in (squared_distance_transform, _squared_edt_torch):
+            got = fn(m)
+            assert got.dtype == torch.float64 and np.array_equal(got.sqrt().numpy(), ref), (fn.__name__, density)
+    for fn in (squared_distance_transform, _squared_edt_torch):
+        assert torch.isinf(fn(torch.ones(shape, dtype=torch.bool))).all()
+        assert (fn(torch.zeros(shape, dtype=torch.bool)) == 0).all()
+
+
+def _matched_mask_reference(rendered, target) -> np.ndarray:
+    """matched_mask as first written (NumPy/SciPy on the host every step): the mean alpha at each signed
+    distance to the render's hard silhouette, interpolated at the target's signed distances. (That version
+    rounded the distances to 3 decimals, which moved its interpolation by up to 2e-4; 9 keeps them exact.)"""
+    cov = (rendered.pix_to_face[0] >= 0).numpy()
+    s_r = np.round(signed_distance(cov), 9)
+    alpha = rendered.alpha[0].double().numpy()
+    levels, inverse = np.unique(s_r, return_inverse=True)
+    profile = np.bincount(inverse.ravel(), weights=alpha.ravel()) / np.bincount(inverse.ravel())
+    return np.interp(signed_distance(target.mask.numpy() >= 0.5), levels, profile)
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_matched_mask_matches_the_host_reference(device_path, monkeypatch):
+    """The device implementation (fixed-size tensor operations; with ``device_path`` the GPU's torch distance
+    transform, run here on the CPU) gives the host reference's values, at several offsets and sigmas; an
+    empty render falls back to the raw mask."""
+    import taichi_dr.pose as pose_module
+
+    if device_path:
+        monkeypatch.setattr(pose_module, "squared_distance_transform", pose_module._squared_edt_torch)
+    mesh = _blob()
+    camera = Cameras(intrinsics_from_fov(30.0, (36, 44)), torch.eye(3), torch.zeros(3), (36, 44))
+    true = _pose(t=(0.0, 0.0, 4.0))
+    target = PoseTarget(mask=_render(mesh, camera, true, mode="hard").alpha[0], rgb=None)
+    for dt, sigma in (((0.0, 0.0, 0.0), 1e-3), ((0.15, -0.1, 0.3), 1e-4), ((-0.3, 0.2, -0.5), 3e-3)):
+        out = _render(mesh, camera, Pose(true.R, true.t + torch.tensor(dt)), sigma=sigma)
+        got = matched_mask(out, target)
+        assert got.shape == (1, 36, 44) and got.dtype == torch.float32
+        ref = _matched_mask_reference(out, target)
+        assert np.abs(got[0].double().numpy() - ref).max() < 1e-6, dt
+        assert 0.05 < float(got.mean()) < 0.95
+    empty = _render(mesh, camera, Pose(true.R, true.t + torch.tensor([50.0, 0.0, 0.0])))
+    assert not (empty.pix_to_face >= 0).any()
+    assert torch.equal(matched_mask(empty, target), target.mask[None])
+
+
+def test_distance_transform_loss_values_and_scipy_once_per_target(monkeypatch):
+    """The DT loss equals ``mean(alpha D_out + (1 - alpha) D_in)`` with SciPy's distance maps (in units of the
+    longer side), and a refinement computes the maps once per target resolution, not once per step."""
+    import scipy.ndimage
+
+    mesh = _blob()
+    size = 40
+    camera = _camera(size)
+    true = _pose(t=(0.0, 0.0, 4.0))
+    mask = _render(mesh, camera, true, mode="hard").alpha[0]
+    out = _render(mesh, camera, _pose(aa=(0.4, -0.45, 0.1), t=(0.2, 0.1, 4.3)), sigma=1e-3)
+    binary = mask.numpy() >= 0.5
+    d_out = scipy.ndimage.distance_transform_edt(~binary) / size
+    d_in = scipy.ndimage.distance_transform_edt(binary) / size
+    a = out.alpha[0].double().numpy()
+    expected = float(np.mean(a * d_out + (1 - a) * d_in))
+    assert float(distance_transform_loss(out, PoseTarget(mask=mask, rgb=None))) == pytest.approx(expected,
+                                                                                               rel=1e-6)
+
+    calls = []
+    edt = scipy.ndimage.distance_transform_edt
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return edt(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.ndimage, "distance_transform_edt", counted)
+    init = _perturbed(true, _pivot(mesh), (0.05, -0.04, 0.03), (0.05, 0.03, 0.1))
+    stages = (Stage(20, 3e-3, 3), Stage(None, 1e-3, 3), Stage(None, 1e-4, 3))   # two resolutions
+    res = refine_pose(mesh, mask, camera, init, loss="distance_transform", settings=PoseSettings(stages=stages))
+    assert len(res.history) == 9
+    assert len(calls) == 2 * 2   # (outside and inside maps) x (20 px, 40 px): not per step
+
+
+def test_non_finite_steps_are_skipped_on_the_device_and_a_non_finite_loss_raises():
+    """A finite loss with an infinite gradient: every step is skipped (the pose does not move) without
+    reading the gradient on the host; a loss that is NaN still stops the refinement with its stage/step."""
+    mesh = _blob()
+    camera = _camera(24)
+    init = _pose(t=(0.0, 0.0, 4.0))
+
+    def infinite_gradient(rendered, target, cam):
+        u = (rendered.alpha - rendered.alpha.detach()).sum()   # 0, with a gradient
+        return torch.sqrt(u.abs())                               # d sqrt / du = inf at 0
+
+    target = _render(mesh, camera, init, mode="hard").alpha[0]
+    settings = PoseSettings(stages=(Stage(None, 1e-3, 3),))
+    res = refine_pose(mesh, target, camera, init, loss=infinite_gradient, settings=settings)
+    assert res.extra["skipped_steps"] == 3 and res.history == [0.0, 0.0, 0.0]
+    assert torch.allclose(res.pose.R, init.R, atol=1e-6) and torch.allclose(res.pose.t, init.t, atol=1e-6)
+
+    def nan_loss(rendered, target, cam):
+        return rendered.alpha.mean() * float("nan")
+
+    with pytest.raises(FloatingPointError, match="stage 0, step 0"):
+        refine_pose(mesh, target, camera, init, loss=nan_loss, settings=settings)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Refinement
 

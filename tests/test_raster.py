@@ -1,16 +1,13 @@
 """The Taichi soft rasterizer against the independent dense PyTorch reference, finite differences, analytic
 shapes, and the Vulkan backend."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from vulkan_subprocess import run_on_vulkan
 
 from taichi_dr.raster import RasterSettings, bin_faces, soft_rasterize
 from taichi_dr.raster.clip import clip_near
@@ -243,16 +240,8 @@ def test_clip_near_keeps_the_front_part():
 
 
 VULKAN_SCRIPT = r"""
-import json, sys, numpy as np, torch
-sys.path.insert(0, sys.argv[1])
-import taichi_dr
 from taichi_dr.raster import RasterSettings, soft_rasterize
-sys.path.insert(0, sys.argv[1] + "/tests")
 from test_raster import random_scene
-try:
-    taichi_dr.init("vulkan")
-except RuntimeError as e:
-    print(json.dumps({"unavailable": str(e)})); sys.exit(0)
 out = {}
 for name, s in [("soft", RasterSettings(sigma=1e-2, gamma=0.05, near=1.0, far=10.0)),
                 ("hard", RasterSettings(mode="hard", near=1.0, far=10.0))]:
@@ -263,27 +252,13 @@ for name, s in [("soft", RasterSettings(sigma=1e-2, gamma=0.05, near=1.0, far=10
     loss = (alpha * torch.randn(alpha.shape, generator=g)).sum() + (image * torch.randn(image.shape, generator=g)).sum()
     loss.backward()
     out[name] = [alpha.tolist(), image.tolist(), p2f.tolist()] + [x.grad.tolist() for x in leaves]
-json.dump(out, open(sys.argv[2], "w"))
-print(json.dumps({"ok": True}))
 """
 
 
 @pytest.mark.vulkan
 def test_vulkan_matches_cpu(tmp_path):
     """Same forward and hand-written backward on Vulkan (Mesa lavapipe in CI) as on the cpu backend."""
-    script = tmp_path / "vk.py"
-    script.write_text(VULKAN_SCRIPT)
-    result_file = tmp_path / "vk.json"
-    env = dict(os.environ, TAICHI_DR_ARCH="vulkan")
-    proc = subprocess.run([sys.executable, str(script), str(ROOT), str(result_file)], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    status = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "unavailable" in status:
-        if os.environ.get("TAICHI_DR_REQUIRE_VULKAN"):
-            pytest.fail(f"Vulkan required but unavailable: {status['unavailable']}")
-        pytest.skip(f"no Vulkan driver: {status['unavailable']}")
-    vk = json.loads(result_file.read_text())
+    vk = run_on_vulkan(tmp_path, VULKAN_SCRIPT)
     for name, s in [("soft", RasterSettings(sigma=1e-2, gamma=0.05, near=1.0, far=10.0)),
                     ("hard", RasterSettings(mode="hard", near=1.0, far=10.0))]:
         fv, attrs, tex, uvs, shading, size = random_scene(dtype=torch.float32)

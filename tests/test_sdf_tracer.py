@@ -2,10 +2,12 @@
 against finite differences (float64)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from vulkan_subprocess import run_on_vulkan
 
 from taichi_dr.camera import Cameras, axis_angle_to_matrix
 from taichi_dr.networks import GeometryNetwork
@@ -19,6 +21,7 @@ from taichi_dr.sdf.tracer import (
 )
 
 F64 = torch.float64
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rays(n, dtype=F64, seed=0, eye=(0.3, 0.4, -3.0), spread=1.6):
@@ -194,8 +197,27 @@ def test_empty_and_bad_input():
         sphere_trace(lambda x: sphere_sdf(x, 0.5), o, d.float())
     with pytest.raises(ValueError, match="sdf_fn"):
         sphere_trace(lambda x: x.sum(), o, d)
+    bad = o.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="origins: contains NaN"):
+        sphere_trace(lambda x: sphere_sdf(x, 0.5), bad, d)
+    bad = d.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="dirs: contains NaN"):
+        sphere_trace(lambda x: sphere_sdf(x, 0.5), o, bad)
     with pytest.raises(ValueError, match="max_steps"):
         TracerSettings(max_steps=0)
+
+
+def test_check_finite_names_the_first_bad_tensor():
+    from taichi_dr.bridge import check_finite
+
+    ok = torch.ones(3)
+    check_finite({"a": ok, "b": None, "c": torch.arange(3)})   # None and integer tensors are skipped
+    with pytest.raises(ValueError, match="^b: contains NaN"):
+        check_finite({"a": ok, "b": torch.tensor([1.0, float("nan")]), "c": torch.tensor([float("inf")])})
+    with pytest.raises(ValueError, match="^c: contains NaN or Inf"):
+        check_finite({"a": ok, "c": torch.tensor([float("-inf")], dtype=torch.float64)})
 
 
 def test_deterministic():
@@ -309,3 +331,74 @@ def test_grazing_ray_has_finite_gradient():
     x = differentiable_intersection(lambda p: sphere_sdf(p, r), o, d, torch.tensor([2.0], dtype=F64))
     (g,) = torch.autograd.grad(x.sum(), r)
     assert math.isfinite(g.item())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vulkan (float32 only; Mesa lavapipe in CI)
+
+
+def vulkan_scenes():
+    """float32 rays and the SDFs that drive each path of the tracer: marching to convergence (exact sphere),
+    overshoot + secant (an SDF overestimating the distance by 1.6), and the jittered sampler + secant for
+    rays that cannot converge in 4 steps (a slow SDF), with minimum-SDF points for misses."""
+    o, d = _rays(500, dtype=torch.float32, seed=5)
+    return [
+        ("exact", o, d, lambda x: sphere_sdf(x, 0.5, (0.1, -0.05, 0.0)), TracerSettings(threshold=1e-5)),
+        ("overshoot", o, d, lambda x: 1.6 * sphere_sdf(x, 0.45), TracerSettings(threshold=1e-6, n_secant=12)),
+        ("sampler", o, d, lambda x: 0.1 * sphere_sdf(x, 0.45, (0.05, 0.0, 0.0)),
+         TracerSettings(max_steps=4, n_samples=128, n_secant=12, threshold=1e-7)),
+    ]
+
+
+def trace_vulkan_scenes() -> dict:
+    out = {}
+    for name, o, d, f, settings in vulkan_scenes():
+        res = sphere_trace(f, o, d, settings, generator=torch.Generator().manual_seed(1))
+        out[name] = dict(t=res.t.tolist(), hit=res.hit.tolist(), in_sphere=res.in_sphere.tolist(),
+                         steps=res.steps)
+    return out
+
+
+VULKAN_SCRIPT = r"""
+from test_sdf_tracer import trace_vulkan_scenes, _rays
+from taichi_dr.sdf.analytic import sphere_sdf
+from taichi_dr.sdf.tracer import sphere_trace
+out = {"scenes": trace_vulkan_scenes()}
+o, d = _rays(8)   # float64
+try:
+    sphere_trace(lambda x: sphere_sdf(x, 0.5), o, d)
+    out["float64"] = "accepted"
+except TypeError as e:
+    out["float64"] = str(e)
+"""
+
+
+@pytest.mark.vulkan
+def test_vulkan_matches_cpu(tmp_path):
+    """The tracer's kernels give the same hits and distances on Vulkan as on the cpu backend, and float64
+    rays are refused there with a clear message (as the rasterizer does)."""
+    vk = run_on_vulkan(tmp_path, VULKAN_SCRIPT)
+    assert "float64" in vk["float64"] and "vulkan" in vk["float64"] and "float32" in vk["float64"]
+    cpu = trace_vulkan_scenes()
+    for name, o, d, f, _ in vulkan_scenes():
+        a, b = cpu[name], vk["scenes"][name]
+        assert a["in_sphere"] == b["in_sphere"], name
+        hit_cpu, hit_vk = torch.tensor(a["hit"]), torch.tensor(b["hit"])
+        t_cpu, t_vk = torch.tensor(a["t"]), torch.tensor(b["t"])
+        # Rays that graze the surface may flip on an ulp of difference; every other ray must agree.
+        t_ref, hit_ref = (_sphere_t(o.double(), d.double(), 0.5, (0.1, -0.05, 0.0)) if name == "exact" else
+                          _sphere_t(o.double(), d.double(), 0.45, (0, 0, 0)) if name == "overshoot" else
+                          _sphere_t(o.double(), d.double(), 0.45, (0.05, 0.0, 0.0)))
+        clear = _clear_of_silhouette(lambda x, f=f: f(x.float()).double(), o.double(), d.double(), t_ref, hit_ref,
+                                     margin=0.01)
+        assert clear.sum() > 350 and hit_ref[clear].sum() > 100, name
+        assert torch.equal(hit_cpu[clear], hit_vk[clear]) and torch.equal(hit_cpu[clear], hit_ref[clear]), name
+        h = clear & hit_ref
+        assert float((t_cpu[h] - t_vk[h]).abs().max()) < 2e-5, name
+        assert float((t_vk[h].double() - t_ref[h]).abs().max()) < 1e-4, name
+        # misses: the minimum-SDF point along the ray (the sampler's jitter comes from the same generator)
+        m = clear & ~hit_ref & torch.tensor(a["in_sphere"])
+        if name == "sampler":
+            assert m.sum() > 50
+            assert float((t_cpu[m] - t_vk[m]).abs().max()) < 1e-4, name
+

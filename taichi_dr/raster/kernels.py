@@ -8,11 +8,25 @@ Array layouts (Taichi ndarrays over torch tensors; NC = NA + NT channels):
     face_verts   (B, F, 3, 3)   per corner (u, v, z): pixel coordinates and camera depth
     face_attrs   (B, F, 3, NA)  per-corner attributes
     texture      (Bt, Ht, Wt, NT) with face_uvs (Bu, F, 3, 2) and face_shading (B, F, 3, NT)
-    params       (8,)  see the slot names below; in the data's float type (f32 runs need no f64 support)
-    tile_offsets (B * T + 1,) int32: tile s of view b lists tile_faces[offsets[b*T+s] : offsets[b*T+s+1]]
+    params       (9,)  see the slot names below; in the data's float type (f32 runs need no f64 support)
+    tile_offsets (B * T + 1,) int32 or int64: tile s of view b lists
+                 tile_faces[offsets[b*T+s] : offsets[b*T+s+1]], in ascending face order
     alpha (B, H, W), image (B, H, W, NC), pix_to_face (B, H, W) int32,
-    stats (B, H, W, 3) = [m, S, z]: the softmax shift and denominator (background included), for backward,
-                   and the depth of the nearest covering face
+    stats (B, H, W, 4) = [m, S, z, T]: the softmax shift and denominator (background included), for backward,
+                   the depth of the nearest covering face, and the transmittance T = prod_j (1 - D_j) (alpha is
+                   1 - T, but 1 - alpha loses T below ~3e-8 in float32 and the backward needs T itself)
+
+Deterministic backward (see `rasterize_backward`):
+    face_rects   (B, F, 3) int32 [tx0, ty0, tiles across] of the rectangle of tiles face f is binned into, and
+    face_start   (B * F + 1,) int32: face f of view b owns rows face_start[b*F+f] : face_start[b*F+f+1] of
+    entry_grads  (N, NE), one per tile of its rectangle in row-major (= ascending tile) order: that tile's sum
+                 of the face's corner gradients (9: g_p0, g_p1, g_p2 (2,) each, g_z (3,)), then 3 * NA
+                 attribute and (if shaded) 3 * NT shading gradients, corner-major. N is the number of bin
+                 entries: every (tile, face) entry has its row. `reduce_entry_grads` sums a face's rows in order.
+    tex_fixed    (Bt, Ht, Wt, NT) int64: texture gradient in fixed point, value * params[FIXED]
+
+Numerics hold under Taichi's fast math (no infinities or NaNs assumed anywhere): every exp has a
+non-positive, clamped argument, so nothing relies on exp overflowing to infinity.
 """
 
 
@@ -24,8 +38,20 @@ nd = ti.types.ndarray()
 # `vals.append` below runs at compile time on a Python list of Taichi expressions, which is intended.
 warnings.filterwarnings("ignore", message='.*Calling non-taichi function "vals.append"')
 
-SIGMA, CUTOFF, GAMMA, EPS, NEAR, FAR, RADIUS = range(7)  # slots of `params`
-MIN_AREA2 = 1e-8  # |signed area * 2| in pixels² below which a face is degenerate and skipped
+# Slots of `params`. FIXED: the fixed-point scale of texture gradients; SKIP_BELOW: silhouette pixels whose
+# |g_alpha| * T is at most this are skipped by the backward (both set per backward call by soft.py).
+SIGMA, CUTOFF, GAMMA, EPS, NEAR, FAR, RADIUS, FIXED, SKIP_BELOW = range(9)
+# A face is degenerate, and skipped, when |signed area * 2| is below MIN_AREA2 pixels², or below SLIVER times
+# its longest edge squared: then its smallest height is under 1e-4 of its longest edge, and its barycentrics
+# (s_k / height_k) and their gradients (~ 1 / height) blow up, while float32 edge distances carry an error of
+# ~6e-8 x the pixel coordinates (6e-5 px at 1024²) that the barycentrics divide by the height. The test is
+# relative, so it holds at any image size and scale; what it drops is a line under 1e-4 of its length wide.
+MIN_AREA2 = 1e-8
+SLIVER = 1e-4
+# exp(-EXP_LIMIT) is a normal float32 (1.8e-35): exp arguments are clamped to [-EXP_LIMIT, 0], so no exp
+# underflows to a denormal (flushed or not, depending on the backend) nor overflows.
+EXP_LIMIT = 80.0
+CORNER_SLOTS = 9  # leading entry_grads columns: g_p0, g_p1, g_p2 (x, y each), g_z (3)
 
 
 @ti.func
@@ -44,12 +70,35 @@ def _corners(face_verts: ti.template(), b, f, fp: ti.template()):
 
 @ti.func
 def _face_ok(p0, p1, p2, z, near, cull: ti.template()):
-    """A face takes part if it is in front of the near plane, not degenerate, and not culled."""
-    area2 = _cross(p1 - p0, p2 - p0)
-    ok = z.min() >= near and ti.abs(area2) >= MIN_AREA2
+    """A face takes part if it is in front of the near plane, not degenerate (nor a sliver, see SLIVER), and
+    not culled."""
+    e1, e2 = p1 - p0, p2 - p0
+    area2 = _cross(e1, e2)
+    # The sliver test on edges scaled to ~1, so squaring huge projected coordinates cannot overflow.
+    scale = ti.max(ti.abs(e1).max(), ti.abs(e2).max(), 1e-30)
+    u1, u2 = e1 / scale, e2 / scale
+    longest2 = ti.max(u1.norm_sqr(), u2.norm_sqr(), (u2 - u1).norm_sqr())
+    ok = (z.min() >= near and ti.abs(area2) >= MIN_AREA2
+          and ti.abs(_cross(u1, u2)) >= SLIVER * longest2)
     if ti.static(cull):
         ok = ok and area2 < 0  # front faces have negative signed area with y pointing down
     return ok
+
+
+@ti.func
+def _exp_neg(a):
+    """exp(a) for a <= 0, with a clamped to [-EXP_LIMIT, 0]: a relative error of at most exp(-80) on what
+    it is added to, never an infinity, a NaN or a denormal (also for a = -inf from a huge / tiny ratio)."""
+    return ti.exp(ti.math.clamp(a, -EXP_LIMIT, 0.0))
+
+
+@ti.func
+def _sigmoid_pair(x):
+    """(sigmoid(x), sigmoid(-x)), from exp(-|x|) only: no overflow for any x, and 1 - D is not rounded away
+    when D is close to 1 (the transmittance is a product of such factors)."""
+    e = _exp_neg(-ti.abs(x))
+    inv = 1.0 / (1.0 + e)
+    return ti.select(x >= 0, inv, e * inv), ti.select(x >= 0, e * inv, inv)
 
 
 @ti.func
@@ -210,16 +259,40 @@ def _face_value(face_attrs: ti.template(), texture: ti.template(), face_uvs: ti.
 
 
 @ti.func
+def _add_face_grad(g_arr: ti.template(), entry_grads: ti.template(), i, b, f, k, c, slot, v,
+                   det: ti.template()):
+    """Add v to a per-corner gradient g_arr[b, f, k, c]: atomically, or (det) to entry_grads row i at column
+    `slot` (the face's row for this tile: only this tile's thread writes it, a plain add in a fixed order)."""
+    if ti.static(det):
+        entry_grads[i, slot] = entry_grads[i, slot] + v
+    else:
+        ti.atomic_add(g_arr[b, f, k, c], v)
+
+
+@ti.func
+def _add_texel_grad(g_texture: ti.template(), tex_fixed: ti.template(), fixed_scale, bt, y, x, c, v,
+                    det: ti.template()):
+    """Add v to texel (bt, y, x, c)'s gradient: a float atomic, or (det) an int64 atomic in fixed point,
+    whose sum does not depend on the order (soft.py picks fixed_scale so no sum can overflow)."""
+    if ti.static(det):
+        ti.atomic_add(tex_fixed[bt, y, x, c], ti.cast(ti.round(v * fixed_scale), ti.i64))
+    else:
+        ti.atomic_add(g_texture[bt, y, x, c], v)
+
+
+@ti.func
 def _face_value_backward(face_attrs: ti.template(), texture: ti.template(), face_uvs: ti.template(),
                          face_shading: ti.template(), g_attrs: ti.template(), g_texture: ti.template(),
-                         g_shading: ti.template(), b, f, wp, g_val, NA: ti.template(), NT: ti.template(),
-                         shaded: ti.template(), fp: ti.template()):
-    """Scatter dL/d(face value) to attributes, texture and shading; return dL/d(wp) (3,)."""
+                         g_shading: ti.template(), entry_grads: ti.template(), tex_fixed: ti.template(),
+                         fixed_scale, i, b, f, wp, g_val, NA: ti.template(), NT: ti.template(),
+                         shaded: ti.template(), det: ti.template(), fp: ti.template()):
+    """Scatter dL/d(face value) to attributes, texture and shading (atomically, or with det to bin entry i's
+    row and the fixed-point texture); return dL/d(wp) (3,)."""
     g_wp = ti.Vector.zero(fp, 3)
     for c in ti.static(range(NA)):
         for k in ti.static(range(3)):
             g_wp[k] += g_val[c] * face_attrs[b, f, k, c]
-            ti.atomic_add(g_attrs[b, f, k, c], g_val[c] * wp[k])
+            _add_face_grad(g_attrs, entry_grads, i, b, f, k, c, CORNER_SLOTS + k * NA + c, g_val[c] * wp[k], det)
     if ti.static(NT > 0):
         bu = ti.min(b, face_uvs.shape[0] - 1)
         bt = ti.min(b, texture.shape[0] - 1)
@@ -235,12 +308,13 @@ def _face_value_backward(face_attrs: ti.template(), texture: ti.template(), face
                 sh = _interp(face_shading, b, f, c, wp)
                 for k in ti.static(range(3)):
                     g_wp[k] += g_val[NA + c] * tex * face_shading[b, f, k, c]
-                    ti.atomic_add(g_shading[b, f, k, c], g_val[NA + c] * tex * wp[k])
+                    _add_face_grad(g_shading, entry_grads, i, b, f, k, c, CORNER_SLOTS + 3 * NA + k * NT + c,
+                                   g_val[NA + c] * tex * wp[k], det)
             g_tex = g_val[NA + c] * sh
-            ti.atomic_add(g_texture[bt, y0, x0, c], g_tex * (1 - fx) * (1 - fy))
-            ti.atomic_add(g_texture[bt, y0, x1, c], g_tex * fx * (1 - fy))
-            ti.atomic_add(g_texture[bt, y1, x0, c], g_tex * (1 - fx) * fy)
-            ti.atomic_add(g_texture[bt, y1, x1, c], g_tex * fx * fy)
+            _add_texel_grad(g_texture, tex_fixed, fixed_scale, bt, y0, x0, c, g_tex * (1 - fx) * (1 - fy), det)
+            _add_texel_grad(g_texture, tex_fixed, fixed_scale, bt, y0, x1, c, g_tex * fx * (1 - fy), det)
+            _add_texel_grad(g_texture, tex_fixed, fixed_scale, bt, y1, x0, c, g_tex * (1 - fx) * fy, det)
+            _add_texel_grad(g_texture, tex_fixed, fixed_scale, bt, y1, x1, c, g_tex * fx * fy, det)
             # The texture also moves under the pixel as the barycentrics change (through uv).
             dtex_du = ((1 - fy) * (t10 - t00) + fy * (t11 - t01)) * dx_du
             dtex_dv = ((1 - fx) * (t01 - t00) + fx * (t11 - t10)) * dy_dv
@@ -269,54 +343,7 @@ def _barycentric_backward(p, p0, p1, p2, z, w, wp, zp, wc, Q, g_wp, g_zp):
     return g_p0, g_p1, g_p2, g_z
 
 
-# ----------------------------------------------------------------------------------------------------
-# Binning: which faces may touch which screen tiles (bounding box grown by the coverage cut-off radius).
-
-
-@ti.func
-def _tile_range(face_verts: ti.template(), params: ti.template(), b, f, width, height, tile,
-                cull: ti.template(), fp: ti.template()):
-    """Tiles (tx0..tx1, ty0..ty1) reached by face f's window; an empty range when it takes no part."""
-    p0, p1, p2, z = _corners(face_verts, b, f, fp)
-    tx0, tx1, ty0, ty1 = 0, -1, 0, -1
-    if _face_ok(p0, p1, p2, z, params[NEAR], cull):
-        lo, hi = ti.min(p0, p1, p2), ti.max(p0, p1, p2)
-        x0, x1 = _pixel_range(lo[0], hi[0], params[RADIUS], width)
-        y0, y1 = _pixel_range(lo[1], hi[1], params[RADIUS], height)
-        if x0 <= x1 and y0 <= y1:
-            tx0, tx1, ty0, ty1 = x0 // tile, x1 // tile, y0 // tile, y1 // tile
-    return tx0, tx1, ty0, ty1
-
-
-# One thread per view walks its faces in order, with plain loads and stores: every tile then lists its faces
-# in ascending order, so the forward sums in a fixed order (deterministic, the same on every backend), and
-# no integer atomics are needed (measured: on Vulkan/lavapipe, integer atomics inside a loop with a
-# run-time bound drop all but the first two iterations).
-
-
-@ti.kernel
-def count_tiles(face_verts: nd, params: nd, counts: nd, width: ti.i32, height: ti.i32, tile: ti.i32,
-                tiles_x: ti.i32, cull: ti.template(), fp: ti.template()):
-    for b in range(face_verts.shape[0]):
-        for f in range(face_verts.shape[1]):
-            tx0, tx1, ty0, ty1 = _tile_range(face_verts, params, b, f, width, height, tile, cull, fp)
-            for ty in range(ty0, ty1 + 1):
-                for tx in range(tx0, tx1 + 1):
-                    counts[b, ty * tiles_x + tx] = counts[b, ty * tiles_x + tx] + 1
-
-
-@ti.kernel
-def fill_tiles(face_verts: nd, params: nd, offsets: nd, cursor: nd, tile_faces: nd, width: ti.i32,
-               height: ti.i32, tile: ti.i32, tiles_x: ti.i32, cull: ti.template(), fp: ti.template()):
-    for b in range(face_verts.shape[0]):
-        for f in range(face_verts.shape[1]):
-            tx0, tx1, ty0, ty1 = _tile_range(face_verts, params, b, f, width, height, tile, cull, fp)
-            for ty in range(ty0, ty1 + 1):
-                for tx in range(tx0, tx1 + 1):
-                    s = ty * tiles_x + tx
-                    c = cursor[b, s]
-                    tile_faces[offsets[b * cursor.shape[1] + s] + c] = f
-                    cursor[b, s] = c + 1
+# Binning (which faces may touch which screen tiles) lives in binning.py.
 
 
 @ti.kernel
@@ -336,8 +363,8 @@ def face_setup(face_verts: nd, params: nd, setup: nd, fp: ti.template()):
             setup[b, f, 4 + 3 * k] = n[0]
             setup[b, f, 5 + 3 * k] = n[1]
             setup[b, f, 6 + 3 * k] = -n.dot(a)
-            setup[b, f, 13 + k] = length / abs_area2
-            setup[b, f, 16 + k] = 1.0 / (length * length)
+            setup[b, f, 13 + k] = ti.min(length / abs_area2, 1e30)  # finite even for faces never binned
+            setup[b, f, 16 + k] = 1.0 / ti.max(length * length, 1e-30)
 
 
 @ti.func
@@ -374,17 +401,17 @@ def _blend(face_attrs: ti.template(), texture: ti.template(), face_uvs: ti.templ
     """Soft mode: fold face f's coverage (and value) into pixel (b, y, x)'s running state."""
     sigma, gamma, near, far = params[SIGMA], params[GAMMA], params[NEAR], params[FAR]
     xs = (d2 if inside else -d2) / sigma
-    one_minus_d = 1.0 / (1.0 + ti.exp(xs))  # sigmoid(-x); exp overflow gives exactly 0
+    D, one_minus_d = _sigmoid_pair(xs)
     alpha[b, y, x] *= one_minus_d
     if ti.static(NA + NT > 0):
         zn = (far - zp) / (far - near)
         m = stats[b, y, x, 0]
         scale = ti.cast(1.0, fp)
-        if zn > m:  # a new maximum: rescale what was summed so far (a streaming softmax)
-            scale = ti.exp((m - zn) / gamma)
+        if zn > m:  # a new maximum: rescale what was summed so far (a streaming softmax, shifted by the max)
+            scale = _exp_neg((m - zn) / gamma)
             m = zn
             stats[b, y, x, 0] = m
-        e = ti.exp((zn - m) / gamma) * (1.0 - one_minus_d)
+        e = _exp_neg((zn - m) / gamma) * D
         stats[b, y, x, 1] = stats[b, y, x, 1] * scale + e
         val = _face_value(face_attrs, texture, face_uvs, face_shading, b, f, wp, NA, NT, shaded, fp)
         for c in ti.static(range(NA + NT)):
@@ -441,6 +468,7 @@ def rasterize_forward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd,
                 if ti.static(hard):
                     f = pix_to_face[b, y, x]
                     alpha[b, y, x] = 1.0 if f >= 0 else 0.0
+                    stats[b, y, x, 3] = 1.0 - alpha[b, y, x]
                     if f >= 0:  # the nearest covering face's value
                         S, _p0, _p1, _p2, z = _load_face(setup, face_verts, b, f, fp)
                         _near, s_lines = _coverage(S, ti.Vector([x + 0.5, y + 0.5], dt=fp), radius, fp)
@@ -449,6 +477,7 @@ def rasterize_forward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd,
                         for c in ti.static(range(max(NA + NT, 1))):
                             image[b, y, x, c] = val[c]
                 else:
+                    stats[b, y, x, 3] = alpha[b, y, x]
                     alpha[b, y, x] = 1.0 - alpha[b, y, x]
                     for c in ti.static(range(max(NA + NT, 1))):
                         image[b, y, x, c] = image[b, y, x, c] / stats[b, y, x, 1]
@@ -464,11 +493,13 @@ def _pair_backward(face_verts: ti.template(), face_attrs: ti.template(), texture
                    face_uvs: ti.template(), face_shading: ti.template(), params: ti.template(),
                    alpha: ti.template(), image: ti.template(), stats: ti.template(), g_alpha: ti.template(),
                    g_image: ti.template(), g_attrs: ti.template(), g_texture: ti.template(),
-                   g_shading: ti.template(), b, y, x, f, S, p0, p1, p2, z,
+                   g_shading: ti.template(), entry_grads: ti.template(), tex_fixed: ti.template(), i,
+                   b, y, x, f, S, p0, p1, p2, z,
                    NA: ti.template(), NT: ti.template(), shaded: ti.template(), hard: ti.template(),
-                   fp: ti.template()):
-    """Gradient of pixel (b, y, x) through face f, if the pair was selected: scatters to the face's
-    attributes, texture and shading, and returns the corner gradients (g_p0, g_p1, g_p2) (2,) and g_z (3,)."""
+                   det: ti.template(), fp: ti.template()):
+    """Gradient of pixel (b, y, x) through face f (entry_grads row i with det), if the pair was selected:
+    scatters to the face's attributes, texture and shading, and returns the corner gradients (g_p0, g_p1, g_p2)
+    (2,) and g_z (3,)."""
     sigma, cutoff, gamma = params[SIGMA], params[CUTOFF], params[GAMMA]
     near, far, radius = params[NEAR], params[FAR], params[RADIUS]
     g_p0, g_p1, g_p2 = ti.Vector([0.0, 0.0], dt=fp), ti.Vector([0.0, 0.0], dt=fp), ti.Vector([0.0, 0.0], dt=fp)
@@ -487,22 +518,24 @@ def _pair_backward(face_verts: ti.template(), face_attrs: ti.template(), texture
         g_zp = ti.cast(0.0, fp)
         if ti.static(not hard):
             xs = (_sign(inside) * d2) / sigma
-            D = 1.0 / (1.0 + ti.exp(-xs))
-            g_x = g_alpha[b, y, x] * (1.0 - alpha[b, y, x]) * D  # d alpha / d x_j = (1 - alpha) * D_j
+            D, one_minus_d = _sigmoid_pair(xs)
+            g_x = g_alpha[b, y, x] * stats[b, y, x, 3] * D  # d alpha / d x_j = T * D_j
+
             if ti.static(NA + NT > 0):
                 img = ti.Vector([image[b, y, x, c] for c in ti.static(range(NA + NT))], dt=fp)
                 m, denom = stats[b, y, x, 0], stats[b, y, x, 1]
                 zn = (far - zp) / (far - near)
-                ez = ti.exp((zn - m) / gamma)
+                ez = _exp_neg((zn - m) / gamma)
                 weight = D * ez / denom
                 val = _face_value(face_attrs, texture, face_uvs, face_shading, b, f, wp, NA, NT, shaded, fp)
                 proj = g_img.dot(val - img)
-                g_x += proj * ez / denom * D * (1.0 - D)
+                g_x += proj * ez / denom * D * one_minus_d
                 g_zp = -proj * weight / gamma / (far - near)
                 g_val = g_img * weight
         if ti.static(NA + NT > 0):
             g_wp = _face_value_backward(face_attrs, texture, face_uvs, face_shading, g_attrs, g_texture,
-                                        g_shading, b, f, wp, g_val, NA, NT, shaded, fp)
+                                        g_shading, entry_grads, tex_fixed, params[FIXED], i, b, f, wp, g_val,
+                                        NA, NT, shaded, det, fp)
             g_p0, g_p1, g_p2, g_z = _barycentric_backward(p, p0, p1, p2, z, w, wp, zp, wc, Q, g_wp, g_zp)
         if ti.static(not hard):
             # d2 = |p - q|^2 with q = a + t (e - a) the closest point of the nearest edge (a, e); t is
@@ -526,19 +559,45 @@ def _pair_backward(face_verts: ti.template(), face_attrs: ti.template(), texture
     return g_p0, g_p1, g_p2, g_z
 
 
+def entry_columns(n_attrs: int, n_tex: int, shaded: bool) -> int:
+    """Columns of entry_grads: the corner gradients, then attribute and shading gradients per corner."""
+    return CORNER_SLOTS + 3 * n_attrs + (3 * n_tex if shaded else 0)
+
+
+@ti.func
+def _store_corner_grads(g_verts: ti.template(), entry_grads: ti.template(), i, b, f, g_p0, g_p1, g_p2, g_z,
+                        with_z: ti.template(), det: ti.template()):
+    """A tile's sum of face f's corner gradients: added atomically to g_verts, or (det) stored in entry_grads
+    row i (the face's row for the tile), for `reduce_entry_grads` to sum in tile order."""
+    if ti.static(det):
+        for c in ti.static(range(2)):
+            entry_grads[i, c] = g_p0[c]
+            entry_grads[i, 2 + c] = g_p1[c]
+            entry_grads[i, 4 + c] = g_p2[c]
+        for k in ti.static(range(3)):
+            entry_grads[i, 6 + k] = g_z[k]
+    else:
+        _add_corner_grads(g_verts, b, f, g_p0, g_p1, g_p2, g_z, with_z)
+
+
 @ti.kernel
 def rasterize_backward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd, face_shading: nd,
                        setup: nd, params: nd, offsets: nd, tile_faces: nd,
                        alpha: nd, image: nd, pix_to_face: nd, stats: nd, g_alpha: nd, g_image: nd,
-                       g_verts: nd, g_attrs: nd, g_texture: nd, g_shading: nd,
-                       tile: ti.i32, tiles_x: ti.i32, n_tiles: ti.i32,
+                       g_verts: nd, g_attrs: nd, g_texture: nd, g_shading: nd, entry_grads: nd, tex_fixed: nd,
+                       face_rects: nd, face_start: nd, tile: ti.i32, tiles_x: ti.i32, n_tiles: ti.i32,
                        NA: ti.template(), NT: ti.template(), shaded: ti.template(), hard: ti.template(),
-                       cull: ti.template(), fp: ti.template(), block: ti.template()):
+                       cull: ti.template(), fp: ti.template(), block: ti.template(), det: ti.template()):
+    """One thread per tile, as the forward. det=False adds every gradient to g_verts / g_attrs / g_texture /
+    g_shading with float atomics, whose order varies from run to run. det=True makes it reproducible: each bin
+    entry's sums go to the face's row for that tile (no atomics; `reduce_entry_grads` then sums a face's rows
+    in tile order) and texture gradients to tex_fixed in int64 fixed point (order-independent). In soft mode
+    both walk the bin entries alike, so every face's per-tile sums are the same whichever mode runs."""
     ti.loop_config(block_dim=block)
     for b, ty, tx in ti.ndrange(alpha.shape[0], n_tiles // tiles_x, tiles_x):
         x0, y0, x1, y1 = _tile(alpha, b, ty, tx, tile)
-        if ti.static(hard):
-            # Only the visible face's value depends on anything smooth.
+        if ti.static(hard and not det):
+            # Only the visible face's value depends on anything smooth: visit each pixel's face once.
             for y in range(y0, y1 + 1):
                 for x in range(x0, x1 + 1):
                     f = pix_to_face[b, y, x]
@@ -546,29 +605,63 @@ def rasterize_backward(face_verts: nd, face_attrs: nd, texture: nd, face_uvs: nd
                         S, p0, p1, p2, z = _load_face(setup, face_verts, b, f, fp)
                         g_p0, g_p1, g_p2, g_z = _pair_backward(
                             face_verts, face_attrs, texture, face_uvs, face_shading, params, alpha, image, stats,
-                            g_alpha, g_image, g_attrs, g_texture, g_shading, b, y, x, f, S, p0, p1, p2, z,
-                            NA, NT, shaded, hard, fp)
+                            g_alpha, g_image, g_attrs, g_texture, g_shading, entry_grads, tex_fixed, 0,
+                            b, y, x, f, S, p0, p1, p2, z, NA, NT, shaded, hard, det, fp)
                         _add_corner_grads(g_verts, b, f, g_p0, g_p1, g_p2, g_z, NA + NT > 0)
         else:
             for i in range(offsets[b * n_tiles + ty * tiles_x + tx], offsets[b * n_tiles + ty * tiles_x + tx + 1]):
                 f = tile_faces[i]
                 S, p0, p1, p2, z = _load_face(setup, face_verts, b, f, fp)
                 xa, xb, ya, yb = _tile_pixels(S, x0, y0, x1, y1)
+                row = 0  # det: the face's entry_grads row for this tile
+                if ti.static(det):
+                    row = (face_start[b * face_verts.shape[1] + f] + (ty - face_rects[b, f, 1]) * face_rects[b, f, 2]
+                           + tx - face_rects[b, f, 0])
+                    for c in ti.static(range(CORNER_SLOTS, entry_columns(NA, NT, shaded))):
+                        entry_grads[row, c] = 0.0
                 # The face's corner gradients, summed over this tile's pixels, then added once.
                 g_p0, g_p1, g_p2 = (ti.Vector([0.0, 0.0], dt=fp), ti.Vector([0.0, 0.0], dt=fp),
                                     ti.Vector([0.0, 0.0], dt=fp))
                 g_z = ti.Vector([0.0, 0.0, 0.0], dt=fp)
                 for y in range(ya, yb + 1):  # nested ranges: ndrange divides per step
                     for x in range(xa, xb + 1):
-                        if ti.static(NA + NT == 0):
-                            if alpha[b, y, x] == 1.0 or g_alpha[b, y, x] == 0:
-                                continue  # every pair's gradient g * (1 - alpha) * D is exactly zero here
+                        if ti.static(hard):
+                            if pix_to_face[b, y, x] != f:
+                                continue  # hard mode: only the pixel's visible face
+                        elif ti.static(NA + NT == 0):
+                            # Every pair's gradient here is g_alpha * T * D_j * (...): skip pixels whose g_alpha * T
+                            # is zero, or below float rounding of the image's largest (saturated interiors).
+                            if ti.abs(g_alpha[b, y, x]) * stats[b, y, x, 3] <= params[SKIP_BELOW]:
+                                continue
                         d_p0, d_p1, d_p2, d_z = _pair_backward(
                             face_verts, face_attrs, texture, face_uvs, face_shading, params, alpha, image, stats,
-                            g_alpha, g_image, g_attrs, g_texture, g_shading, b, y, x, f, S, p0, p1, p2, z,
-                            NA, NT, shaded, hard, fp)
+                            g_alpha, g_image, g_attrs, g_texture, g_shading, entry_grads, tex_fixed, row,
+                            b, y, x, f, S, p0, p1, p2, z, NA, NT, shaded, hard, det, fp)
                         g_p0 += d_p0
                         g_p1 += d_p1
                         g_p2 += d_p2
                         g_z += d_z
-                _add_corner_grads(g_verts, b, f, g_p0, g_p1, g_p2, g_z, NA + NT > 0)
+                _store_corner_grads(g_verts, entry_grads, row, b, f, g_p0, g_p1, g_p2, g_z, NA + NT > 0, det)
+
+
+@ti.kernel
+def reduce_entry_grads(face_start: nd, entry_grads: nd, g_verts: nd, g_attrs: nd, g_shading: nd,
+                       NA: ti.template(), NT: ti.template(), shaded: ti.template(), with_z: ti.template()):
+    """The deterministic backward's second step: one thread per (view, face) adds the face's entry_grads rows,
+    in ascending tile order, to g_verts (B, F, 3, 3), g_attrs (B, F, 3, NA), g_shading (B, F, 3, NT) (zeroed;
+    plain loads and stores, since no other thread writes this face's gradients). The sum depends on the
+    tiling, not on the threads' timing: bitwise reproducible for a given tile size."""
+    for b, f in ti.ndrange(g_verts.shape[0], g_verts.shape[1]):
+        bf = b * g_verts.shape[1] + f
+        for r in range(face_start[bf], face_start[bf + 1]):
+            for k in ti.static(range(3)):
+                for c in ti.static(range(2)):
+                    g_verts[b, f, k, c] = g_verts[b, f, k, c] + entry_grads[r, 2 * k + c]
+                if ti.static(with_z):
+                    g_verts[b, f, k, 2] = g_verts[b, f, k, 2] + entry_grads[r, 6 + k]
+                for c in ti.static(range(NA)):
+                    g_attrs[b, f, k, c] = g_attrs[b, f, k, c] + entry_grads[r, CORNER_SLOTS + k * NA + c]
+                if ti.static(shaded):
+                    for c in ti.static(range(NT)):
+                        g_shading[b, f, k, c] = (g_shading[b, f, k, c]
+                                                 + entry_grads[r, CORNER_SLOTS + 3 * NA + k * NT + c])

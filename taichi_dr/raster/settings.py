@@ -20,8 +20,14 @@ class RasterSettings:
     mode: "soft" (SoftRas aggregation) or "hard" (binary coverage, nearest face).
     cull_backfaces: skip faces whose outward normal points away from the camera.
     background: value of the image where no face covers (a float, or one per channel).
-    tile_size: pixels per side of a screen tile (speed only; results do not depend on it). None picks one
-        per call, see `tile_for`.
+    tile_size: pixels per side of a screen tile (speed only; forward results do not depend on it, gradients
+        only to rounding). None picks one per call, see `tile_for`.
+    deterministic: sum gradients in a fixed order, so that a backward pass is bitwise reproducible, from run
+        to run and whatever the number of threads. The tile size is part of that order: `tile_for` picks it
+        from the batch, the image size and the machine's core count, so set tile_size for the same bits on
+        machines with different core counts. None (default): on the CPU yes, on GPUs no (there the fixed
+        order costs per-tile buffers and a second pass). The forward is always deterministic. Not available
+        with a texture on Vulkan.
     """
 
     sigma: float = 1e-4
@@ -34,16 +40,20 @@ class RasterSettings:
     cull_backfaces: bool = False
     background: float | tuple[float, ...] = 0.0
     tile_size: int | None = None
+    deterministic: bool | None = None
 
     def __post_init__(self):
         checks = [
-            (self.sigma > 0, "sigma must be > 0"),
-            (self.gamma > 0, "gamma must be > 0"),
+            # Smaller ones would be float32 denormals, which fast math may flush to zero (then divide by it).
+            (self.sigma >= 1e-30, "sigma must be >= 1e-30"),
+            (self.gamma >= 1e-30, "gamma must be >= 1e-30"),
             (0 < self.dist_eps < 0.5, "dist_eps must be in (0, 0.5)"),
             (0 < self.near < self.far, "need 0 < near < far"),
             (self.mode in ("soft", "hard"), "mode must be 'soft' or 'hard'"),
             (self.tile_size is None or (isinstance(self.tile_size, int) and 2 <= self.tile_size <= 64),
              "tile_size must be None or an int in [2, 64]"),
+            (self.deterministic is None or isinstance(self.deterministic, bool),
+             "deterministic must be None, True or False"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -75,6 +85,10 @@ class RasterSettings:
             if batch * -(-H // ts) * -(-W // ts) >= 16 * threads:
                 return ts
         return 8
+
+    def deterministic_on(self, arch: str) -> bool:
+        """Whether gradients are summed in a fixed order on `arch` (see `deterministic`)."""
+        return (arch == "cpu") if self.deterministic is None else bool(self.deterministic)
 
     def background_values(self, channels: int) -> list[float]:
         bg = self.background

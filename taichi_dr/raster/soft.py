@@ -5,8 +5,6 @@ Cost follows covered pixels: each face is binned into the screen tiles its cut-o
 pixel only visits its tile's faces. Memory is O(faces + pixels).
 """
 
-from __future__ import annotations
-
 import math
 
 import taichi as ti
@@ -14,9 +12,11 @@ import torch
 
 from .. import bridge, runtime
 from . import kernels as K
+from .binning import _tile_range, bin_faces
 from .settings import RasterSettings
 
 _FP = {torch.float32: ti.f32, torch.float64: ti.f64}
+_nd = ti.types.ndarray()  # no `from __future__ import annotations` here: Taichi reads kernel annotations
 
 
 def _dummy(like: torch.Tensor) -> torch.Tensor:
@@ -28,37 +28,56 @@ def _params(settings: RasterSettings, image_size, like: torch.Tensor) -> torch.T
     cutoff = settings.cutoff_d2_px(image_size)
     hard = settings.mode == "hard"
     values = [settings.sigma_px(image_size), -1.0 if hard else cutoff, settings.gamma, settings.eps,
-              settings.near, settings.far, 0.0 if hard else math.sqrt(cutoff), 0.0]
+              settings.near, settings.far, 0.0 if hard else math.sqrt(cutoff), 0.0, 0.0]
     return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
-def bin_faces(face_verts: torch.Tensor, image_size: tuple[int, int], settings: RasterSettings,
-              params: torch.Tensor | None = None):
-    """Lists, per screen tile, the faces whose cut-off window reaches it.
+# Texture gradients of the deterministic backward are int64 sums of round(value * scale): integer addition
+# does not depend on the order. scale is a power of two (exact) chosen so that no sum can exceed
+# 2^FIXED_POINT_BITS in magnitude, leaving 2^3 of headroom below int64's range for the rounding.
+FIXED_POINT_BITS = 60
 
-    face_verts (B, F, 3, 3) -> (tile_offsets (B * T + 1,) int32, tile_faces (N,) int32, tiles_x, n_tiles,
-    tile side):
-    tile s of view b holds ``tile_faces[tile_offsets[b * T + s] : tile_offsets[b * T + s + 1]]``, in
-    ascending face order.
-    """
-    H, W = image_size
-    B = face_verts.shape[0]
-    ts = settings.tile_for(B, image_size, runtime.ensure_init())
-    tiles_x, tiles_y = -(-W // ts), -(-H // ts)
-    n_tiles = tiles_x * tiles_y
-    params = _params(settings, image_size, face_verts) if params is None else params
-    fp = _FP[face_verts.dtype]
+
+def _fixed_point_scale(g_tex_image: torch.Tensor, face_shading: torch.Tensor | None) -> torch.Tensor:
+    """Scale for the fixed-point texture gradient, computed on the device (no host synchronisation).
+
+    Each pixel's texture-channel gradient reaches the texels through softmax weights (summing to <= 1 over
+    the pixel's faces), the shading factor and bilinear weights (summing to 1), so the sum of |contributions|
+    over every texel is at most G = max|g_image[..., NA:]| * max(|shading|, or 1) * number of pixels, and
+    scale = 2^floor(FIXED_POINT_BITS - log2 G) keeps every partial sum in range. Max is exact in any order, so
+    the scale is reproducible; the quantum G / 2^60 is ~1e-18 of G (float64 epsilon is 2.2e-16)."""
+    bound = g_tex_image.detach().abs().amax().to(torch.float64) * g_tex_image[..., 0].numel()
+    if face_shading is not None:
+        bound = bound * face_shading.detach().abs().amax().to(torch.float64)
+    exponent = torch.floor(FIXED_POINT_BITS - torch.log2(bound)).clamp(-120.0, 120.0)  # log2(0) = -inf: 120
+    return torch.exp2(exponent).to(g_tex_image.dtype)
+
+
+@ti.kernel
+def face_tile_rects(face_verts: _nd, params: _nd, face_rects: _nd, face_tiles: _nd, width: ti.i32,
+                    height: ti.i32, tile: ti.i32, cull: ti.template(), fp: ti.template()):
+    """face_rects (B, F, 3) int32 [tx0, ty0, tiles across] and face_tiles (B, F) int32, the tile count, of the
+    rectangle of tiles each face is binned into: binning's own `_tile_range`, so the deterministic backward's
+    rows (kernels.py) are exactly the bin entries."""
+    for b, f in ti.ndrange(face_verts.shape[0], face_verts.shape[1]):
+        tx0, tx1, ty0, ty1 = _tile_range(face_verts, params, b, f, width, height, tile, cull, fp)
+        face_rects[b, f, 0], face_rects[b, f, 1], face_rects[b, f, 2] = tx0, ty0, tx1 - tx0 + 1
+        face_tiles[b, f] = (tx1 - tx0 + 1) * (ty1 - ty0 + 1)  # 0 for the empty range (tx1 = tx0 - 1)
+
+
+def face_rows(face_verts: torch.Tensor, params: torch.Tensor, image_size: tuple[int, int], tile: int,
+              cull: bool):
+    """(face_rects (B, F, 3) int32, face_start (B * F + 1,) int32): where each face's rows of the
+    deterministic backward's entry_grads start, in (view, face) order, one row per tile it is binned into."""
+    B, F = face_verts.shape[:2]
     dev = face_verts.device
-    counts = torch.zeros((B, n_tiles), dtype=torch.int32, device=dev)
-    K.count_tiles(face_verts, params, counts, W, H, ts, tiles_x, settings.cull_backfaces, fp)
-    offsets = torch.zeros(B * n_tiles + 1, dtype=torch.int32, device=dev)
-    torch.cumsum(counts.view(-1), 0, out=offsets[1:])
-    total = int(offsets[-1])
-    tile_faces = torch.empty(max(total, 1), dtype=torch.int32, device=dev)
-    cursor = torch.zeros((B, n_tiles), dtype=torch.int32, device=dev)
-    K.fill_tiles(face_verts, params, offsets, cursor, tile_faces, W, H, ts, tiles_x,
-                 settings.cull_backfaces, fp)
-    return offsets, tile_faces, tiles_x, n_tiles, ts
+    face_rects = torch.empty((B, F, 3), dtype=torch.int32, device=dev)
+    face_tiles = torch.empty((B, F), dtype=torch.int32, device=dev)
+    face_tile_rects(face_verts, params, face_rects, face_tiles, image_size[1], image_size[0], tile, cull,
+                    _FP[face_verts.dtype])
+    face_start = torch.zeros(B * F + 1, dtype=torch.int32, device=dev)
+    torch.cumsum(face_tiles.view(-1), 0, dtype=torch.int32, out=face_start[1:])  # <= the pair count < 2^31
+    return face_rects, face_start
 
 
 class SoftRasterizeOp(bridge.KernelOp):
@@ -88,7 +107,7 @@ class SoftRasterizeOp(bridge.KernelOp):
         alpha = torch.empty((B, H, W), **opts)
         image = torch.empty((B, H, W, max(nc, 1)), **opts)
         pix_to_face = torch.empty((B, H, W), dtype=torch.int32, device=face_verts.device)
-        stats = torch.empty((B, H, W, 3), **opts)
+        stats = torch.empty((B, H, W, 4), **opts)
         background = torch.tensor(self.settings.background_values(max(nc, 1)), **opts)
         inputs = [x if x is not None else _dummy(face_verts)
                   for x in (face_attrs, texture, face_uvs, face_shading)]
@@ -114,11 +133,35 @@ class SoftRasterizeOp(bridge.KernelOp):
         g_attrs = torch.zeros_like(face_attrs)
         g_texture = torch.zeros_like(texture)
         g_shading = torch.zeros_like(face_shading)
+        has_attrs, has_tex, has_shading = present
+        deterministic = self.settings.deterministic_on(runtime.ensure_init())
+        entry_grads = tex_fixed = _dummy(face_verts)[0, 0]
+        face_rects = face_start = torch.zeros((1, 1, 1), dtype=torch.int32, device=face_verts.device)
+        params = params.clone()
+        if self.n_attrs + self.n_tex == 0:
+            # Silhouette pixels whose alpha gradient factor g_alpha * T is below the dtype's rounding of the
+            # largest one are skipped (all pairs there; exactly zero ones always were). On device, no sync.
+            factor = (g_alpha.detach().abs() * stats[..., 3]).amax()
+            params[K.SKIP_BELOW] = factor * (torch.finfo(factor.dtype).eps / 2)
+        if deterministic:
+            columns = K.entry_columns(self.n_attrs, self.n_tex, self.shaded)
+            face_rects, face_start = face_rows(face_verts, params, self.image_size, ts, self.settings.cull_backfaces)
+            # One row per bin entry, each written by its tile's thread before it is read.
+            entry_grads = torch.empty((tile_faces.shape[0], columns), dtype=face_verts.dtype,
+                                      device=face_verts.device)
+            if has_tex:
+                tex_fixed = torch.zeros(texture.shape, dtype=torch.int64, device=texture.device)
+                params[K.FIXED] = _fixed_point_scale(g_image[..., self.n_attrs:], face_shading if self.shaded
+                                                     else None)
         K.rasterize_backward(face_verts, face_attrs, texture, face_uvs, face_shading, setup, params, offsets,
                              tile_faces, alpha, image, pix_to_face, stats, g_alpha, g_image,
-                             g_verts, g_attrs, g_texture, g_shading, ts, tiles_x, n_tiles,
-                             *self._static_args(face_verts))
-        has_attrs, has_tex, has_shading = present
+                             g_verts, g_attrs, g_texture, g_shading, entry_grads, tex_fixed, face_rects, face_start,
+                             ts, tiles_x, n_tiles, *self._static_args(face_verts), deterministic)
+        if deterministic:
+            K.reduce_entry_grads(face_start, entry_grads, g_verts, g_attrs, g_shading, self.n_attrs, self.n_tex,
+                                 self.shaded, self.n_attrs + self.n_tex > 0)
+            if has_tex:
+                g_texture = (tex_fixed.to(torch.float64) / params[K.FIXED].to(torch.float64)).to(texture.dtype)
         return (g_verts, g_attrs if has_attrs else None, g_texture if has_tex else None, None,
                 g_shading if has_shading else None)
 
@@ -179,6 +222,10 @@ def soft_rasterize(face_verts: torch.Tensor, image_size: tuple[int, int], face_a
             shaded = True
     elif face_uvs is not None or face_shading is not None:
         raise ValueError("face_uvs / face_shading: given without a texture")
+    if texture is not None and settings.deterministic and runtime.ensure_init() == "vulkan":
+        # Fixed-point texture gradients need integer atomics inside loops, which lavapipe gets wrong (measured).
+        raise ValueError("RasterSettings.deterministic: not available with a texture on the vulkan backend; "
+                         "use deterministic=None/False there, or the cpu/cuda backend")
     names = ("face_verts", "face_attrs", "texture", "face_uvs", "face_shading")
     tensors = (face_verts, face_attrs, texture, face_uvs, face_shading)
     for name, x in zip(names, tensors, strict=True):

@@ -5,8 +5,8 @@ The SDF is any torch callable ``sdf_fn(points (M, 3)) -> (M,)`` (a neural networ
 
 1. :func:`intersect_sphere`: rays enter the bounding sphere at ``t_near`` and leave it at ``t_far``.
 2. Marching (Taichi kernel ``_march_step``): ``t += f(o + t d)`` until ``|f| < threshold`` (hit),
-   ``t > t_far`` (exited) or ``max_steps``. Only the still-active rays are evaluated: the kernel appends
-   them to a compacted index list each step, so the SDF cost follows the rays that are left, not all rays
+   ``t > t_far`` (exited) or ``max_steps``. Only the still-active rays are evaluated: they are kept in a
+   compacted index list each step, so the SDF cost follows the rays that are left, not all rays
    times all steps. A step that lands inside the surface (``f < 0``, an overshoot, which happens with an
    SDF that is not an exact distance) keeps the last outside point, and the two bracket the surface.
 3. Sampler (kernel ``_sample_scan``): rays that did not converge (and, for the mask loss, rays that exited)
@@ -19,8 +19,9 @@ surface point a differentiable function of the SDF's parameters and of the rays 
 IDR's first-order formula ``x = c + v (t0 - (f(x; θ) - f(x0; θ0)) / (∇f(x0) · v0))``, exact in its first
 derivatives at the traced point.
 
-Kernels read torch tensors in place (float32 or float64 rays; the kernels compile per dtype) and run on the
-main thread.
+Kernels read torch tensors in place (float32 or float64 rays; the kernels compile per dtype; float32 only on
+Vulkan). Each launch holds the runtime's kernel lock, so tracing may run in any thread; the SDF evaluations
+between launches run outside it.
 """
 
 
@@ -104,8 +105,14 @@ class TraceResult:
 
 # ---------------------------------------------------------------------------------------------------------
 # Kernels. Arrays are torch tensors passed as ndarrays; their dtype (f32 or f64) picks the instantiation.
+# Each is `runtime.locked`: tracing may run in any thread (a training worker), and Taichi's launches are not
+# thread-safe.
+# Every array a kernel writes is written in full (per-ray results in compact arrays, scattered by torch):
+# on Vulkan, Taichi does not copy a torch tensor the kernel only writes to the device, yet copies the whole
+# device buffer back, so elements a kernel leaves alone would come back as stale device memory.
 
 
+@runtime.locked
 @ti.kernel
 def _init_rays(o: ti.types.ndarray(), d: ti.types.ndarray(), radius: float, t: ti.types.ndarray(),
                t_far: ti.types.ndarray(), t_prev: ti.types.ndarray(), status: ti.types.ndarray()):
@@ -128,91 +135,91 @@ def _init_rays(o: ti.types.ndarray(), d: ti.types.ndarray(), radius: float, t: t
         t_prev[i] = t[i]
 
 
+@runtime.locked
 @ti.kernel
-def _march_step(idx: ti.types.ndarray(), m: ti.i32, sdf: ti.types.ndarray(), t: ti.types.ndarray(),
-                t_far: ti.types.ndarray(), t_prev: ti.types.ndarray(), f_prev: ti.types.ndarray(),
-                status: ti.types.ndarray(), threshold: float, step_scale: float, first: ti.i32,
-                next_idx: ti.types.ndarray(), counter: ti.types.ndarray()):
-    for k in range(m):
+def _march_step(idx: ti.types.ndarray(), sdf: ti.types.ndarray(), t: ti.types.ndarray(),
+                t_far: ti.types.ndarray(), threshold: float, step_scale: float, first: ti.i32,
+                step_status: ti.types.ndarray(), t_next: ti.types.ndarray()):
+    """One marching step of the active rays ``idx (m,)`` with their SDF values ``sdf (m,)``: per ray its new
+    status (ACTIVE: stepped on) and parameter ``t_next (m,)``; ``t`` is not written (see the note above)."""
+    for k in range(idx.shape[0]):
         i = idx[k]
         s = sdf[k]
+        status = ACTIVE
+        tn = t[i]
         if ti.abs(s) < threshold:
-            status[i] = HIT
+            status = HIT
         elif s < 0:
             if first == 1:
-                status[i] = HIT          # the ray enters the bounding sphere inside the surface
+                status = HIT             # the ray enters the bounding sphere inside the surface
             else:
-                status[i] = BRACKETED    # overshoot: the surface lies in (t_prev, t)
+                status = BRACKETED       # overshoot: the surface lies in (t_prev, t)
         else:
-            t_prev[i] = t[i]
-            f_prev[i] = s
-            tn = t[i] + step_scale * s
-            if tn > t_far[i]:
-                status[i] = EXITED
+            step = t[i] + step_scale * s
+            if step > t_far[i]:
+                status = EXITED
             else:
-                t[i] = tn
-                j = ti.atomic_add(counter[0], 1)
-                next_idx[j] = i
+                tn = step
+        step_status[k] = status
+        t_next[k] = tn
 
 
+@runtime.locked
 @ti.kernel
-def _sample_scan(sdf: ti.types.ndarray(), ts: ti.types.ndarray(), rays: ti.types.ndarray(),
-                 t: ti.types.ndarray(), t_prev: ti.types.ndarray(), f_prev: ti.types.ndarray(),
-                 status: ti.types.ndarray()):
-    """Per sampled ray: the first sign change (+ to -) brackets the surface; else keep the min-SDF sample."""
-    for k in range(rays.shape[0]):
-        i = rays[k]
+def _sample_scan(sdf: ti.types.ndarray(), ts: ti.types.ndarray(), found: ti.types.ndarray(),
+                 t_lo: ti.types.ndarray(), f_lo: ti.types.ndarray(), t_hi: ti.types.ndarray()):
+    """Per sampled ray k (rows of ``sdf``/``ts (R, S)``): the first sign change (+ to -) brackets the surface
+    in ``(t_lo, t_hi)`` (``found = 1``); else ``found = 0`` and ``t_hi`` is the minimum-SDF sample."""
+    for k in range(sdf.shape[0]):
         n = sdf.shape[1]
-        found = 0
+        hit = 0
         best = 0
         for s in range(1, n):
-            if found == 0:
+            if hit == 0:
                 if sdf[k, s - 1] > 0 and sdf[k, s] <= 0:
-                    found = 1
-                    t_prev[i] = ts[k, s - 1]
-                    f_prev[i] = sdf[k, s - 1]
-                    t[i] = ts[k, s]
+                    hit = 1
+                    best = s
                 elif sdf[k, s] < sdf[k, best]:
                     best = s
-        if found == 1:
-            status[i] = BRACKETED
-        else:
-            status[i] = EXITED
-            t[i] = ts[k, best]
+        found[k] = hit
+        lo = ti.max(best - 1, 0)
+        t_lo[k] = ts[k, lo]
+        f_lo[k] = sdf[k, lo]
+        t_hi[k] = ts[k, best]
 
 
+@runtime.locked
 @ti.kernel
-def _secant_propose(rays: ti.types.ndarray(), t_lo: ti.types.ndarray(), f_lo: ti.types.ndarray(),
-                    t_hi: ti.types.ndarray(), f_hi: ti.types.ndarray(), t_mid: ti.types.ndarray()):
-    for k in range(rays.shape[0]):
-        i = rays[k]
-        denom = f_hi[i] - f_lo[i]
+def _secant_propose(t_lo: ti.types.ndarray(), f_lo: ti.types.ndarray(), t_hi: ti.types.ndarray(),
+                    f_hi: ti.types.ndarray(), t_mid: ti.types.ndarray()):
+    for k in range(t_lo.shape[0]):
+        denom = f_hi[k] - f_lo[k]
         w = denom * 0.0 + 0.5   # (typed like the arrays: f32 or f64)
         if ti.abs(denom) > 1e-12:
-            w = ti.min(ti.max(-f_lo[i] / denom, 0.0), 1.0)
-        t_mid[k] = t_lo[i] + w * (t_hi[i] - t_lo[i])
+            w = ti.min(ti.max(-f_lo[k] / denom, 0.0), 1.0)
+        t_mid[k] = t_lo[k] + w * (t_hi[k] - t_lo[k])
 
 
+@runtime.locked
 @ti.kernel
-def _secant_update(rays: ti.types.ndarray(), t_mid: ti.types.ndarray(), f_mid: ti.types.ndarray(),
-                   t_lo: ti.types.ndarray(), f_lo: ti.types.ndarray(), t_hi: ti.types.ndarray(),
-                   f_hi: ti.types.ndarray(), side: ti.types.ndarray()):
-    """Shrink the bracket (Illinois rule: when one end is kept twice in a row its SDF value is halved, so
+def _secant_update(t_mid: ti.types.ndarray(), f_mid: ti.types.ndarray(), t_lo: ti.types.ndarray(),
+                   f_lo: ti.types.ndarray(), t_hi: ti.types.ndarray(), f_hi: ti.types.ndarray(),
+                   side: ti.types.ndarray()):
+    """Shrink the brackets (Illinois rule: when one end is kept twice in a row its SDF value is halved, so
     plain regula falsi's one-sided, linear convergence on convex SDFs becomes superlinear)."""
-    for k in range(rays.shape[0]):
-        i = rays[k]
+    for k in range(t_mid.shape[0]):
+        lo_t, lo_f, hi_t, hi_f, last = t_lo[k], f_lo[k], t_hi[k], f_hi[k], side[k]
         if f_mid[k] > 0:
-            t_lo[i] = t_mid[k]
-            f_lo[i] = f_mid[k]
-            if side[k] == 1:
-                f_hi[i] *= 0.5
-            side[k] = 1
+            lo_t, lo_f = t_mid[k], f_mid[k]
+            if last == 1:
+                hi_f *= 0.5
+            last = 1
         else:
-            t_hi[i] = t_mid[k]
-            f_hi[i] = f_mid[k]
-            if side[k] == -1:
-                f_lo[i] *= 0.5
-            side[k] = -1
+            hi_t, hi_f = t_mid[k], f_mid[k]
+            if last == -1:
+                lo_f *= 0.5
+            last = -1
+        t_lo[k], f_lo[k], t_hi[k], f_hi[k], side[k] = lo_t, lo_f, hi_t, hi_f, last
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,10 +259,17 @@ def _evaluate(sdf_fn: SdfFn, points: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def _check_rays(origins, dirs):
-    check_tensor("origins", origins, (None, 3), dtype=(torch.float32, torch.float64), finite=True)
-    check_tensor("dirs", dirs, (origins.shape[0], 3), dtype=origins.dtype, finite=True)
-    norms = dirs.detach().norm(dim=-1)
-    if norms.numel() and not bool(((norms - 1).abs() < 1e-3).all()):
+    check_tensor("origins", origins, (None, 3), dtype=(torch.float32, torch.float64))
+    check_tensor("dirs", dirs, (origins.shape[0], 3), dtype=origins.dtype)
+    # One scan and one read on the host for all three checks (each bool() would wait for the device).
+    o, d = origins.detach(), dirs.detach()
+    finite_o, finite_d, unit = torch.stack([torch.isfinite(o).all(), torch.isfinite(d).all(),
+                                            ((d.norm(dim=-1) - 1).abs() < 1e-3).all()]).tolist()
+    if not finite_o:
+        raise ValueError("origins: contains NaN or Inf values")
+    if not finite_d:
+        raise ValueError("dirs: contains NaN or Inf values")
+    if not unit:
         raise ValueError("dirs: ray directions must have unit length")
 
 
@@ -267,14 +281,19 @@ def sphere_trace(sdf_fn: SdfFn, origins: torch.Tensor, dirs: torch.Tensor,
 
     sdf_fn: ``points (M, 3) -> (M,)`` (or ``(M, C)``, whose first column is the SDF); called without autograd
         on the rays that are still active only.
-    origins, dirs: (N, 3) float32 or float64 on the kernel device, dirs of unit length.
+    origins, dirs: (N, 3) float32 or float64 (float32 only on Vulkan) on the kernel device, dirs of unit
+        length.
     miss_min_sdf: run the sampler on rays that marched out of the bounding sphere too, so that a surface
         skipped by marching is still found and a miss reports its minimum-SDF point (what IDR's mask loss
         needs); False (rendering) reports such rays as misses at once.
     generator: if given, the sampler's positions are jittered (stratified) with it, as in training.
     """
-    runtime.ensure_init()
+    arch = runtime.ensure_init()
     _check_rays(origins, dirs)
+    if origins.dtype == torch.float64 and arch == "vulkan":
+        raise TypeError("origins: float64 is not supported on the vulkan backend (SPIR-V devices such as "
+                        "Mesa's lavapipe have no 64-bit floats); use float32 rays, or the cpu/cuda backend "
+                        "for float64")
     dtype = origins.dtype
     o = to_kernel("origins", origins)
     d = to_kernel("dirs", dirs)
@@ -294,55 +313,63 @@ def sphere_trace(sdf_fn: SdfFn, origins: torch.Tensor, dirs: torch.Tensor,
     in_sphere = status != OUTSIDE
     t_near = t.clone()
 
-    # Marching with compaction: `idx` holds the active rays, in increasing order (sorted after the
-    # kernel's atomic appends so that results never depend on thread scheduling).
+    # Marching with compaction: `idx` holds the active rays, in increasing order (a boolean selection of
+    # the previous list, so results never depend on thread scheduling).
     idx = torch.nonzero(in_sphere).flatten().to(torch.int32)
-    next_idx = torch.empty(n, dtype=torch.int32, device=dev)
-    counter = torch.zeros(1, dtype=torch.int32, device=dev)
     while idx.numel() > 0 and steps < settings.max_steps:
         il = idx.long()
         f = _evaluate(sdf_fn, o[il] + t[il, None] * d[il], settings.chunk)
         sdf_evals += idx.numel()
-        counter.zero_()
-        _march_step(idx, idx.numel(), f, t, t_far, t_prev, f_prev, status, float(settings.threshold),
-                    float(settings.step_scale), int(steps == 0), next_idx, counter)
+        step_status = torch.empty(idx.numel(), dtype=torch.int32, device=dev)
+        t_next = torch.empty(idx.numel(), dtype=dtype, device=dev)
+        _march_step(idx, f, t, t_far, float(settings.threshold), float(settings.step_scale), int(steps == 0),
+                    step_status, t_next)
         steps += 1
-        m = int(counter.item())
-        idx = torch.sort(next_idx[:m]).values
+        # Rays that were outside the surface keep that point as the outer end of a later bracket.
+        outside = (step_status == ACTIVE) | (step_status == EXITED)
+        t_prev[il[outside]] = t[il[outside]]
+        f_prev[il[outside]] = f[outside]
+        t[il] = t_next
+        status[il] = step_status
+        idx = idx[step_status == ACTIVE]
 
     # Sampler for rays that did not converge (and for exited ones, when asked).
     todo = status == ACTIVE
     if miss_min_sdf:
         todo |= status == EXITED
-    rays = torch.nonzero(todo).flatten().to(torch.int32)
+    rays = torch.nonzero(todo).flatten()
     if rays.numel() > 0:
-        rl = rays.long()
         s = settings.n_samples
         u = torch.linspace(0.0, 1.0, s, dtype=dtype, device=dev).expand(rays.numel(), s)
         if generator is not None:
             jitter = torch.rand(rays.numel(), s, generator=generator, dtype=dtype, device=generator.device)
             u = (u + (jitter.to(dev) - 0.5) / (s - 1)).clamp(0.0, 1.0)
-        ts = (t_near[rl, None] + u * (t_far[rl] - t_near[rl])[:, None]).contiguous()
-        pts = o[rl, None, :] + ts[..., None] * d[rl, None, :]
+        ts = (t_near[rays, None] + u * (t_far[rays] - t_near[rays])[:, None]).contiguous()
+        pts = o[rays, None, :] + ts[..., None] * d[rays, None, :]
         f = _evaluate(sdf_fn, pts.reshape(-1, 3), settings.chunk).reshape(-1, s).contiguous()
         sdf_evals += f.numel()
-        _sample_scan(f, ts, rays, t, t_prev, f_prev, status)
+        found = torch.empty(rays.numel(), dtype=torch.int32, device=dev)
+        t_lo, f_lo, t_hi = (torch.empty(rays.numel(), dtype=dtype, device=dev) for _ in range(3))
+        _sample_scan(f, ts, found, t_lo, f_lo, t_hi)
+        bracketed = found == 1
+        status[rays] = torch.where(bracketed, BRACKETED, EXITED).to(torch.int32)
+        t[rays] = t_hi                      # the inside end of a bracket, or a miss's minimum-SDF sample
+        t_prev[rays[bracketed]] = t_lo[bracketed]
+        f_prev[rays[bracketed]] = f_lo[bracketed]
 
     # Secant refinement of brackets: t_prev/f_prev is the outside end, t and its SDF the inside end.
-    br = torch.nonzero(status == BRACKETED).flatten().to(torch.int32)
-    if br.numel() > 0 and settings.n_secant > 0:
-        bl = br.long()
-        t_lo, f_lo, t_hi = t_prev, f_prev, t.clone()
-        f_hi = torch.zeros_like(t)
-        f_hi[bl] = _evaluate(sdf_fn, o[bl] + t_hi[bl, None] * d[bl], settings.chunk)
-        sdf_evals += br.numel()
-        t_mid = torch.empty(br.numel(), dtype=dtype, device=dev)
-        side = torch.zeros(br.numel(), dtype=torch.int32, device=dev)
+    bl = torch.nonzero(status == BRACKETED).flatten()
+    if bl.numel() > 0 and settings.n_secant > 0:
+        t_lo, f_lo, t_hi = t_prev[bl].contiguous(), f_prev[bl].contiguous(), t[bl].contiguous()
+        f_hi = _evaluate(sdf_fn, o[bl] + t_hi[:, None] * d[bl], settings.chunk)
+        sdf_evals += bl.numel()
+        t_mid = torch.empty(bl.numel(), dtype=dtype, device=dev)
+        side = torch.zeros(bl.numel(), dtype=torch.int32, device=dev)
         for _ in range(settings.n_secant):
-            _secant_propose(br, t_lo, f_lo, t_hi, f_hi, t_mid)
+            _secant_propose(t_lo, f_lo, t_hi, f_hi, t_mid)
             f_mid = _evaluate(sdf_fn, o[bl] + t_mid[:, None] * d[bl], settings.chunk)
-            sdf_evals += br.numel()
-            _secant_update(br, t_mid, f_mid, t_lo, f_lo, t_hi, f_hi, side)
+            sdf_evals += bl.numel()
+            _secant_update(t_mid, f_mid, t_lo, f_lo, t_hi, f_hi, side)
         t[bl] = t_mid
     hit = (status == HIT) | (status == BRACKETED)
     points = o + t[:, None] * d

@@ -167,14 +167,14 @@ def training_step(model: IDRModel, batch_origins: torch.Tensor, batch_dirs: torc
     other = ~surf
     zero = batch_origins.sum() * 0.0
 
-    loss_rgb, psnr = zero, float("nan")
+    loss_rgb, mse = zero, zero + math.nan
     grads = []
     if bool(surf.any()):
         x = differentiable_intersection(model.sdf, batch_origins[surf], batch_dirs[surf], trace.t[surf])
         rgb, _, g = model.shade(x, batch_dirs[surf], create_graph=True)
         grads.append(g)
         loss_rgb = rgb_loss(rgb, target_rgb[surf], n)
-        psnr = _psnr(float(((rgb.detach() - target_rgb[surf]) ** 2).mean()))
+        mse = ((rgb.detach() - target_rgb[surf]) ** 2).mean()
     loss_mask = zero
     if bool(other.any()):
         pts = batch_origins[other] + trace.t[other, None] * batch_dirs[other]
@@ -188,10 +188,14 @@ def training_step(model: IDRModel, batch_origins: torch.Tensor, batch_dirs: torc
     loss_eik = eikonal_loss(torch.cat(grads))
 
     loss = config.rgb_weight * loss_rgb + config.mask_weight * loss_mask + config.eikonal_weight * loss_eik
-    hit_iou = float((trace.hit & target_mask).sum()) / max(1, int((trace.hit | target_mask).sum()))
-    stats = dict(loss=float(loss.detach()), rgb=float(loss_rgb.detach()), mask=float(loss_mask.detach()),
-                 eikonal=float(loss_eik.detach()),
-                 psnr=psnr, iou=hit_iou, alpha=alpha, sdf_evals=trace.sdf_evals)
+    # The statistics leave the device together, in one copy (each float() would wait for it separately).
+    inter, union = (trace.hit & target_mask).sum(), (trace.hit | target_mask).sum()
+    values = torch.stack([x.detach().to(torch.float64).reshape(()) for x in
+                          (loss, loss_rgb, loss_mask, loss_eik, mse, inter, union)]).cpu().tolist()
+    loss_v, rgb_v, mask_v, eik_v, mse_v, inter_v, union_v = values
+    stats = dict(loss=loss_v, rgb=rgb_v, mask=mask_v, eikonal=eik_v,
+                 psnr=float("nan") if math.isnan(mse_v) else _psnr(mse_v), iou=inter_v / max(1.0, union_v),
+                 alpha=alpha, sdf_evals=trace.sdf_evals)
     return loss, stats
 
 
