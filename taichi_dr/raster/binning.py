@@ -58,12 +58,19 @@ def _tile_range(face_verts: ti.template(), params: ti.template(), b, f, width, h
 
 
 @ti.kernel
-def count_chunk_tiles(face_verts: nd, params: nd, counts: nd, chunk: ti.i32, width: ti.i32, height: ti.i32,
-                      tile: ti.i32, tiles_x: ti.i32, cull: ti.template(), fp: ti.template()):
-    """counts (B, K, T) int32, zeroed: counts[b, k, s] = faces of chunk k (faces k*chunk ...) reaching tile s."""
+def count_chunk_tiles(face_verts: nd, params: nd, counts: nd, face_rects: nd, face_tiles: nd, chunk: ti.i32,
+                      width: ti.i32, height: ti.i32, tile: ti.i32, tiles_x: ti.i32, cull: ti.template(),
+                      fp: ti.template(), with_rects: ti.template()):
+    """counts (B, K, T) int32, zeroed: counts[b, k, s] = faces of chunk k (faces k*chunk ...) reaching tile s.
+    with_rects: also face_rects (B, F, 3) int32 [tx0, ty0, tiles across] and face_tiles (B, F) int32, the tile
+    count, of each face's rectangle of tiles (the deterministic backward's rows, see soft.face_rows), here
+    where the ranges are computed anyway."""
     for b, k in ti.ndrange(counts.shape[0], counts.shape[1]):
         for f in range(k * chunk, ti.min((k + 1) * chunk, face_verts.shape[1])):
             tx0, tx1, ty0, ty1 = _tile_range(face_verts, params, b, f, width, height, tile, cull, fp)
+            if ti.static(with_rects):
+                face_rects[b, f, 0], face_rects[b, f, 1], face_rects[b, f, 2] = tx0, ty0, tx1 - tx0 + 1
+                face_tiles[b, f] = (tx1 - tx0 + 1) * (ty1 - ty0 + 1)  # 0 for the empty range (tx1 = tx0 - 1)
             for ty in range(ty0, ty1 + 1):
                 for tx in range(tx0, tx1 + 1):
                     s = ty * tiles_x + tx
@@ -119,12 +126,14 @@ def _allocate(make, shape, what: str, settings, image_size, n_views: int, n_face
 
 @runtime.locked
 def bin_faces(face_verts: torch.Tensor, image_size: tuple[int, int], settings: RasterSettings,
-              params: torch.Tensor | None = None):
+              params: torch.Tensor | None = None, face_rects: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Lists, per screen tile, the faces whose cut-off window reaches it.
 
     face_verts (B, F, 3, 3) -> (tile_offsets (B * T + 1,) int32, tile_faces (N,) int32, tiles_x, n_tiles,
     tile side): tile s of view b holds ``tile_faces[tile_offsets[b * T + s] : tile_offsets[b * T + s + 1]]``,
     in ascending face order. params: the rasterizer's parameter vector (built from the settings if None).
+    face_rects: optional (rects (B, F, 3), tiles (B, F)) int32 tensors the count pass fills with each face's
+    rectangle of tiles (see `count_chunk_tiles`).
     Raises ValueError when the lists would exceed MAX_PAIRS entries, or MemoryError naming the sizes when
     they cannot be allocated.
     """
@@ -147,7 +156,9 @@ def bin_faces(face_verts: torch.Tensor, image_size: tuple[int, int], settings: R
     n_chunks = -(-F // chunk)
     counts = _allocate(torch.zeros, (B, n_chunks, n_tiles), "per-chunk tile counters", settings, image_size, B, F,
                        ts, dev)
-    count_chunk_tiles(face_verts, params, counts, chunk, W, H, ts, tiles_x, settings.cull_backfaces, fp)
+    rects, rect_tiles = face_rects if face_rects is not None else (counts, counts[0])  # unread without rects
+    count_chunk_tiles(face_verts, params, counts, rects, rect_tiles, chunk, W, H, ts, tiles_x,
+                      settings.cull_backfaces, fp, face_rects is not None)
     # Each counter is at most `chunk` and each tile's sum at most F, so int32 holds them; the grand total is
     # summed in int64 and checked before any int32 offset is formed.
     per_tile = counts.sum(1, dtype=torch.int32).view(-1)

@@ -12,7 +12,7 @@ import torch
 
 from .. import bridge, runtime
 from . import kernels as K
-from .binning import _tile_range, bin_faces
+from .binning import _tile_range, bin_faces, face_chunk
 from .settings import RasterSettings
 
 _FP = {torch.float32: ti.f32, torch.float64: ti.f64}
@@ -68,16 +68,30 @@ def face_tile_rects(face_verts: _nd, params: _nd, face_rects: _nd, face_tiles: _
 def face_rows(face_verts: torch.Tensor, params: torch.Tensor, image_size: tuple[int, int], tile: int,
               cull: bool):
     """(face_rects (B, F, 3) int32, face_start (B * F + 1,) int32): where each face's rows of the
-    deterministic backward's entry_grads start, in (view, face) order, one row per tile it is binned into."""
+    deterministic backward's entry_grads start, in (view, face) order, one row per tile it is binned into.
+    A forward that expects a backward has binning's count pass write the same rectangles instead (bin_faces'
+    face_rects: no second pass over the faces); this computes them when it did not."""
     B, F = face_verts.shape[:2]
     dev = face_verts.device
     face_rects = torch.empty((B, F, 3), dtype=torch.int32, device=dev)
     face_tiles = torch.empty((B, F), dtype=torch.int32, device=dev)
     face_tile_rects(face_verts, params, face_rects, face_tiles, image_size[1], image_size[0], tile, cull,
                     _FP[face_verts.dtype])
-    face_start = torch.zeros(B * F + 1, dtype=torch.int32, device=dev)
+    return face_rects, _face_start(face_tiles)
+
+
+def _face_chunk(n_views: int, n_faces: int) -> int:
+    """Faces per thread of the per-face kernels (face_setup, reduce_entry_grads): on the CPU, binning's
+    (view, chunk) split, since a task per face cost more in scheduling than in work (measured on B1: 324k
+    faces); on a GPU one thread per face, as before."""
+    return face_chunk(n_views, n_faces, 1, "cpu") if runtime.ensure_init() == "cpu" else 1
+
+
+def _face_start(face_tiles: torch.Tensor) -> torch.Tensor:
+    """(B * F + 1,) int32 row starts from the per-face tile counts face_tiles (B, F) int32."""
+    face_start = torch.zeros(face_tiles.numel() + 1, dtype=torch.int32, device=face_tiles.device)
     torch.cumsum(face_tiles.view(-1), 0, dtype=torch.int32, out=face_start[1:])  # <= the pair count < 2^31
-    return face_rects, face_start
+    return face_start
 
 
 class SoftRasterizeOp(bridge.KernelOp):
@@ -87,10 +101,11 @@ class SoftRasterizeOp(bridge.KernelOp):
     differentiable_outputs = (0, 1)
 
     def __init__(self, image_size: tuple[int, int], settings: RasterSettings, n_attrs: int, n_tex: int,
-                 shaded: bool):
+                 shaded: bool, needs_grad: bool = True):
         self.image_size = image_size
         self.settings = settings
         self.n_attrs, self.n_tex, self.shaded = n_attrs, n_tex, shaded
+        self.needs_grad = needs_grad  # a backward may follow: the deterministic one's rows are binned too
 
     def _static_args(self, fv):
         s = self.settings
@@ -102,7 +117,12 @@ class SoftRasterizeOp(bridge.KernelOp):
         B = face_verts.shape[0]
         nc = self.n_attrs + self.n_tex
         params = _params(self.settings, self.image_size, face_verts)
-        offsets, tile_faces, tiles_x, n_tiles, ts = bin_faces(face_verts, self.image_size, self.settings, params)
+        rows = None  # the deterministic backward's face rectangles, from binning's count pass (see face_rows)
+        if self.needs_grad and self.settings.deterministic_on(runtime.ensure_init()):
+            rows = (torch.empty((B, face_verts.shape[1], 3), dtype=torch.int32, device=face_verts.device),
+                    torch.empty(face_verts.shape[:2], dtype=torch.int32, device=face_verts.device))
+        offsets, tile_faces, tiles_x, n_tiles, ts = bin_faces(face_verts, self.image_size, self.settings, params,
+                                                              rows)
         opts = dict(dtype=face_verts.dtype, device=face_verts.device)
         alpha = torch.empty((B, H, W), **opts)
         image = torch.empty((B, H, W, max(nc, 1)), **opts)
@@ -112,7 +132,7 @@ class SoftRasterizeOp(bridge.KernelOp):
         inputs = [x if x is not None else _dummy(face_verts)
                   for x in (face_attrs, texture, face_uvs, face_shading)]
         setup = torch.empty((B, face_verts.shape[1], K.SETUP), **opts)
-        K.face_setup(face_verts, params, setup, _FP[face_verts.dtype])
+        K.face_setup(face_verts, params, setup, _face_chunk(B, face_verts.shape[1]), _FP[face_verts.dtype])
         K.rasterize_forward(face_verts, *inputs, setup, params, background, offsets, tile_faces,
                             alpha, image, pix_to_face, stats, ts, tiles_x, n_tiles,
                             *self._static_args(face_verts))
@@ -120,12 +140,12 @@ class SoftRasterizeOp(bridge.KernelOp):
         # backward kernel never touches an autograd tensor.
         saved = (face_verts, inputs, setup, params, offsets, tile_faces, ts, tiles_x, n_tiles, alpha.detach(),
                  image.detach(), pix_to_face, stats,
-                 (face_attrs is not None, texture is not None, face_shading is not None))
+                 (face_attrs is not None, texture is not None, face_shading is not None), rows)
         return (alpha, image[..., :nc], pix_to_face), saved
 
     def backward(self, saved, g_alpha, g_image, _g_pix_to_face):
         (face_verts, inputs, setup, params, offsets, tile_faces, ts, tiles_x, n_tiles, alpha, image, pix_to_face,
-         stats, present) = saved
+         stats, present, rows) = saved
         face_attrs, texture, face_uvs, face_shading = inputs
         if g_image.shape[-1] == 0:
             g_image = torch.zeros_like(image)
@@ -145,7 +165,11 @@ class SoftRasterizeOp(bridge.KernelOp):
             params[K.SKIP_BELOW] = factor * (torch.finfo(factor.dtype).eps / 2)
         if deterministic:
             columns = K.entry_columns(self.n_attrs, self.n_tex, self.shaded)
-            face_rects, face_start = face_rows(face_verts, params, self.image_size, ts, self.settings.cull_backfaces)
+            if rows is not None:
+                face_rects, face_start = rows[0], _face_start(rows[1])
+            else:
+                face_rects, face_start = face_rows(face_verts, params, self.image_size, ts,
+                                                   self.settings.cull_backfaces)
             # One row per bin entry, each written by its tile's thread before it is read.
             entry_grads = torch.empty((tile_faces.shape[0], columns), dtype=face_verts.dtype,
                                       device=face_verts.device)
@@ -158,8 +182,9 @@ class SoftRasterizeOp(bridge.KernelOp):
                              g_verts, g_attrs, g_texture, g_shading, entry_grads, tex_fixed, face_rects, face_start,
                              ts, tiles_x, n_tiles, *self._static_args(face_verts), deterministic)
         if deterministic:
-            K.reduce_entry_grads(face_start, entry_grads, g_verts, g_attrs, g_shading, self.n_attrs, self.n_tex,
-                                 self.shaded, self.n_attrs + self.n_tex > 0)
+            K.reduce_entry_grads(face_start, entry_grads, g_verts, g_attrs, g_shading,
+                                 _face_chunk(*face_verts.shape[:2]), self.n_attrs, self.n_tex, self.shaded,
+                                 self.n_attrs + self.n_tex > 0)
             if has_tex:
                 g_texture = (tex_fixed.to(torch.float64) / params[K.FIXED].to(torch.float64)).to(texture.dtype)
         return (g_verts, g_attrs if has_attrs else None, g_texture if has_tex else None, None,
@@ -231,5 +256,6 @@ def soft_rasterize(face_verts: torch.Tensor, image_size: tuple[int, int], face_a
     for name, x in zip(names, tensors, strict=True):
         if x is not None:
             bridge.to_kernel(name, x)  # device check with a clear message
-    op = SoftRasterizeOp(image_size, settings, n_attrs, n_tex, shaded)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+    op = SoftRasterizeOp(image_size, settings, n_attrs, n_tex, shaded, needs_grad)
     return bridge.apply(op, *tensors)
