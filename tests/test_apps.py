@@ -285,18 +285,27 @@ def test_fit_mesh_npy_targets_and_spherical_csv_cameras(tmp_path, ellipsoid_targ
     assert after > before + 0.1, (before, after)
 
 
-def test_fit_mesh_ctrl_c_saves_checkpoint(tmp_path, ellipsoid_targets, monkeypatch):
+def interrupt_fit_after(monkeypatch, iteration: int):
+    """Make MeshFitter send itself SIGINT (what Ctrl-C delivers) after step ``iteration``; returns the real
+    ``step`` so a test can put it back."""
     from taichi_dr.fitting import MeshFitter
 
     step = MeshFitter.step
 
     def step_then_interrupt(self):
         terms = step(self)
-        if self.iteration == 4:
-            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C delivers
+        if self.iteration == iteration:
+            os.kill(os.getpid(), signal.SIGINT)
         return terms
 
     monkeypatch.setattr(MeshFitter, "step", step_then_interrupt)
+    return step
+
+
+def test_fit_mesh_ctrl_c_saves_checkpoint(tmp_path, ellipsoid_targets, monkeypatch):
+    from taichi_dr.fitting import MeshFitter
+
+    step = interrupt_fit_after(monkeypatch, 4)
     out = tmp_path / "fit"
     res = invoke("fit-mesh", "--targets", ellipsoid_targets, "--cameras", ellipsoid_targets / "cameras.json",
                  "--out", out, "--iters", 20)

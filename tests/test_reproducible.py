@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 
 import pytest
 import torch
+from test_apps import interrupt_fit_after
 from typer.testing import CliRunner
 
 from apps.main import app
@@ -91,15 +91,7 @@ def test_fit_mesh_interrupted_and_resumed(fit_inputs, tmp_path, monkeypatch):
     res = fit_mesh(fit_inputs, tmp_path / "straight", 6)
     assert res.exit_code == 0, res.output
 
-    step = MeshFitter.step
-
-    def step_then_interrupt(self):
-        terms = step(self)
-        if self.iteration == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C delivers
-        return terms
-
-    monkeypatch.setattr(MeshFitter, "step", step_then_interrupt)
+    step = interrupt_fit_after(monkeypatch, 3)
     res = fit_mesh(fit_inputs, tmp_path / "resumed", 6)
     assert res.exit_code == 130, res.output
     assert fit_state(tmp_path / "resumed")["iteration"] == 3
