@@ -321,7 +321,6 @@ class MeshFitter:
                     if learn_colors else None)
         self.cameras = cameras.detach().to(device=self.device, dtype=torch.float32)
         self.settings = settings
-        self.raster = RasterSettings(sigma=settings.sigma, gamma=settings.gamma, far=1000.0)
         groups = [{"params": [self.model.displacement, self.model.shift], "lr": settings.lr}]
         if learn_colors:
             groups.append({"params": [self.model.color_logits], "lr": settings.color_lr})
@@ -346,12 +345,14 @@ class MeshFitter:
         return render_mesh(mesh, self.cameras[views.to(self.device)], None, settings,
                            outputs=("rgb",) if rgb else ())
 
+    @property
+    def raster(self) -> RasterSettings:
+        """The soft rasterizer's settings for the current step (sigma follows ``FitSettings.sigma_at``)."""
+        return RasterSettings(sigma=self.settings.sigma_at(self.iteration), gamma=self.settings.gamma, far=1000.0)
+
     def losses(self) -> dict[str, Tensor]:
         """The loss terms on a fresh random batch of views (with autograd); ``"loss"`` is the total."""
         s = self.settings
-        sigma = s.sigma_at(self.iteration)
-        if sigma != self.raster.sigma:
-            self.raster = RasterSettings(sigma=sigma, gamma=s.gamma, far=self.raster.far)
         views = self._sample_views()
         mesh, unit = self.model()
         learn_rgb = self.rgb is not None
@@ -429,5 +430,3 @@ class MeshFitter:
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.iteration = int(state["iteration"])
-        self.raster = RasterSettings(sigma=self.settings.sigma_at(self.iteration), gamma=self.settings.gamma,
-                                     far=self.raster.far)

@@ -119,15 +119,15 @@ def test_fixed_point_texture_gradient_scales_exactly_and_survives_extremes():
 def test_deterministic_rows_are_exactly_the_bin_entries(mode):
     """The deterministic backward gives each face one row per tile binning put it in (rows and bin entries
     must agree one to one, or gradients would land in another face's rows)."""
-    from taichi_dr.raster.soft import _params, face_rows
+    from taichi_dr.raster.soft import _face_start
 
     fv, *_, size = random_scene(F=40, dtype=torch.float32)
+    B, F = fv.shape[:2]
     for cull in (False, True):
         s = RasterSettings(**MODES[mode], tile_size=4, cull_backfaces=cull)
-        params = _params(s, size, fv)
-        offsets, tile_faces, tiles_x, n_tiles, ts = bin_faces(fv, size, s, params)
-        rects, start = face_rows(fv, params, size, ts, cull)
-        B, F = fv.shape[:2]
+        rects, tiles_per_face = torch.empty((B, F, 3), dtype=torch.int32), torch.empty((B, F), dtype=torch.int32)
+        offsets, tile_faces, tiles_x, n_tiles, ts = bin_faces(fv, size, s, face_rects=(rects, tiles_per_face))
+        start = _face_start(tiles_per_face)
         total = int(offsets[-1])
         assert total > 0 and int(start[-1]) == total
         lengths = (offsets[1:] - offsets[:-1]).long()

@@ -63,7 +63,7 @@ def count_chunk_tiles(face_verts: nd, params: nd, counts: nd, face_rects: nd, fa
                       fp: ti.template(), with_rects: ti.template()):
     """counts (B, K, T) int32, zeroed: counts[b, k, s] = faces of chunk k (faces k*chunk ...) reaching tile s.
     with_rects: also face_rects (B, F, 3) int32 [tx0, ty0, tiles across] and face_tiles (B, F) int32, the tile
-    count, of each face's rectangle of tiles (the deterministic backward's rows, see soft.face_rows), here
+    count, of each face's rectangle of tiles (the deterministic backward's rows, see soft.py), here
     where the ranges are computed anyway."""
     for b, k in ti.ndrange(counts.shape[0], counts.shape[1]):
         for f in range(k * chunk, ti.min((k + 1) * chunk, face_verts.shape[1])):

@@ -41,9 +41,7 @@ def clip_near(corners: torch.Tensor, near: float, guard: torch.Tensor | None = N
     n_behind = (z < near).sum(-1)
     cut = (n_behind > 0) & (n_behind < 3)  # (B, F): faces the near plane cuts
     if not bool(cut.any()):
-        if bool((n_behind == 3).any()):
-            corners = torch.cat([corners[..., :2], _drop(n_behind == 3, z)[..., None], corners[..., 3:]], -1)
-        return corners, None
+        return _clip_plane(corners, z - near, near)  # nothing to cut: only faces wholly behind are dropped
 
     work = corners.double()  # see the module docstring: the cut points' precision
     work, face_index = _clip_plane(work, work[..., 2] - near, near)

@@ -5,6 +5,8 @@ Cost follows covered pixels: each face is binned into the screen tiles its cut-o
 pixel only visits its tile's faces. Memory is O(faces + pixels).
 """
 
+from __future__ import annotations
+
 import math
 
 import taichi as ti
@@ -12,11 +14,10 @@ import torch
 
 from .. import bridge, runtime
 from . import kernels as K
-from .binning import _tile_range, bin_faces, face_chunk
+from .binning import bin_faces, face_chunk
 from .settings import RasterSettings
 
 _FP = {torch.float32: ti.f32, torch.float64: ti.f64}
-_nd = ti.types.ndarray()  # no `from __future__ import annotations` here: Taichi reads kernel annotations
 
 
 def _dummy(like: torch.Tensor) -> torch.Tensor:
@@ -51,33 +52,6 @@ def _fixed_point_scale(g_tex_image: torch.Tensor, face_shading: torch.Tensor | N
         bound = bound * face_shading.detach().abs().amax().to(torch.float64)
     exponent = torch.floor(FIXED_POINT_BITS - torch.log2(bound)).clamp(-120.0, 120.0)  # log2(0) = -inf: 120
     return torch.exp2(exponent).to(g_tex_image.dtype)
-
-
-@ti.kernel
-def face_tile_rects(face_verts: _nd, params: _nd, face_rects: _nd, face_tiles: _nd, width: ti.i32,
-                    height: ti.i32, tile: ti.i32, cull: ti.template(), fp: ti.template()):
-    """face_rects (B, F, 3) int32 [tx0, ty0, tiles across] and face_tiles (B, F) int32, the tile count, of the
-    rectangle of tiles each face is binned into: binning's own `_tile_range`, so the deterministic backward's
-    rows (kernels.py) are exactly the bin entries."""
-    for b, f in ti.ndrange(face_verts.shape[0], face_verts.shape[1]):
-        tx0, tx1, ty0, ty1 = _tile_range(face_verts, params, b, f, width, height, tile, cull, fp)
-        face_rects[b, f, 0], face_rects[b, f, 1], face_rects[b, f, 2] = tx0, ty0, tx1 - tx0 + 1
-        face_tiles[b, f] = (tx1 - tx0 + 1) * (ty1 - ty0 + 1)  # 0 for the empty range (tx1 = tx0 - 1)
-
-
-def face_rows(face_verts: torch.Tensor, params: torch.Tensor, image_size: tuple[int, int], tile: int,
-              cull: bool):
-    """(face_rects (B, F, 3) int32, face_start (B * F + 1,) int32): where each face's rows of the
-    deterministic backward's entry_grads start, in (view, face) order, one row per tile it is binned into.
-    A forward that expects a backward has binning's count pass write the same rectangles instead (bin_faces'
-    face_rects: no second pass over the faces); this computes them when it did not."""
-    B, F = face_verts.shape[:2]
-    dev = face_verts.device
-    face_rects = torch.empty((B, F, 3), dtype=torch.int32, device=dev)
-    face_tiles = torch.empty((B, F), dtype=torch.int32, device=dev)
-    face_tile_rects(face_verts, params, face_rects, face_tiles, image_size[1], image_size[0], tile, cull,
-                    _FP[face_verts.dtype])
-    return face_rects, _face_start(face_tiles)
 
 
 def _face_chunk(n_views: int, n_faces: int) -> int:
@@ -117,7 +91,9 @@ class SoftRasterizeOp(bridge.KernelOp):
         B = face_verts.shape[0]
         nc = self.n_attrs + self.n_tex
         params = _params(self.settings, self.image_size, face_verts)
-        rows = None  # the deterministic backward's face rectangles, from binning's count pass (see face_rows)
+        # The deterministic backward's rows: one per (tile, face) bin entry, laid out face by face from the
+        # rectangles of tiles binning's count pass computes anyway (kernels.py, "Deterministic backward").
+        rows = None
         if self.needs_grad and self.settings.deterministic_on(runtime.ensure_init()):
             rows = (torch.empty((B, face_verts.shape[1], 3), dtype=torch.int32, device=face_verts.device),
                     torch.empty(face_verts.shape[:2], dtype=torch.int32, device=face_verts.device))
@@ -165,11 +141,8 @@ class SoftRasterizeOp(bridge.KernelOp):
             params[K.SKIP_BELOW] = factor * (torch.finfo(factor.dtype).eps / 2)
         if deterministic:
             columns = K.entry_columns(self.n_attrs, self.n_tex, self.shaded)
-            if rows is not None:
-                face_rects, face_start = rows[0], _face_start(rows[1])
-            else:
-                face_rects, face_start = face_rows(face_verts, params, self.image_size, ts,
-                                                   self.settings.cull_backfaces)
+            # needs_grad was true at the forward (a backward runs only if some input required grad).
+            face_rects, face_start = rows[0], _face_start(rows[1])
             # One row per bin entry, each written by its tile's thread before it is read.
             entry_grads = torch.empty((tile_faces.shape[0], columns), dtype=face_verts.dtype,
                                       device=face_verts.device)
