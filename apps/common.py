@@ -164,7 +164,7 @@ def available_memory_bytes(device: torch.device) -> int | None:
 
 def init_runtime(arch: str | None) -> str:
     """Initialise Taichi on ``arch`` (None: ``TAICHI_DR_ARCH`` or auto); returns the arch in use."""
-    from taichi_dr import runtime
+    from taichi_dr.core import runtime
 
     try:
         return runtime.init(arch)

@@ -83,10 +83,10 @@ def demo_command(
     arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan."),
 ) -> None:
     """Render the Spot cow from many views, fit an icosphere to the silhouettes, report IoU and Chamfer."""
-    from taichi_dr.camera import save_cameras_json
-    from taichi_dr.fitting import FitSettings
-    from taichi_dr.mesh import asset_path, load_mesh
-    from taichi_dr.metrics import bbox_diagonal, chamfer_distance
+    from taichi_dr.core.camera import save_cameras_json
+    from taichi_dr.core.mesh import asset_path, load_mesh
+    from taichi_dr.core.metrics import bbox_diagonal, chamfer_distance
+    from taichi_dr.pipelines.mesh_fit import FitSettings
 
     if not 2 <= views <= 1000:  # every view is held three times over in memory for the pictures
         raise CLIError(f"--views: expected 2 to 1000 views, got {views}")

@@ -1,6 +1,6 @@
 """``tdr fit-mesh``: deform a template mesh to match target silhouettes (and colours) seen by known cameras.
 
-The optimisation itself is :mod:`taichi_dr.fitting`; this module runs it as a job with files:
+The optimisation itself is :mod:`taichi_dr.pipelines.mesh_fit`; this module runs it as a job with files:
 ``mesh.obj``, ``loss_log.csv`` (one row per iteration), ``progress_XXXX.png`` (target | current render for a
 few views), ``progress.gif`` and ``checkpoint.pt`` (every ``--checkpoint-every`` iterations, at the end and
 on Ctrl-C), from which ``--resume`` continues. :func:`run_fit` is shared with ``tdr demo``.
@@ -190,8 +190,8 @@ def progress_image(fitter, views: list[int], target_rgb: torch.Tensor | None) ->
     over white: with learned colours as they are (they already hold the targets' shading), without them
     white and Lambert-shaded under the default lights, so the shape shows.
     """
-    from taichi_dr.renderer import render_mesh
-    from taichi_dr.shading import Lights
+    from taichi_dr.raster.renderer import render_mesh
+    from taichi_dr.raster.shading import Lights
 
     mesh = fitter.current_mesh()
     views_t = torch.as_tensor(views)
@@ -230,8 +230,8 @@ def run_fit(out: Path, *, silhouettes: torch.Tensor, cameras, template, settings
     identity: what a resumed run must share with the checkpoint (see ``IDENTITY_OPTIONS``).
     On Ctrl-C the checkpoint is saved, ``resume_hint`` printed and ``typer.Exit(130)`` raised.
     """
-    from taichi_dr.fitting import MeshDeformer, MeshFitter, estimate_bounding_sphere
-    from taichi_dr.mesh import save_mesh
+    from taichi_dr.core.mesh import save_mesh
+    from taichi_dr.pipelines.mesh_fit import MeshDeformer, MeshFitter, estimate_bounding_sphere
 
     console = console or stderr_console()
     ckpt_path = out / CHECKPOINT
@@ -331,8 +331,8 @@ def _imread(path: Path):
 def load_problem(targets_path: Path, cameras_path: Path, fov: float, camera_convention: str = "softras"):
     """Targets and cameras, checked against each other (count and image size). ``camera_convention`` says how
     .npy/.csv (distance, elevation, azimuth) rows become cameras (``load_cameras``'s ``convention``)."""
-    from taichi_dr.camera import load_cameras
-    from taichi_dr.targets import load_targets
+    from taichi_dr.core.camera import load_cameras
+    from taichi_dr.data.targets import load_targets
 
     with option_errors("--targets"):
         targets = load_targets(targets_path)
@@ -350,7 +350,7 @@ def load_problem(targets_path: Path, cameras_path: Path, fov: float, camera_conv
 
 def load_template(template: Path | None):
     """``(mesh, label)``: the mesh at ``template`` or ``icosphere(level=3)`` (642 vertices, like SoftRas)."""
-    from taichi_dr.mesh import icosphere, load_mesh
+    from taichi_dr.core.mesh import icosphere, load_mesh
 
     if template is None:
         return icosphere(level=3), "icosphere(level=3)"
@@ -450,7 +450,7 @@ def fit_mesh_command(
     arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan."),
 ) -> None:
     """Deform a template mesh to match target silhouettes seen by known cameras (SoftRas style)."""
-    from taichi_dr.fitting import FitSettings
+    from taichi_dr.pipelines.mesh_fit import FitSettings
 
     if resume and overwrite:
         raise CLIError("--resume and --overwrite contradict each other; pass one")
@@ -472,7 +472,7 @@ def fit_mesh_command(
     except ValueError as e:
         raise settings_error(e, "FitSettings", command_options(fit_mesh_command)) from None
 
-    from taichi_dr.camera import SPHERICAL_CONVENTIONS
+    from taichi_dr.core.camera import SPHERICAL_CONVENTIONS
 
     if camera_convention not in SPHERICAL_CONVENTIONS:
         raise CLIError(f"--camera-convention: expected one of {', '.join(SPHERICAL_CONVENTIONS)}, got "

@@ -55,7 +55,7 @@ def read_image(path: Path, mask_path: Path | None):
     """The target (a PoseTarget) from IMAGE and an optional separate mask."""
     import imageio.v3 as iio
 
-    from taichi_dr.pose import PoseTarget
+    from taichi_dr.pipelines.pose.refine import PoseTarget
 
     with option_errors("IMAGE"):
         if not path.is_file():
@@ -96,7 +96,7 @@ def read_camera(path: Path | None, fov: float | None, index: int, image_size: tu
     """One camera for an image of ``image_size`` (H, W), from a file or a field of view."""
     import torch
 
-    from taichi_dr.camera import Cameras, intrinsics_from_fov, load_cameras
+    from taichi_dr.core.camera import Cameras, intrinsics_from_fov, load_cameras
 
     if (path is None) == (fov is None):
         raise CLIError("give exactly one of --camera FILE or --fov DEGREES")
@@ -161,7 +161,7 @@ def check_initial_view(model, pose, cam, image_size: tuple[int, int], init: Path
 
 
 def parse_stages(text: str | None):
-    from taichi_dr.pose import DEFAULT_STAGES, Stage
+    from taichi_dr.pipelines.pose.refine import DEFAULT_STAGES, Stage
 
     if not text:
         return DEFAULT_STAGES
@@ -253,8 +253,8 @@ def pose_command(
     curve."""
     import torch
 
-    from taichi_dr.mesh import load_mesh
-    from taichi_dr.pose import (
+    from taichi_dr.core.mesh import load_mesh
+    from taichi_dr.pipelines.pose.refine import (
         CONVENTIONS,
         ROTATIONS,
         Pose,

@@ -49,15 +49,15 @@ def mesh_metrics(mesh, gt, n: int = 100_000, threshold: float | None = None, see
 
     ``n`` points sampled by area on each surface, nearest neighbours by KD-tree:
 
-    * chamfer: mean of the two directed mean distances (as :func:`taichi_dr.metrics.chamfer_distance`);
+    * chamfer: mean of the two directed mean distances (as :func:`taichi_dr.core.metrics.chamfer_distance`);
     * normal_consistency: mean ``|n_a . n_b|`` of the face normals at nearest-neighbour pairs, both ways;
     * fscore at ``threshold`` (default 1% of the ground truth's bounding-box diagonal): harmonic mean of
       precision (mesh points within the threshold of gt) and recall (gt points within it of mesh).
     """
     from scipy.spatial import cKDTree
 
-    from taichi_dr.mesh import import_trimesh
-    from taichi_dr.metrics import _as_trimesh
+    from taichi_dr.core.mesh import import_trimesh
+    from taichi_dr.core.metrics import _as_trimesh
 
     trimesh = import_trimesh()  # keeps a Ctrl-C during its first import (trimesh catches BaseException)
 
@@ -105,7 +105,7 @@ def _progress():
 
 
 def _load_data(data: Path, holdout_every: int, scene_radius: float):
-    from taichi_dr.data import load_dataset, split_holdout
+    from taichi_dr.data.datasets import load_dataset, split_holdout
 
     if not Path(data).exists():
         raise CLIError(f"DATA {str(data)!r} does not exist")
@@ -154,7 +154,7 @@ def read_idr_checkpoint(path: Path, option: str, *, resume: bool = False) -> dic
     Any other file (text, a corrupt or truncated save, a ``tdr fit-mesh`` checkpoint) gives a one-line
     CLIError naming ``option`` and the file, instead of an unpickling error or KeyError from deep inside.
     """
-    from taichi_dr.sdf.train import CHECKPOINT_NAME, IDRConfig
+    from taichi_dr.pipelines.idr import CHECKPOINT_NAME, IDRConfig
 
     path = Path(path)
     if path.is_dir():
@@ -214,8 +214,8 @@ def reconstruct_command(
     arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan."),
 ) -> None:
     """Reconstruct a surface from posed images and masks (IDR: neural SDF by sphere tracing)."""
-    from taichi_dr.mesh import save_mesh
-    from taichi_dr.sdf.train import (
+    from taichi_dr.core.mesh import save_mesh
+    from taichi_dr.pipelines.idr import (
         IDRConfig,
         _resize_views,
         extract_mesh,
@@ -267,7 +267,7 @@ def reconstruct_command(
     except (ValueError, TypeError) as e:
         raise settings_error(e, "IDRConfig", IDR_OPTIONS) from None
     used = init_runtime(arch)
-    from taichi_dr import runtime
+    from taichi_dr.core import runtime
 
     check_rays(rays, train, config, runtime.device())
     prepare_out_dir(out, overwrite=overwrite, resume=resume, stale=STALE)
@@ -332,7 +332,7 @@ def evaluate_command(
 ) -> None:
     """Compare a mesh with the ground truth (Chamfer, normal consistency, F-score); with --data, PSNR and
     mask IoU on held-out views."""
-    from taichi_dr.mesh import load_mesh
+    from taichi_dr.core.mesh import load_mesh
 
     if gt is None and data is None:
         raise CLIError("give --gt GT_MESH and/or --data DATASET")
@@ -363,8 +363,8 @@ def evaluate_command(
 
 
 def _score_views(mesh, test, checkpoint) -> dict:
-    from taichi_dr import runtime
-    from taichi_dr.sdf.train import image_metrics, load_model, render_views
+    from taichi_dr.core import runtime
+    from taichi_dr.pipelines.idr import image_metrics, load_model, render_views
 
     if checkpoint is not None:
         try:
@@ -376,7 +376,7 @@ def _score_views(mesh, test, checkpoint) -> dict:
         return image_metrics(rendered, test.images, test.masks)
     # Mask IoU from the mesh itself: bring it into the normalised frame and rasterise it (hard mode).
     from taichi_dr.raster import RasterSettings
-    from taichi_dr.renderer import render_mesh
+    from taichi_dr.raster.renderer import render_mesh
 
     s = test.scale_mat.to(torch.float64)
     verts = (mesh.verts.double() - s[:3, 3]) @ torch.linalg.inv(s[:3, :3]).T
@@ -406,12 +406,12 @@ def make_dataset_command(
     """Render MESH into an IDR dataset (image/, mask/, cameras.npz) plus gt_mesh.ply, in the mesh's units."""
     from dataclasses import replace
 
-    from taichi_dr.camera import Cameras
-    from taichi_dr.data import write_idr
-    from taichi_dr.mesh import load_mesh, save_mesh
+    from taichi_dr.core.camera import Cameras
+    from taichi_dr.core.mesh import load_mesh, save_mesh
+    from taichi_dr.data.datasets import write_idr
     from taichi_dr.raster import RasterSettings
-    from taichi_dr.renderer import render_mesh
-    from taichi_dr.shading import Lights
+    from taichi_dr.raster.renderer import render_mesh
+    from taichi_dr.raster.shading import Lights
 
     if views < 1 or not 16 <= size <= 4096:
         raise CLIError(f"--views must be >= 1 and --size in [16, 4096], got {views} and {size}")
@@ -445,7 +445,7 @@ def make_dataset_command(
     cams = Cameras.from_spherical(torch.full((views,), distance, dtype=torch.float64),
                                   torch.from_numpy(elevation), torch.from_numpy(azimuth), fov=fov,
                                   image_size=(size, size), convention="opencv").to(dtype=torch.float32)
-    from taichi_dr import runtime
+    from taichi_dr.core import runtime
 
     dev = runtime.device()
     settings = RasterSettings(sigma=sigma, far=1000.0)

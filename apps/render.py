@@ -64,7 +64,7 @@ def turntable_cameras(num_views: int, image_size: tuple[int, int], *, distance: 
                       fov: float, convention: str = "softras"):
     """Spherical cameras (``Cameras.from_spherical`` with ``convention``: "softras" renders what SoftRas
     renders from the same angles), azimuth ``360 * i / num_views`` degrees; elevation a float or (N,)."""
-    from taichi_dr.camera import Cameras
+    from taichi_dr.core.camera import Cameras
 
     azimuth = torch.arange(num_views, dtype=torch.float64) * (360.0 / num_views)
     elev = torch.as_tensor(elevation, dtype=torch.float64).expand(num_views)
@@ -82,8 +82,8 @@ def render_views(mesh, cameras, *, sigma: float = 1e-5, gamma: float = 1e-4, lit
     them). Renders ``batch`` views at a time to bound memory.
     """
     from taichi_dr.raster import RasterSettings
-    from taichi_dr.renderer import render_mesh
-    from taichi_dr.shading import Lights
+    from taichi_dr.raster.renderer import render_mesh
+    from taichi_dr.raster.shading import Lights
 
     dev = _device()
     mesh = mesh.to(device=dev)
@@ -100,7 +100,7 @@ def render_views(mesh, cameras, *, sigma: float = 1e-5, gamma: float = 1e-4, lit
 
 
 def _device() -> torch.device:
-    from taichi_dr import runtime
+    from taichi_dr.core import runtime
 
     return runtime.device()
 
@@ -144,8 +144,8 @@ def render_command(
                              "TAICHI_DR_ARCH or auto)."),
 ) -> None:
     """Render a mesh from N views around it: RGBA PNGs (alpha = silhouette), turntable.gif, cameras.json."""
-    from taichi_dr.camera import save_cameras_json
-    from taichi_dr.mesh import load_mesh
+    from taichi_dr.core.camera import save_cameras_json
+    from taichi_dr.core.mesh import load_mesh
 
     if views < 1:
         raise CLIError(f"--views: expected at least 1 view, got {views}")
@@ -157,7 +157,7 @@ def render_command(
         raise CLIError(f"--sigma: must be a number > 0, got {sigma}")
     if not math.isfinite(elevation):
         raise CLIError(f"--elevation: expected an angle in degrees, got {elevation}")
-    from taichi_dr.camera import SPHERICAL_CONVENTIONS
+    from taichi_dr.core.camera import SPHERICAL_CONVENTIONS
 
     if camera_convention not in SPHERICAL_CONVENTIONS:
         raise CLIError(f"--camera-convention: expected one of {', '.join(SPHERICAL_CONVENTIONS)}, got "

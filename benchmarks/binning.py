@@ -20,11 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import taichi_dr  # noqa: E402
-from taichi_dr import runtime  # noqa: E402
+from taichi_dr.core import runtime  # noqa: E402
 from taichi_dr.raster import RasterSettings  # noqa: E402
 from taichi_dr.raster.binning import _FP, _tile_range, bin_faces  # noqa: E402
+from taichi_dr.raster.renderer import _corner_gather, _project  # noqa: E402
 from taichi_dr.raster.soft import _params  # noqa: E402
-from taichi_dr.renderer import _corner_gather, _project  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from raster import CASES, load_case_mesh, spherical_cameras  # noqa: E402

@@ -1,6 +1,6 @@
 """Mesh fitting on thin structures: default ``tdr fit-mesh`` on procedural objects, checked independently.
 
-For each shape of :mod:`taichi_dr.shapes` (``airplane``: thin swept wings and tail; ``chair``: thin legs;
+For each shape of :mod:`taichi_dr.data.shapes` (``airplane``: thin swept wings and tail; ``chair``: thin legs;
 ``spot``: a blob), targets are made the way SoftRas's data are: ``--views`` rows (distance 2.732, elevation
 30, azimuth every 360/views degrees; SoftRas's ``camera.npy`` has one every 3 degrees) in SoftRas's
 convention (:meth:`taichi_dr.Cameras.from_spherical`, 30 degree field of view = SoftRas's
@@ -109,12 +109,12 @@ def softras_rows(views: int, distance: float = SOFTRAS_DISTANCE, elevation: floa
 
 
 def make_problem(shape: str, views: int, size: int, scale: float = 1.0):
-    """``(mesh, rows (N, 3), silhouettes (N, H, W) bool)`` for a shape of taichi_dr.shapes, scaled by
+    """``(mesh, rows (N, 3), silhouettes (N, H, W) bool)`` for a shape of taichi_dr.data.shapes, scaled by
     ``scale`` and seen from ``scale * 2.732`` (so the images do not change with the scale)."""
     import torch
 
-    from taichi_dr.camera import Cameras
-    from taichi_dr.shapes import make_shape
+    from taichi_dr.core.camera import Cameras
+    from taichi_dr.data.shapes import make_shape
 
     mesh = make_shape(shape)
     mesh = mesh.with_verts(mesh.verts * scale)
@@ -129,8 +129,8 @@ def run_case(shape: str, level: int, views: int, size: int, extra: list[str], wo
              scale: float = 1.0) -> dict:
     import torch
 
-    from taichi_dr.mesh import icosphere, load_mesh, save_mesh
-    from taichi_dr.metrics import bbox_diagonal, chamfer_distance
+    from taichi_dr.core.mesh import icosphere, load_mesh, save_mesh
+    from taichi_dr.core.metrics import bbox_diagonal, chamfer_distance
 
     mesh, rows, sil, cams = make_problem(shape, views, size, scale)
     case = workdir / f"{shape}_l{level}_x{scale:g}"

@@ -4,12 +4,12 @@ Reference views of Spot are rendered at ``--size``² (unlit texture colours over
 silhouette). Each trial picks a view, perturbs the true object-to-camera pose by a rotation about the
 object's centre of uniform random angle up to ``--max-rot`` degrees (uniform random axis) and a translation of
 uniform random length up to ``--max-trans`` times the camera distance (uniform random direction), and runs
-:func:`taichi_dr.pose.refine_pose` from there with three objectives:
+:func:`taichi_dr.pipelines.pose.refine.refine_pose` from there with three objectives:
 
 * ``silhouette``: soft silhouette IoU against the target mask;
 * ``rgb``: mean squared colour difference against the target colours (no mask);
 * ``oracle``: no loss at all, a displacement field computed from the true pose (where the surface seen at
-  each pixel really is: :func:`taichi_dr.pose.reprojection_flow`), turned into a pixel gradient of the
+  each pixel really is: :func:`taichi_dr.pipelines.pose.refine.reprojection_flow`), turned into a pixel gradient of the
   silhouette and colours and propagated through the rasterizer.
 
 Success: final rotation error < 2 degrees and translation error < 1% of the distance. Prints one table
@@ -38,10 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from taichi_dr import runtime  # noqa: E402
-from taichi_dr.camera import Cameras, axis_angle_to_matrix  # noqa: E402
-from taichi_dr.mesh import asset_path, load_mesh  # noqa: E402
-from taichi_dr.pose import (  # noqa: E402
+from taichi_dr.core import runtime  # noqa: E402
+from taichi_dr.core.camera import Cameras, axis_angle_to_matrix  # noqa: E402
+from taichi_dr.core.mesh import asset_path, load_mesh  # noqa: E402
+from taichi_dr.pipelines.pose.refine import (  # noqa: E402
     DisplacementField,
     Pose,
     PoseSettings,
@@ -53,8 +53,8 @@ from taichi_dr.pose import (  # noqa: E402
     surface_points,
     translation_error,
 )
+from taichi_dr.raster.renderer import render_mesh  # noqa: E402
 from taichi_dr.raster.settings import RasterSettings  # noqa: E402
-from taichi_dr.renderer import render_mesh  # noqa: E402
 
 METHODS = ("silhouette", "rgb", "oracle", "oracle_image")
 DEFAULT_METHODS = ("silhouette", "rgb", "oracle")

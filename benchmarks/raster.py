@@ -1,7 +1,7 @@
 """Soft rasterizer benchmarks (issue 2): B1, B2, B3 and a faces x image-size table.
 
 Prints markdown tables: forward and forward+backward medians (seconds), peak extra memory, and the dense
-pure-PyTorch reference (taichi_dr.reference) beside each, measured in the same run. Forward+backward is timed
+pure-PyTorch reference (taichi_dr.raster.reference) beside each, measured in the same run. Forward+backward is timed
 for both backward modes, alternating in one process: the deterministic one (fixed-order gradient sums, the
 CPU default) and the float-atomic one (RasterSettings(deterministic=False), the GPU default), with their
 ratio. Each case runs in a fresh
@@ -33,12 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import taichi_dr  # noqa: E402
-from taichi_dr import runtime  # noqa: E402
-from taichi_dr.camera import Cameras  # noqa: E402
-from taichi_dr.mesh import Mesh, asset_path, load_mesh  # noqa: E402
+from taichi_dr.core import runtime  # noqa: E402
+from taichi_dr.core.camera import Cameras  # noqa: E402
+from taichi_dr.core.mesh import Mesh, asset_path, load_mesh  # noqa: E402
 from taichi_dr.raster import RasterSettings  # noqa: E402
-from taichi_dr.renderer import render_mesh  # noqa: E402
-from taichi_dr.shading import Lights  # noqa: E402
+from taichi_dr.raster.renderer import render_mesh  # noqa: E402
+from taichi_dr.raster.shading import Lights  # noqa: E402
 
 
 def _rss_mb(field: str) -> float:
@@ -117,8 +117,8 @@ def case(mesh: Mesh, cameras: Cameras, settings: RasterSettings, rgb: bool, back
 
 def reference_case(mesh: Mesh, cameras: Cameras, settings: RasterSettings, rgb: bool, backward: bool):
     """The same computation with the dense PyTorch reference rasterizer (same projection and shading)."""
-    from taichi_dr import renderer
-    from taichi_dr.reference import soft_rasterize_reference
+    from taichi_dr.raster import renderer
+    from taichi_dr.raster.reference import soft_rasterize_reference
 
     def run():
         original = renderer.soft_rasterize

@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from taichi_dr import runtime
-from taichi_dr.camera import Cameras
-from taichi_dr.networks import GeometryNetwork
-from taichi_dr.sdf.tracer import TracerSettings, intersect_sphere, sphere_trace
+from taichi_dr.core import runtime
+from taichi_dr.core.camera import Cameras
+from taichi_dr.implicit.sphere_tracing import TracerSettings, intersect_sphere, sphere_trace
+from taichi_dr.nets.fields import GeometryNetwork
 
 
 @torch.no_grad()

@@ -19,28 +19,23 @@ import sys
 _OMP_PASSIVE = "torch" not in sys.modules or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .runtime import arch, device, ensure_init, init  # noqa: E402
+from taichi_dr.core.runtime import arch, device, ensure_init, init  # noqa: E402
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    # cameras
-    "Cameras": "camera", "CameraParameters": "camera", "load_cameras": "camera",
-    "save_cameras_json": "camera", "intrinsics_from_fov": "camera",
-    "axis_angle_to_matrix": "camera", "matrix_to_axis_angle": "camera", "rotation_6d_to_matrix": "camera",
-    "matrix_to_rotation_6d": "camera", "quaternion_to_matrix": "camera", "matrix_to_quaternion": "camera",
-    # meshes
-    "Mesh": "mesh", "load_mesh": "mesh", "save_mesh": "mesh", "icosphere": "mesh", "asset_path": "mesh",
-    "face_normals": "mesh", "vertex_normals": "mesh",
-    # rasterizer and renderer
-    "RasterSettings": "raster", "soft_rasterize": "raster", "Lights": "shading",
-    "render_mesh": "renderer", "MeshRenderer": "renderer", "RenderOutput": "renderer",
-    # pose refinement
-    "Pose": "pose", "PoseSettings": "pose", "PoseTarget": "pose", "Stage": "pose", "refine_pose": "pose",
-    "load_pose": "pose", "save_pose": "pose", "DisplacementField": "pose", "PixelGradientField": "pose",
-    # bridge
-    "KernelOp": "bridge",
+_MODULE_EXPORTS = {
+    "core.camera": ("Cameras", "CameraParameters", "load_cameras", "save_cameras_json", "intrinsics_from_fov",
+                    "axis_angle_to_matrix", "matrix_to_axis_angle", "rotation_6d_to_matrix",
+                    "matrix_to_rotation_6d", "quaternion_to_matrix", "matrix_to_quaternion"),
+    "core.mesh": ("Mesh", "load_mesh", "save_mesh", "icosphere", "asset_path", "face_normals", "vertex_normals"),
+    "core.bridge": ("KernelOp",),
+    "raster": ("RasterSettings", "soft_rasterize"),
+    "raster.shading": ("Lights",),
+    "raster.renderer": ("render_mesh", "MeshRenderer", "RenderOutput"),
+    "pipelines.pose": ("Pose", "PoseSettings", "PoseTarget", "Stage", "refine_pose", "load_pose", "save_pose",
+                       "DisplacementField", "PixelGradientField"),
 }
+_EXPORTS = {name: module for module, names in _MODULE_EXPORTS.items() for name in names}
 
 
 def __getattr__(name: str):

@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from apps.main import app
-from taichi_dr.targets import load_targets
+from taichi_dr.data.targets import load_targets
 
 runner = CliRunner()
 
@@ -126,8 +126,8 @@ def test_targets_png_errors(tmp_path):
 
 
 def test_chamfer_concentric_spheres():
-    from taichi_dr.mesh import icosphere
-    from taichi_dr.metrics import bbox_diagonal, chamfer_distance
+    from taichi_dr.core.mesh import icosphere
+    from taichi_dr.core.metrics import bbox_diagonal, chamfer_distance
 
     a, b = icosphere(level=4, radius=1.0), icosphere(level=4, radius=1.1)
     d = chamfer_distance(a, b, n=20000)
@@ -143,7 +143,7 @@ def test_chamfer_concentric_spheres():
 
 
 def test_hard_iou():
-    from taichi_dr.metrics import hard_iou
+    from taichi_dr.core.metrics import hard_iou
 
     p = torch.zeros(2, 4, 4)
     t = torch.zeros(2, 4, 4)
@@ -157,7 +157,7 @@ def test_hard_iou():
 
 
 def _project_json_cameras(path, points):
-    from taichi_dr.camera import load_cameras
+    from taichi_dr.core.camera import load_cameras
 
     cams = load_cameras(path)
     return cams.project(torch.as_tensor(points, dtype=torch.float32))  # (B, N, 3)
@@ -166,7 +166,7 @@ def _project_json_cameras(path, points):
 def test_render_spot(tmp_path):
     from scipy.ndimage import binary_dilation
 
-    from taichi_dr.mesh import asset_path, load_mesh
+    from taichi_dr.core.mesh import asset_path, load_mesh
 
     out = tmp_path / "r"
     res = invoke("render", asset_path("spot/spot_triangulated.obj"), "--views", 3, "--size", 32, "--out", out)
@@ -208,7 +208,7 @@ def test_render_spot(tmp_path):
 @pytest.fixture(scope="module")
 def ellipsoid_targets(tmp_path_factory):
     """8 views (32x32) of an elongated ellipsoid rendered by `tdr render`: a folder with PNGs + cameras."""
-    from taichi_dr.mesh import icosphere, save_mesh
+    from taichi_dr.core.mesh import icosphere, save_mesh
 
     root = tmp_path_factory.mktemp("ellipsoid")
     m = icosphere(level=2)
@@ -234,7 +234,7 @@ def _log_iters(path) -> list[int]:
 
 
 def test_fit_mesh_improves_then_resumes(tmp_path, ellipsoid_targets):
-    from taichi_dr.mesh import load_mesh
+    from taichi_dr.core.mesh import load_mesh
 
     out = tmp_path / "fit"
     args = ["fit-mesh", "--targets", ellipsoid_targets, "--cameras", ellipsoid_targets / "cameras.json",
@@ -288,7 +288,7 @@ def test_fit_mesh_npy_targets_and_spherical_csv_cameras(tmp_path, ellipsoid_targ
 def interrupt_fit_after(monkeypatch, iteration: int):
     """Make MeshFitter send itself SIGINT (what Ctrl-C delivers) after step ``iteration``; returns the real
     ``step`` so a test can put it back."""
-    from taichi_dr.fitting import MeshFitter
+    from taichi_dr.pipelines.mesh_fit import MeshFitter
 
     step = MeshFitter.step
 
@@ -303,7 +303,7 @@ def interrupt_fit_after(monkeypatch, iteration: int):
 
 
 def test_fit_mesh_ctrl_c_saves_checkpoint(tmp_path, ellipsoid_targets, monkeypatch):
-    from taichi_dr.fitting import MeshFitter
+    from taichi_dr.pipelines.mesh_fit import MeshFitter
 
     step = interrupt_fit_after(monkeypatch, 4)
     out = tmp_path / "fit"
@@ -327,7 +327,7 @@ def test_fit_mesh_learns_colours(tmp_path):
     colours, saved with the mesh, are red on top and blue underneath, and the colour loss falls."""
     from dataclasses import replace
 
-    from taichi_dr.mesh import icosphere, load_mesh, save_mesh
+    from taichi_dr.core.mesh import icosphere, load_mesh, save_mesh
 
     m = icosphere(level=2)
     v = m.verts * torch.tensor([1.0, 0.6, 0.7])
@@ -372,7 +372,7 @@ def test_errors_render(tmp_path):
     full = tmp_path / "full"
     full.mkdir()
     (full / "x.txt").write_text("keep me")
-    from taichi_dr.mesh import asset_path
+    from taichi_dr.core.mesh import asset_path
 
     spot = asset_path("spot/spot_triangulated.obj")
     assert_clean_error(invoke("render", spot, "--out", full), "not empty", "--overwrite")
@@ -454,14 +454,14 @@ def test_python_m_apps_help():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# taichi_dr.fitting pieces
+# taichi_dr.pipelines.mesh_fit pieces
 
 
 def test_estimate_bounding_sphere_from_analytic_discs():
     """Cameras looking at a sphere's centre see a disc of radius f tan(asin(r / d)) around the principal
     point; the estimate recovers the centre and, up to that perspective factor, the radius."""
-    from taichi_dr.camera import Cameras
-    from taichi_dr.fitting import estimate_bounding_sphere
+    from taichi_dr.core.camera import Cameras
+    from taichi_dr.pipelines.mesh_fit import estimate_bounding_sphere
 
     centre, r, d, size, fov = torch.tensor([0.3, -0.2, 0.1]), 0.8, 4.0, 96, 40.0
     dirs = torch.tensor([[1.0, 0.3, 0.2], [-0.4, 0.5, 1.0], [0.2, -1.0, 0.4], [-1.0, -0.2, -0.6]])
@@ -476,8 +476,8 @@ def test_estimate_bounding_sphere_from_analytic_discs():
 
 
 def test_mesh_deformer_starts_at_the_template():
-    from taichi_dr.fitting import MeshDeformer
-    from taichi_dr.mesh import icosphere
+    from taichi_dr.core.mesh import icosphere
+    from taichi_dr.pipelines.mesh_fit import MeshDeformer
 
     centre = torch.tensor([1.0, 2.0, -0.5])
     model = MeshDeformer(icosphere(level=2), centre, radius=0.7)

@@ -41,7 +41,7 @@ def assert_clean_error(result, *needles: str, absent: tuple[str, ...] = ()):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A unit ball mesh, 4 rendered views (32 px) with cameras, and a tiny IDR dataset (8 views, 24 px)."""
-    from taichi_dr.mesh import icosphere, save_mesh
+    from taichi_dr.core.mesh import icosphere, save_mesh
 
     root = tmp_path_factory.mktemp("bad_inputs")
     save_mesh(icosphere(2, 1.0), root / "ball.ply")
@@ -156,7 +156,7 @@ def test_ctrl_c_inside_trimesh_is_not_swallowed(files, monkeypatch):
     # Ctrl-C raises there was lost and the command went on.
     import trimesh
 
-    from taichi_dr.mesh import load_mesh
+    from taichi_dr.core.mesh import load_mesh
 
     real_load = trimesh.load
 
@@ -201,7 +201,7 @@ def test_pose_all_black_image(files, tmp_path):
     # a colour target that is all background (no mask) has nothing to align to either
     from apps.common import CLIError
     from apps.pose import check_target
-    from taichi_dr.pose import PoseTarget
+    from taichi_dr.pipelines.pose.refine import PoseTarget
 
     with pytest.raises(CLIError, match="every pixel is the background colour"):
         check_target(PoseTarget(mask=None, rgb=torch.zeros(8, 8, 3)), Path("x.png"), "rgb")
@@ -230,9 +230,9 @@ def test_pose_init_behind_the_camera_or_outside_the_image(files, tmp_path):
 
 def test_pose_initial_view_check_accepts_a_visible_mesh():
     from apps.pose import check_initial_view
-    from taichi_dr.camera import Cameras, intrinsics_from_fov
-    from taichi_dr.mesh import icosphere
-    from taichi_dr.pose import Pose
+    from taichi_dr.core.camera import Cameras, intrinsics_from_fov
+    from taichi_dr.core.mesh import icosphere
+    from taichi_dr.pipelines.pose.refine import Pose
 
     cam = Cameras(intrinsics_from_fov(30.0, (32, 32)), torch.eye(3), torch.zeros(3), (32, 32))
     ball = icosphere(1)
@@ -258,7 +258,7 @@ def test_evaluate_threshold_must_be_positive(files, threshold):
 
 def test_nan_colours_are_refused():
     import taichi_dr as tdr
-    from taichi_dr.mesh import Mesh, icosphere
+    from taichi_dr.core.mesh import Mesh, icosphere
 
     tdr.init("cpu")
     ball = icosphere(1)
@@ -326,7 +326,7 @@ def test_choices_accept_the_command_line_spelling(files, tmp_path):
 
 
 def test_mesh_file_with_vertices_but_no_faces(tmp_path):
-    from taichi_dr.mesh import load_mesh
+    from taichi_dr.core.mesh import load_mesh
 
     (tmp_path / "points.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\n")
     (tmp_path / "points.ply").write_text("ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\n"
@@ -342,7 +342,7 @@ def test_mesh_file_with_vertices_but_no_faces(tmp_path):
 
 
 def test_obj_index_message_plurals(tmp_path):
-    from taichi_dr.mesh import load_mesh
+    from taichi_dr.core.mesh import load_mesh
 
     (tmp_path / "m.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nf 1 2 5\n")
     with pytest.raises(ValueError, match=r"\(4 vertices defined so far") as e:
@@ -381,7 +381,7 @@ def test_settings_error_maps_only_the_leading_field():
     from apps.common import command_options, settings_error
     from apps.fit_mesh import fit_mesh_command
     from apps.reconstruct import IDR_OPTIONS
-    from taichi_dr.sdf.train import IDRConfig
+    from taichi_dr.pipelines.idr import IDRConfig
 
     with pytest.raises(ValueError) as e:
         IDRConfig(lr=-1.0)
@@ -398,7 +398,7 @@ def test_settings_error_maps_only_the_leading_field():
 
 def test_render_mesh_argument_checks():
     import taichi_dr as tdr
-    from taichi_dr.mesh import Mesh, icosphere
+    from taichi_dr.core.mesh import Mesh, icosphere
 
     tdr.init("cpu")
     ball = icosphere(1)

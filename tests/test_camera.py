@@ -1,4 +1,4 @@
-"""Tests for taichi_dr.camera: projection, constructors, rotations, learnable parameters, file formats."""
+"""Tests for taichi_dr.core.camera: projection, constructors, rotations, learnable parameters, file formats."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation as SciRot
 
-from taichi_dr.camera import (
+from taichi_dr.core.camera import (
     CameraParameters,
     Cameras,
     axis_angle_to_matrix,

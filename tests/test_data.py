@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from taichi_dr.camera import Cameras
-from taichi_dr.data import (
+from taichi_dr.core.camera import Cameras
+from taichi_dr.data.datasets import (
     MultiViewDataset,
     dataset_from_sdf,
     load_dataset,
@@ -20,7 +20,7 @@ from taichi_dr.data import (
     split_holdout,
     write_idr,
 )
-from taichi_dr.sdf.analytic import sphere_sdf
+from taichi_dr.implicit.analytic import sphere_sdf
 
 DTU = Path(__file__).resolve().parents[2] / "shared" / "data" / "dtu_scan24"
 

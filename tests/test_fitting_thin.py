@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import taichi_dr as tdr
-from taichi_dr.fitting import FitSettings, MeshDeformer, MeshFitter, estimate_bounding_sphere
-from taichi_dr.losses import laplacian_loss, scale_free_laplacian_loss
-from taichi_dr.mesh import icosphere
-from taichi_dr.shapes import SHAPES, make_shape
+from taichi_dr.core.mesh import icosphere
+from taichi_dr.data.shapes import SHAPES, make_shape
+from taichi_dr.losses.mesh import laplacian_loss, scale_free_laplacian_loss
+from taichi_dr.pipelines.mesh_fit import FitSettings, MeshDeformer, MeshFitter, estimate_bounding_sphere
 
 _spec = importlib.util.spec_from_file_location(
     "fit_thin", Path(__file__).resolve().parent.parent / "benchmarks" / "fit_thin.py")
@@ -178,7 +178,7 @@ def test_sigma_schedule_and_settings_errors():
 
 
 def test_scale_free_laplacian_values_gradients_and_degenerate_input():
-    from taichi_dr.losses import vertex_edge_length2
+    from taichi_dr.losses.mesh import vertex_edge_length2
 
     # One triangle with legs 3 and 4 (hypotenuse 5): vertex 0 has edges 3 and 4 -> (9 + 16) / 2.
     tri = torch.tensor([[0.0, 0, 0], [3, 0, 0], [0, 4, 0]], dtype=torch.float64)

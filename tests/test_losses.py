@@ -1,4 +1,4 @@
-"""Tests for taichi_dr.losses: hand-computed values, independent numpy references, gradcheck and degenerate
+"""Tests for taichi_dr.losses.mesh: hand-computed values, independent numpy references, gradcheck and degenerate
 meshes."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from taichi_dr.core.mesh import icosphere
 from taichi_dr.losses import (
     MeshTopology,
     edge_length_loss,
@@ -19,7 +20,6 @@ from taichi_dr.losses import (
     normal_consistency_loss,
     silhouette_iou,
 )
-from taichi_dr.mesh import icosphere
 
 # ---------------------------------------------------------------------------------------------------------
 # fixtures

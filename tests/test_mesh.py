@@ -1,4 +1,4 @@
-"""Tests for taichi_dr.mesh: loading the bundled assets, save/load round trips, malformed files, validation,
+"""Tests for taichi_dr.core.mesh: loading the bundled assets, save/load round trips, malformed files, validation,
 the icosphere, normals and areas against analytic values, subdivision."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from taichi_dr.mesh import (
+from taichi_dr.core.mesh import (
     Mesh,
     asset_path,
     face_areas,

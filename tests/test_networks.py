@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from taichi_dr.networks import GeometryNetwork, PositionalEncoding, RenderingNetwork
-from taichi_dr.sdf.losses import alpha_schedule, eikonal_loss, mask_loss, rgb_loss
-from taichi_dr.sdf.tracer import sphere_trace
+from taichi_dr.implicit.sphere_tracing import sphere_trace
+from taichi_dr.losses.implicit import alpha_schedule, eikonal_loss, mask_loss, rgb_loss
+from taichi_dr.nets.fields import GeometryNetwork, PositionalEncoding, RenderingNetwork
 
 
 def test_positional_encoding():

@@ -1,4 +1,4 @@
-"""6-DoF pose refinement (taichi_dr.pose): poses and their files, the learnable parameterisation, gradients
+"""6-DoF pose refinement (taichi_dr.pipelines.pose): poses and their files, the learnable parameterisation, gradients
 of the pose loss against finite differences, recovery of a known perturbation, pixel-gradient and
 displacement fields, and bad inputs. Small images (24-64 px) and few iterations throughout."""
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from taichi_dr.camera import Cameras, axis_angle_to_matrix, intrinsics_from_fov
-from taichi_dr.mesh import Mesh, asset_path, icosphere, load_mesh
-from taichi_dr.pose import (
+from taichi_dr.core.camera import Cameras, axis_angle_to_matrix, intrinsics_from_fov
+from taichi_dr.core.mesh import Mesh, asset_path, icosphere, load_mesh
+from taichi_dr.pipelines.pose.refine import (
     DisplacementField,
     PixelGradientField,
     Pose,
@@ -37,8 +37,8 @@ from taichi_dr.pose import (
     surface_points,
     translation_error,
 )
+from taichi_dr.raster.renderer import render_mesh
 from taichi_dr.raster.settings import RasterSettings
-from taichi_dr.renderer import render_mesh
 
 
 def _blob(dtype=torch.float32, level: int = 2) -> Mesh:
@@ -295,7 +295,7 @@ def test_squared_distance_transform_matches_scipy(shape):
     Euclidean distance transform, bit for bit; a mask without False pixels is inf everywhere."""
     from scipy.ndimage import distance_transform_edt
 
-    from taichi_dr.pose import _squared_edt_torch, squared_distance_transform
+    from taichi_dr.pipelines.pose.refine import _squared_edt_torch, squared_distance_transform
 
     g = torch.Generator().manual_seed(shape[0])
     for density in (0.05, 0.5, 0.95):
@@ -327,7 +327,7 @@ def test_matched_mask_matches_the_host_reference(device_path, monkeypatch):
     """The device implementation (fixed-size tensor operations; with ``device_path`` the GPU's torch distance
     transform, run here on the CPU) gives the host reference's values, at several offsets and sigmas; an
     empty render falls back to the raw mask."""
-    import taichi_dr.pose as pose_module
+    import taichi_dr.pipelines.pose.refine as pose_module
 
     if device_path:
         monkeypatch.setattr(pose_module, "squared_distance_transform", pose_module._squared_edt_torch)
@@ -624,7 +624,7 @@ def test_bad_inputs_give_clear_errors():
 def _app_problem(tmp_path, size=32):
     import imageio.v3 as iio
 
-    from taichi_dr.camera import save_cameras_json
+    from taichi_dr.core.camera import save_cameras_json
 
     mesh_path = asset_path("spot/spot_triangulated.obj")
     mesh = load_mesh(mesh_path)
@@ -703,8 +703,8 @@ def test_app_bad_inputs_give_one_line_errors(tmp_path):
 
 
 def test_lights_are_attached_to_the_camera():
-    from taichi_dr.pose import _lights_in_object
-    from taichi_dr.shading import Lights
+    from taichi_dr.pipelines.pose.refine import _lights_in_object
+    from taichi_dr.raster.shading import Lights
 
     R = axis_angle_to_matrix(torch.tensor([0.3, -0.2, 0.5]))
     lights = Lights.default()
@@ -717,7 +717,7 @@ def test_lights_are_attached_to_the_camera():
 def test_feature_loss_compares_in_feature_space_and_refines():
     import torch.nn.functional as F
 
-    from taichi_dr.pose import feature_loss
+    from taichi_dr.pipelines.pose.refine import feature_loss
 
     mesh = _blob()
     size = 32

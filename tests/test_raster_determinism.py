@@ -15,7 +15,7 @@ import torch
 from vulkan_subprocess import run_on_vulkan
 
 from taichi_dr.raster import RasterSettings, bin_faces, soft_rasterize
-from taichi_dr.reference import soft_rasterize_reference
+from taichi_dr.raster.reference import soft_rasterize_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))

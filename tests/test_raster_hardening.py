@@ -9,7 +9,7 @@ import torch
 
 from taichi_dr.raster import RasterSettings, soft_rasterize
 from taichi_dr.raster.kernels import SLIVER
-from taichi_dr.reference import soft_rasterize_reference
+from taichi_dr.raster.reference import soft_rasterize_reference
 
 
 def layered_scene(dtype=torch.float64, seed=0):

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from apps.reconstruct import app, mesh_metrics
-from taichi_dr.mesh import icosphere, save_mesh
+from taichi_dr.core.mesh import icosphere, save_mesh
 
 runner = CliRunner()
 TINY = ["--iterations", "4", "--rays", "64", "--depth", "2", "--width", "32", "--frequencies", "2",

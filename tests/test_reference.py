@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
+from taichi_dr.raster.reference import soft_rasterize_reference
 from taichi_dr.raster.settings import RasterSettings
-from taichi_dr.reference import soft_rasterize_reference
 
 DT = torch.float64
 

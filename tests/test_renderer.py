@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from taichi_dr.camera import CameraParameters, Cameras
-from taichi_dr.mesh import Mesh, icosphere
+from taichi_dr.core.camera import CameraParameters, Cameras
+from taichi_dr.core.mesh import Mesh, icosphere
 from taichi_dr.raster import RasterSettings
-from taichi_dr.renderer import MeshRenderer, render_mesh
-from taichi_dr.shading import Lights
+from taichi_dr.raster.renderer import MeshRenderer, render_mesh
+from taichi_dr.raster.shading import Lights
 
 D = torch.float64
 

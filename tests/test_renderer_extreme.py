@@ -5,13 +5,13 @@ clipping that keeps projected corners near the image, which must not change any 
 import pytest
 import torch
 
-import taichi_dr.renderer as renderer
-from taichi_dr.camera import Cameras
-from taichi_dr.mesh import Mesh, icosphere
+import taichi_dr.raster.renderer as renderer
+from taichi_dr.core.camera import Cameras
+from taichi_dr.core.mesh import Mesh, icosphere
 from taichi_dr.raster import RasterSettings
 from taichi_dr.raster.clip import clip_near, guard_planes
-from taichi_dr.renderer import render_mesh
-from taichi_dr.shading import Lights
+from taichi_dr.raster.renderer import render_mesh
+from taichi_dr.raster.shading import Lights
 
 K_REPRO = [[12.0, 0, 12], [0, 12, 16], [0, 0, 1]]
 SETTINGS = RasterSettings(sigma=0.0587, gamma=0.0301)

@@ -15,8 +15,8 @@ from test_apps import interrupt_fit_after
 from typer.testing import CliRunner
 
 from apps.main import app
-from taichi_dr.camera import Cameras
-from taichi_dr.mesh import icosphere, save_mesh
+from taichi_dr.core.camera import Cameras
+from taichi_dr.core.mesh import icosphere, save_mesh
 
 runner = CliRunner()
 
@@ -86,7 +86,7 @@ def test_fit_mesh_twice_with_one_seed(fit_inputs, tmp_path):
 def test_fit_mesh_interrupted_and_resumed(fit_inputs, tmp_path, monkeypatch):
     """Ctrl-C after step 3 of 6 (the run stops after that step and saves), then --resume: the same as 6 steps
     without a break."""
-    from taichi_dr.fitting import MeshFitter
+    from taichi_dr.pipelines.mesh_fit import MeshFitter
 
     res = fit_mesh(fit_inputs, tmp_path / "straight", 6)
     assert res.exit_code == 0, res.output
@@ -145,7 +145,7 @@ def test_reconstruct_twice_with_one_seed(idr_dataset, tmp_path):
 def test_reconstruct_interrupted_and_resumed(idr_dataset, tmp_path, monkeypatch):
     """A run of 6 iterations (checkpoint every 3) interrupted inside iteration 4, then --resume: the same as
     6 iterations without a break (the checkpoint holds the model, optimiser, schedule and random state)."""
-    import taichi_dr.sdf.train as train_module
+    import taichi_dr.pipelines.idr as train_module
 
     res = reconstruct(idr_dataset, tmp_path / "straight", 6, "--checkpoint-every", 3)
     assert res.exit_code == 0, res.output
@@ -175,17 +175,17 @@ def test_reconstruct_interrupted_and_resumed(idr_dataset, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("loss", ["silhouette_iou", "distance_transform"])
 def test_refine_pose_twice(loss):
-    from taichi_dr.pose import Pose, PoseSettings, Stage, refine_pose
+    from taichi_dr.pipelines.pose.refine import Pose, PoseSettings, Stage, refine_pose
 
     mesh = icosphere(level=2)
     mesh = mesh.with_verts(mesh.verts * torch.tensor([1.0, 0.55, 0.7]))
     cam = Cameras.look_at([0.0, 0.0, 0.0], at=[0.0, 0.0, 1.0], up=[0.0, -1.0, 0.0], fov=40.0, image_size=(32, 32))
     truth = Pose(torch.eye(3), torch.tensor([0.0, 0.0, 4.0]))
-    from taichi_dr.pose import _hard_silhouette
+    from taichi_dr.pipelines.pose.refine import _hard_silhouette
 
     target = _hard_silhouette(mesh, cam.K[0], truth, (32, 32)).float()
     aa = torch.tensor([0.1, -0.15, 0.05])
-    from taichi_dr.camera import axis_angle_to_matrix
+    from taichi_dr.core.camera import axis_angle_to_matrix
 
     init = Pose(axis_angle_to_matrix(aa), torch.tensor([0.1, -0.05, 4.2]))
     settings = PoseSettings(stages=(Stage(size=16, sigma=3e-3, iters=4), Stage(size=None, sigma=1e-3, iters=4)))

@@ -3,7 +3,7 @@
 import pytest
 import taichi as ti
 
-from taichi_dr import runtime
+from taichi_dr.core import runtime
 
 
 def test_init_is_idempotent_and_refuses_to_switch():

@@ -9,16 +9,16 @@ import pytest
 import torch
 from vulkan_subprocess import run_on_vulkan
 
-from taichi_dr.camera import Cameras, axis_angle_to_matrix
-from taichi_dr.networks import GeometryNetwork
-from taichi_dr.sdf.analytic import box_sdf, sphere_sdf, torus_sdf
-from taichi_dr.sdf.tracer import (
+from taichi_dr.core.camera import Cameras, axis_angle_to_matrix
+from taichi_dr.implicit.analytic import box_sdf, sphere_sdf, torus_sdf
+from taichi_dr.implicit.sphere_tracing import (
     TracerSettings,
     differentiable_intersection,
     intersect_sphere,
     sdf_gradient,
     sphere_trace,
 )
+from taichi_dr.nets.fields import GeometryNetwork
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def test_empty_and_bad_input():
 
 
 def test_check_finite_names_the_first_bad_tensor():
-    from taichi_dr.bridge import check_finite
+    from taichi_dr.core.bridge import check_finite
 
     ok = torch.ones(3)
     check_finite({"a": ok, "b": None, "c": torch.arange(3)})   # None and integer tensors are skipped
@@ -361,8 +361,8 @@ def trace_vulkan_scenes() -> dict:
 
 VULKAN_SCRIPT = r"""
 from test_sdf_tracer import trace_vulkan_scenes, _rays
-from taichi_dr.sdf.analytic import sphere_sdf
-from taichi_dr.sdf.tracer import sphere_trace
+from taichi_dr.implicit.analytic import sphere_sdf
+from taichi_dr.implicit.sphere_tracing import sphere_trace
 out = {"scenes": trace_vulkan_scenes()}
 o, d = _rays(8)   # float64
 try:

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from taichi_dr.camera import Cameras
-from taichi_dr.data import dataset_from_sdf
-from taichi_dr.mesh import face_areas, face_normals, icosphere
-from taichi_dr.metrics import chamfer_distance
-from taichi_dr.sdf.analytic import box_sdf, sphere_sdf
-from taichi_dr.sdf.train import (
+from taichi_dr.core.camera import Cameras
+from taichi_dr.core.mesh import face_areas, face_normals, icosphere
+from taichi_dr.core.metrics import chamfer_distance
+from taichi_dr.data.datasets import dataset_from_sdf
+from taichi_dr.implicit.analytic import box_sdf, sphere_sdf
+from taichi_dr.pipelines.idr import (
     IDRConfig,
     IDRModel,
     extract_mesh,

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import taichi_dr as tdr
-from taichi_dr.camera import Cameras, load_cameras
+from taichi_dr.core.camera import Cameras, load_cameras
 
 SIZE = 64
 VIEWING_ANGLE = 15.0  # SoftRas's data; our fov (full horizontal angle) is twice it
@@ -240,7 +240,7 @@ def test_mirrored_camera_pose_gradients_are_finite(spot):
 def test_write_idr_refuses_mirrored_cameras(tmp_path):
     """IDR's cameras.npz stores P = K [R | t]; a mirrored camera's P reads back as a different camera, so
     writing one is an error rather than a silently wrong dataset."""
-    from taichi_dr.data import write_idr
+    from taichi_dr.data.datasets import write_idr
 
     cams = Cameras.from_spherical(3.0, 20.0, torch.tensor([0.0, 90.0]), fov=FOV, image_size=(8, 8))
     images, masks = torch.zeros(2, 8, 8, 3), torch.zeros(2, 8, 8)

@@ -1,7 +1,7 @@
 """Kernel launches from several threads: torch runs ``backward`` on its own autograd thread on CUDA, and users
 train in worker threads. Taichi launches are not thread-safe and its LLVM backends build their struct module
 only on the thread that initialised them; the runtime materialises the program at init and every launch holds
-one process-wide lock (taichi_dr.runtime.kernel_lock).
+one process-wide lock (taichi_dr.core.runtime.kernel_lock).
 
 The multi-threaded runs start in a fresh process, so that kernels are compiled for the first time inside the
 worker threads (the case that failed: an assertion in Taichi's LLVM context, and "Kernels cannot call other
@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from taichi_dr import runtime
-from taichi_dr.camera import Cameras
-from taichi_dr.mesh import Mesh
+from taichi_dr.core import runtime
+from taichi_dr.core.camera import Cameras
+from taichi_dr.core.mesh import Mesh
+from taichi_dr.implicit.analytic import sphere_sdf
+from taichi_dr.implicit.sphere_tracing import TracerSettings, sphere_trace
 from taichi_dr.raster import RasterSettings, soft_rasterize
-from taichi_dr.renderer import render_mesh
-from taichi_dr.sdf.analytic import sphere_sdf
-from taichi_dr.sdf.tracer import TracerSettings, sphere_trace
+from taichi_dr.raster.renderer import render_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ t.start(); t.join()
 # 1. Forward on the main thread, backward on another (as torch's autograd thread does on CUDA); the backward
 #    kernel is compiled there.
 from taichi_dr.raster import RasterSettings, soft_rasterize
-fv = torch.tensor([[[[2.0, 2.0, 3.0], [12.0, 3.0, 3.0], [4.0, 11.0, 3.0]]]], device=taichi_dr.runtime.device(),
+fv = torch.tensor([[[[2.0, 2.0, 3.0], [12.0, 3.0, 3.0], [4.0, 11.0, 3.0]]]], device=taichi_dr.core.runtime.device(),
                   requires_grad=True)
 alpha, _, _ = soft_rasterize(fv, (14, 14), settings=RasterSettings(sigma=1e-2))
 def backward():

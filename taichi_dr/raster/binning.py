@@ -26,9 +26,9 @@ import os
 import taichi as ti
 import torch
 
-from .. import runtime
-from .kernels import NEAR, RADIUS, _corners, _face_ok, _pixel_range
-from .settings import RasterSettings
+from taichi_dr.core import runtime
+from taichi_dr.raster.kernels import NEAR, RADIUS, _corners, _face_ok, _pixel_range
+from taichi_dr.raster.settings import RasterSettings
 
 nd = ti.types.ndarray()
 _FP = {torch.float32: ti.f32, torch.float64: ti.f64}
@@ -147,7 +147,7 @@ def bin_faces(face_verts: torch.Tensor, image_size: tuple[int, int], settings: R
         raise ValueError(_too_many(f"{B * n_tiles} screen tiles exceed the {MAX_PAIRS} one call can index",
                                    settings, image_size, B, F, ts))
     if params is None:
-        from .soft import _params  # soft.py imports this module
+        from taichi_dr.raster.soft import _params  # soft.py imports this module
 
         params = _params(settings, image_size, face_verts)
     fp = _FP[face_verts.dtype]

@@ -12,10 +12,10 @@ import math
 import taichi as ti
 import torch
 
-from .. import bridge, runtime
-from . import kernels as K
-from .binning import bin_faces, face_chunk
-from .settings import RasterSettings
+from taichi_dr.core import bridge, runtime
+from taichi_dr.raster import kernels as K
+from taichi_dr.raster.binning import bin_faces, face_chunk
+from taichi_dr.raster.settings import RasterSettings
 
 _FP = {torch.float32: ti.f32, torch.float64: ti.f64}
 

@@ -16,7 +16,7 @@ A template mesh (an icosphere by default) is deformed to match target silhouette
 Sigma annealing (``FitSettings.sigma_final``): at SoftRas's sigma = 1e-4 (0.1 px² at 64²) a pixel whose
 centre lies within ~0.3 px of a face already reads as covered, so the soft IoU is satisfied by wings and
 legs thinner than their silhouettes, and by cracks between faces; at 64² that is most of a thin part.
-Measured on the procedural airplane of :mod:`taichi_dr.shapes` (120 views, 600 steps), the fit's soft
+Measured on the procedural airplane of :mod:`taichi_dr.data.shapes` (120 views, 600 steps), the fit's soft
 silhouettes reached IoU 0.93 while its true (point-in-triangle) silhouettes reached 0.74, 99.7% precise but
 missing a quarter of the target's pixels. Shrinking sigma to 1e-5 over the run makes the two agree and lifts
 the true IoU to 0.91; the regulariser weights, the displacement map and the template placement moved it by
@@ -24,11 +24,11 @@ under 0.02 (docs/benchmarks.md, "Thin structures").
 
 Regularisers, computed in the box's unit coordinates (so the object's scale drops out):
 
-* ``laplacian``: :func:`taichi_dr.losses.scale_free_laplacian_loss`, ``sum_i |L v_i|^2 / l_i^2`` with the
+* ``laplacian``: :func:`taichi_dr.losses.mesh.scale_free_laplacian_loss`, ``sum_i |L v_i|^2 / l_i^2`` with the
   template's edge lengths ``l_i``, a dimensionless bending energy that changes little with the template's
   resolution (SoftRas sums ``|L v_i|^2``, which grows with the number of vertices; a mean of it falls ~10x
   per subdivision level). SoftRas's 0.03 on its summed loss of a 642-vertex sphere is about 1.8e-4 here.
-* ``flatten``: :func:`taichi_dr.losses.flatten_loss`, the mean over edges of SoftRas's ``(1 + cos)^2``
+* ``flatten``: :func:`taichi_dr.losses.mesh.flatten_loss`, the mean over edges of SoftRas's ``(1 + cos)^2``
   (SoftRas's 0.0003 on the sum over a 642-vertex sphere's 1920 edges is 0.58 here). Off by default: Adam
   moves every vertex by about the same distance per step whatever the template's resolution, and the
   dihedral angles of those wiggles grow as the edges shrink, so at 0.5 it held a 2562-vertex template back
@@ -43,10 +43,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from .camera import Cameras
-from .losses import MeshTopology, flatten_loss, neg_iou_loss, scale_free_laplacian_loss, silhouette_iou
-from .mesh import Mesh
-from .raster import RasterSettings
+from taichi_dr.core.camera import Cameras
+from taichi_dr.core.mesh import Mesh
+from taichi_dr.losses import MeshTopology, flatten_loss, neg_iou_loss, scale_free_laplacian_loss, silhouette_iou
+from taichi_dr.raster import RasterSettings
 
 __all__ = ["FitSettings", "MeshDeformer", "MeshFitter", "estimate_bounding_sphere"]
 
@@ -296,7 +296,7 @@ class MeshFitter:
 
     def __init__(self, model: MeshDeformer, silhouettes: Tensor, cameras: Cameras, rgb: Tensor | None = None,
                  settings: FitSettings = FitSettings(), seed: int = 0):
-        from . import runtime
+        from taichi_dr.core import runtime
 
         if silhouettes.dim() != 3 or silhouettes.shape[0] != len(cameras):
             raise ValueError(f"MeshFitter: silhouettes must be (N={len(cameras)}, H, W) for {len(cameras)} "
@@ -340,7 +340,7 @@ class MeshFitter:
         return torch.randperm(n, generator=self.generator)[:k].sort().values
 
     def _render(self, mesh: Mesh, views: Tensor, settings: RasterSettings, rgb: bool):
-        from .renderer import render_mesh
+        from taichi_dr.raster.renderer import render_mesh
 
         return render_mesh(mesh, self.cameras[views.to(self.device)], None, settings,
                            outputs=("rgb",) if rgb else ())
@@ -399,7 +399,7 @@ class MeshFitter:
     def evaluate(self, batch: int = 16) -> dict[str, float]:
         """Mean silhouette IoU over all views: ``iou_hard`` (hard-rasterised render vs target > 0.5) and
         ``iou_soft`` (soft render vs target, SoftRas's IoU)."""
-        from .metrics import hard_iou
+        from taichi_dr.core.metrics import hard_iou
 
         hard, soft = [], []
         for start in range(0, self.num_views, batch):

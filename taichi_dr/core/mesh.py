@@ -40,7 +40,7 @@ __all__ = [
     "vertex_normals",
 ]
 
-_ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
+_ASSET_DIR = Path(__file__).resolve().parents[2] / "assets"
 _FORMATS = (".obj", ".ply", ".glb", ".off")
 
 
@@ -385,7 +385,7 @@ def _midpoint_topology(faces: Tensor, num_verts: int | None = None) -> tuple[Ten
     if not (np.allclose(probe[edge_ends].mean(axis=1), new_v[nv:])
             and np.array_equal(children[:, 0, 0], f[:, 0]) and np.array_equal(children[:, 1, 1], f[:, 1])
             and np.array_equal(children[:, 2, 2], f[:, 2])):
-        raise RuntimeError("trimesh.remesh.subdivide changed its face layout; update taichi_dr.mesh")
+        raise RuntimeError("trimesh.remesh.subdivide changed its face layout; update taichi_dr.core.mesh")
     dev = faces.device
     return torch.from_numpy(new_f.astype(np.int64)).to(dev), torch.from_numpy(edge_ends).to(dev)
 

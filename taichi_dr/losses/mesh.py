@@ -1,4 +1,4 @@
-"""Differentiable losses: silhouette IoU and mesh regularisers (Laplacian, flatten, edge length, normals).
+"""Mesh regularisers (Laplacian, flatten, edge length, normal consistency).
 
 The mesh regularisers take ``verts`` (V, 3) or (B, V, 3) and ``faces`` (F, 3) and return a scalar (the mean
 over the batch too). Their edge / adjacency tables come from :class:`MeshTopology`; pass one built once with
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .mesh import _check_verts_faces, _safe_norm, face_normals
+from taichi_dr.core.mesh import _check_verts_faces, _safe_norm, face_normals
 
 __all__ = [
     "MeshTopology",
@@ -23,37 +23,10 @@ __all__ = [
     "flatten_loss",
     "laplacian_loss",
     "mesh_laplacian",
-    "neg_iou_loss",
     "normal_consistency_loss",
     "scale_free_laplacian_loss",
-    "silhouette_iou",
     "vertex_edge_length2",
 ]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Silhouettes
-# ---------------------------------------------------------------------------------------------------------
-
-
-def silhouette_iou(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
-    """Soft IoU per image: pred, target (B, H, W) in [0, 1] -> (B,).
-
-    ``IoU = sum(p t) / (sum(p + t - p t) + eps)`` (SoftRas). Two empty masks give 0, not 1.
-    """
-    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise TypeError("silhouette_iou: pred and target must be torch tensors")
-    if pred.ndim != 3 or pred.shape != target.shape:
-        raise ValueError(f"silhouette_iou: pred and target must both be (B, H, W), got {tuple(pred.shape)} "
-                         f"and {tuple(target.shape)}")
-    inter = (pred * target).sum(dim=(1, 2))
-    union = (pred + target - pred * target).sum(dim=(1, 2))
-    return inter / (union + eps)
-
-
-def neg_iou_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Scalar ``1 - mean soft IoU`` over the batch (SoftRas's silhouette loss); pred, target (B, H, W)."""
-    return 1.0 - silhouette_iou(pred, target).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .camera import Cameras, load_cameras
+from taichi_dr.core.camera import Cameras, load_cameras
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -430,10 +430,10 @@ def write_idr(root, images, masks, cameras: Cameras, scale_mat=None, *, overwrit
 
 def dataset_from_sdf(sdf_fn, cameras: Cameras, color_fn=None, scale_mat=None,
                      name: str = "sdf") -> MultiViewDataset:
-    """Render an SDF (e.g. :func:`taichi_dr.sdf.analytic.sphere_sdf`) into a dataset by sphere tracing: the
+    """Render an SDF (e.g. :func:`taichi_dr.implicit.analytic.sphere_sdf`) into a dataset by sphere tracing: the
     mask is where rays hit, the colour ``color_fn(points (M, 3), normals (M, 3)) -> (M, 3)`` (default: the
     normal mapped to [0, 1]). Known geometry for tests without a mesh renderer."""
-    from .sdf.tracer import TracerSettings, sdf_gradient, sphere_trace
+    from taichi_dr.implicit.sphere_tracing import TracerSettings, sdf_gradient, sphere_trace
 
     h, w = cameras.image_size
     o, d = cameras.detach().image_rays()

@@ -11,7 +11,7 @@ autograd thread on CUDA, and users train in worker threads. So:
 * :func:`init` materialises the program (a no-op kernel) on the initialising thread, under the lock, after
   which kernels may be compiled and launched from any thread;
 * every kernel launch holds :func:`kernel_lock`, one process-wide re-entrant lock: launch kernels through
-  :mod:`taichi_dr.bridge` (which takes it around a ``KernelOp``'s forward and backward) or decorate them with
+  :mod:`taichi_dr.core.bridge` (which takes it around a ``KernelOp``'s forward and backward) or decorate them with
   :func:`locked`. Concurrent callers are serialised, never interleaved inside Taichi.
 """
 

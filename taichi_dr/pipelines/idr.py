@@ -2,8 +2,8 @@
 
 Usage from Python::
 
-    from taichi_dr.data import load_dataset, split_holdout
-    from taichi_dr.sdf.train import IDRConfig, train_idr, extract_mesh, render_views
+    from taichi_dr.data.datasets import load_dataset, split_holdout
+    from taichi_dr.pipelines.idr import IDRConfig, train_idr, extract_mesh, render_views
 
     train, test = split_holdout(load_dataset("data/dtu_scan24"), every=8)
     model, history = train_idr(train, IDRConfig(iterations=2000), out_dir="runs/scan24")
@@ -11,8 +11,8 @@ Usage from Python::
     views = render_views(model, test.cameras)
 
 One iteration (IDR, Yariv et al. 2020): draw rays over all training pixels; sphere-trace the current SDF
-(no autograd, :func:`~taichi_dr.sdf.tracer.sphere_trace`); for rays that hit the surface inside the object
-mask, make the point differentiable (:func:`~taichi_dr.sdf.tracer.differentiable_intersection`), take the
+(no autograd, :func:`~taichi_dr.implicit.sphere_tracing.sphere_trace`); for rays that hit the surface inside the object
+mask, make the point differentiable (:func:`~taichi_dr.implicit.sphere_tracing.differentiable_intersection`), take the
 normal by autograd and predict the colour (RGB L1 loss); for the other rays, the SDF at their surface or
 minimum-SDF point enters the mask loss; the eikonal loss holds at random points and at the surface points.
 """
@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import runtime
-from ..camera import CameraParameters, Cameras
-from ..data import MultiViewDataset, sample_rays
-from ..networks import GeometryNetwork, RenderingNetwork
-from .losses import alpha_schedule, eikonal_loss, mask_loss, rgb_loss
-from .tracer import TracerSettings, differentiable_intersection, sphere_trace
+from taichi_dr.core import runtime
+from taichi_dr.core.camera import CameraParameters, Cameras
+from taichi_dr.data.datasets import MultiViewDataset, sample_rays
+from taichi_dr.implicit.sphere_tracing import TracerSettings, differentiable_intersection, sphere_trace
+from taichi_dr.losses.implicit import alpha_schedule, eikonal_loss, mask_loss, rgb_loss
+from taichi_dr.nets.fields import GeometryNetwork, RenderingNetwork
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -277,12 +277,12 @@ def extract_mesh(sdf_fn: Callable[[torch.Tensor], torch.Tensor], resolution: int
 
     The SDF is evaluated one z-slab at a time in chunks of ``chunk`` points, so only the float32 grid
     (``4 resolution³`` bytes: 512 MB at 512³) is held. ``scale_mat (4, 4)`` maps the normalised coordinates
-    to world coordinates (the dataset's ``scale_mat``). Returns a :class:`taichi_dr.mesh.Mesh` with outward
+    to world coordinates (the dataset's ``scale_mat``). Returns a :class:`taichi_dr.core.mesh.Mesh` with outward
     (counter-clockwise) faces. Raises ValueError if the SDF has no zero crossing in the grid.
     """
     import mcubes
 
-    from ..mesh import Mesh
+    from taichi_dr.core.mesh import Mesh
 
     if resolution < 2:
         raise ValueError(f"extract_mesh: resolution must be >= 2, got {resolution}")

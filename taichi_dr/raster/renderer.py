@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from . import bridge
-from .camera import Cameras
-from .mesh import Mesh, check_render_inputs, face_normals, vertex_normals
-from .raster.clip import clip_near, guard_planes
-from .raster.settings import RasterSettings
-from .raster.soft import soft_rasterize
-from .shading import Lights, shade
+from taichi_dr.core import bridge
+from taichi_dr.core.camera import Cameras
+from taichi_dr.core.mesh import Mesh, check_render_inputs, face_normals, vertex_normals
+from taichi_dr.raster.clip import clip_near, guard_planes
+from taichi_dr.raster.settings import RasterSettings
+from taichi_dr.raster.shading import Lights, shade
+from taichi_dr.raster.soft import soft_rasterize
 
 OUTPUTS = ("rgb", "depth", "normals")
 RASTER_FIELDS = ", ".join(f.name for f in dataclasses.fields(RasterSettings))

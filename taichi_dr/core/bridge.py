@@ -8,7 +8,7 @@ to input gradients. :func:`apply` wraps it in a ``torch.autograd.Function``:
 * kernels only ever see detached, contiguous tensors (Taichi attaches ``.grad`` to a leaf tensor that
   requires grad, and ndarray arguments must be contiguous), so callers' tensors are never modified;
 * missing output gradients arrive as zeros, so backward kernels need no special cases;
-* forward and backward hold :func:`taichi_dr.runtime.kernel_lock`: on CUDA torch runs ``backward`` on its
+* forward and backward hold :func:`taichi_dr.core.runtime.kernel_lock`: on CUDA torch runs ``backward`` on its
   own autograd thread, and users may train in several threads, while Taichi's launches are not thread-safe.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import runtime
+from taichi_dr.core import runtime
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 

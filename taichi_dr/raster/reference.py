@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .bridge import check_tensor
+from taichi_dr.core.bridge import check_tensor
 
 # Only the settings container is shared with the implementation under test, not any of its formulas.
-from .raster.settings import RasterSettings
+from taichi_dr.raster.settings import RasterSettings
 
 __all__ = ["soft_rasterize_reference"]
 

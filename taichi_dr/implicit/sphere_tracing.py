@@ -1,7 +1,7 @@
 """Sphere tracing of a signed distance function (IDR, Yariv et al. 2020), Taichi kernels + a torch SDF.
 
 The SDF is any torch callable ``sdf_fn(points (M, 3)) -> (M,)`` (a neural network, or an analytic SDF from
-:mod:`taichi_dr.sdf.analytic`). Finding the surface is a forward-only search, so it runs without autograd:
+:mod:`taichi_dr.implicit.analytic`). Finding the surface is a forward-only search, so it runs without autograd:
 
 1. :func:`intersect_sphere`: rays enter the bounding sphere at ``t_near`` and leave it at ``t_far``.
 2. Marching (Taichi kernel ``_march_step``): ``t += f(o + t d)`` until ``|f| < threshold`` (hit),
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import taichi as ti
 import torch
 
-from .. import runtime
-from ..bridge import check_tensor, to_kernel
+from taichi_dr.core import runtime
+from taichi_dr.core.bridge import check_tensor, to_kernel
 
 SdfFn = Callable[[torch.Tensor], torch.Tensor]
 

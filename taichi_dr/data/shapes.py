@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .mesh import Mesh, icosphere
+from taichi_dr.core.mesh import Mesh, icosphere
 
 __all__ = ["SHAPES", "airplane", "box", "chair", "ellipsoid", "make_shape", "spot"]
 
@@ -99,7 +99,7 @@ def chair() -> Mesh:
 
 def spot() -> Mesh:
     """The bundled Spot cow, centred with its bounding sphere of radius 0.5 (about 1 unit across)."""
-    from .mesh import asset_path, load_mesh
+    from taichi_dr.core.mesh import asset_path, load_mesh
 
     mesh, _, _ = load_mesh(asset_path("spot/spot_triangulated.obj")).normalized()
     return Mesh(verts=mesh.verts.float() * 0.5, faces=mesh.faces, name="spot")

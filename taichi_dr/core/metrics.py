@@ -8,7 +8,7 @@ import torch
 
 def _as_trimesh(mesh, name: str):
     """A taichi_dr Mesh (``.verts``/``.faces``), a trimesh.Trimesh or a ``(verts, faces)`` pair."""
-    from .mesh import import_trimesh
+    from taichi_dr.core.mesh import import_trimesh
 
     trimesh = import_trimesh()  # keeps a Ctrl-C during its first import
     if isinstance(mesh, trimesh.Trimesh):
@@ -39,7 +39,7 @@ def _as_trimesh(mesh, name: str):
 
 def sample_surface(mesh, n: int, seed: int = 0) -> np.ndarray:
     """(n, 3) points sampled uniformly by area on the surface of ``mesh``."""
-    from .mesh import import_trimesh
+    from taichi_dr.core.mesh import import_trimesh
 
     trimesh = import_trimesh()
 

@@ -58,18 +58,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .camera import (
+from taichi_dr.core.camera import (
     Cameras,
     _rotation_errors,
     axis_angle_to_matrix,
     matrix_to_axis_angle,
     quaternion_to_matrix,
 )
-from .losses import neg_iou_loss
-from .mesh import Mesh
-from .raster.settings import RasterSettings
-from .renderer import RenderOutput, render_mesh
-from .shading import Lights
+from taichi_dr.core.mesh import Mesh
+from taichi_dr.losses.silhouette import neg_iou_loss
+from taichi_dr.raster.renderer import RenderOutput, render_mesh
+from taichi_dr.raster.settings import RasterSettings
+from taichi_dr.raster.shading import Lights
 
 __all__ = [
     "DEFAULT_STAGES",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bridge import check_tensor
+from taichi_dr.core.bridge import check_tensor
 
 
 @dataclass

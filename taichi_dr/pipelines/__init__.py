@@ -1,0 +1,23 @@
+"""Training methods and the engine they share."""
+
+# The shared training engine (engine.py, checkpoint.py, callbacks.py): importing it loads no method.
+from .callbacks import Callback, MetricsLog, ProgressCallback, Validation
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .engine import (
+    Interrupted,
+    Method,
+    NonFiniteError,
+    OptimizerConfig,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    TrainState,
+    clip_gradients,
+    lr_factor,
+)
+
+__all__ = [
+    "Callback", "MetricsLog", "ProgressCallback", "Validation", "CheckpointError", "load_checkpoint",
+    "save_checkpoint", "Interrupted", "Method", "NonFiniteError", "OptimizerConfig", "TrainConfig", "Trainer",
+    "TrainResult", "TrainState", "clip_gradients", "lr_factor",
+]
