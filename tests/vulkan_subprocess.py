@@ -19,8 +19,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 PREAMBLE = r"""
-import json, sys
-sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+import json, os, sys
+tests = os.path.join(sys.argv[1], "tests")
+sys.path[:0] = [sys.argv[1], tests, *(e.path for e in sorted(os.scandir(tests), key=lambda e: e.name) if e.is_dir())]
 import numpy as np
 import torch
 import taichi_dr

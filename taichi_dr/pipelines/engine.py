@@ -70,7 +70,10 @@ class Interrupted(KeyboardInterrupt):
     """
 
     def __init__(self, signum: int, iteration: int, checkpoint: Path | None):
-        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
         where = f"saved {checkpoint}" if checkpoint is not None else "nothing saved (no out_dir)"
         super().__init__(f"{name} at iteration {iteration}; {where}")
         self.signum = signum
@@ -105,7 +108,8 @@ class Method:
 
     def sample(self, iteration: int, generator: torch.Generator) -> Any:
         """The batch for ``iteration`` (0-based). Draw ALL randomness from ``generator`` (the engine's CPU
-        generator) or torch's global RNG: both are checkpointed, so a resumed run draws the same batches."""
+        generator) or torch's global RNG: both are checkpointed, so a resumed run draws the same batches.
+        NumPy's and Python's ``random`` are not (their states are not plain tensors)."""
         return None
 
     def step(self, batch: Any, iteration: int) -> tuple[torch.Tensor | None, dict[str, Any]]:
@@ -328,7 +332,8 @@ class TrainState:
     """The live state callbacks receive (mutated in place as training runs).
 
     iteration: completed iterations; total: TrainConfig.iterations; method: the live method (render it);
-    stats: the last step's values as floats (loss, method stats, grad_norm, lr, skipped); row: the metrics
+    stats: the last step's values as floats (loss, the method's stats, grad_norm (before clipping), lr (of
+    the first param group), skipped (1 when the step was skipped as non-finite)); row: the metrics
     row being built for this iteration (callbacks such as Validation add to it; MetricsLog writes it);
     elapsed_s: training seconds including earlier (resumed) runs; rate_it_s: iterations per second in this
     fit(); start_iteration: where this fit() began; checkpoint: the last checkpoint written or loaded.
@@ -534,6 +539,7 @@ class Trainer:
         if self._interrupt is not None and signum == signal.SIGINT:
             # Second Ctrl-C: the user does not want to wait for the step and the save; the last checkpoint stays.
             raise KeyboardInterrupt
+        # A repeated SIGTERM changes nothing: the save is under way, and a supervisor escalates with SIGKILL.
         if self._interrupt is None:
             self._interrupt = signum
 
@@ -545,8 +551,10 @@ class Trainer:
         previous = {}
         for signum in (signal.SIGINT, signal.SIGTERM):
             handler = signal.getsignal(signum)
-            if handler == signal.SIG_IGN:
-                continue  # e.g. a background job started with SIGINT ignored: respect the parent's choice
+            if handler == signal.SIG_IGN or handler is None:
+                # SIG_IGN: e.g. a background job started with SIGINT ignored, respect the parent's choice.
+                # None: a handler installed from C, which Python could not put back afterwards.
+                continue
             previous[signum] = handler
             signal.signal(signum, self._on_signal)
         return previous
@@ -626,7 +634,8 @@ class Trainer:
     def _nonfinite_error(self) -> NonFiniteError:
         state = self.state
         first, last = state.iteration - state.consecutive_nonfinite + 1, state.iteration
-        kept = (f"last good checkpoint {state.checkpoint} left untouched" if state.checkpoint is not None
+        kept = (f"last good checkpoint {state.checkpoint}, iteration {self._checkpoint_iteration}, left untouched"
+                if state.checkpoint is not None
                 else "no checkpoint written")
         return NonFiniteError(f"{state.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
                               f"(iterations {first}-{last}), all skipped; stopped ({kept})",

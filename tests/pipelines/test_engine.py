@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -321,6 +322,24 @@ def test_second_sigint_stops_at_once_without_saving(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_fit_in_a_worker_thread_leaves_signal_handlers_alone(tmp_path):
+    """Only the main thread can install handlers (a viewer may train in a worker): fit() runs without them."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    seen, results = [], []
+
+    class Peek(Callback):
+        def on_step(self, state):
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    worker = threading.Thread(target=lambda: results.append(
+        Trainer(toy(), config(5), out_dir=tmp_path, callbacks=[Peek()]).fit()))
+    worker.start()
+    worker.join()
+    assert results and results[0].iteration == 5
+    assert set(seen) == {handlers[signal.SIGINT]}
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
+
+
 def _start_child(out_dir: Path, iterations: int, every: int) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, str(HERE / "engine_subprocess_toy.py"), str(out_dir), str(iterations),
@@ -421,7 +440,8 @@ def test_nonfinite_streak_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteError) as info:
         trainer.fit()
     text = str(info.value)
-    assert "iterations 13-17" in text and str(tmp_path / "checkpoint.pt") in text and "\n" not in text
+    assert "iterations 13-17" in text and f"{tmp_path / 'checkpoint.pt'}, iteration 10," in text
+    assert "\n" not in text
     assert isinstance(info.value, FloatingPointError) and info.value.iterations == (13, 17)
     assert sorted(written) == [5, 10]                 # no checkpoint at 15 (inside the streak) nor at the stop
     assert (tmp_path / "checkpoint.pt").read_bytes() == written[10]

@@ -19,13 +19,13 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from test_apps import assert_clean_error as _assert_clean_error
+from app_helpers import assert_clean_error as _assert_clean_error
 from typer.testing import CliRunner
 
 from apps.main import app
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def invoke(*args):

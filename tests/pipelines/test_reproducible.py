@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from test_apps import interrupt_fit_after
+from app_helpers import interrupt_fit_after
 from typer.testing import CliRunner
 
 from apps.main import app

@@ -21,7 +21,7 @@ from taichi_dr.implicit.sphere_tracing import (
 from taichi_dr.nets.fields import GeometryNetwork
 
 F64 = torch.float64
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rays(n, dtype=F64, seed=0, eye=(0.3, 0.4, -3.0), spread=1.6):
@@ -360,7 +360,7 @@ def trace_vulkan_scenes() -> dict:
 
 
 VULKAN_SCRIPT = r"""
-from test_sdf_tracer import trace_vulkan_scenes, _rays
+from test_sphere_tracing import trace_vulkan_scenes, _rays
 from taichi_dr.implicit.analytic import sphere_sdf
 from taichi_dr.implicit.sphere_tracing import sphere_trace
 out = {"scenes": trace_vulkan_scenes()}

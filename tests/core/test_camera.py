@@ -173,7 +173,7 @@ def test_look_at():
 def test_from_spherical_conventions(convention):
     """Both conventions: SoftRas's eye, world up up in the image, the origin at the image centre. "opencv" is
     the proper look_at camera; "softras" (the default) the same camera with its image mirrored left-right
-    (fx < 0), which is what SoftRas renders (pixel-level agreement: tests/test_softras_camera.py)."""
+    (fx < 0), which is what SoftRas renders (pixel-level agreement: tests/raster/test_softras_camera.py)."""
     dist = torch.tensor([2.732, 3.0, 2.0, 4.0], dtype=f64)
     elev = torch.tensor([30.0, -15.0, 0.0, 89.0], dtype=f64)
     azim = torch.tensor([0.0, 45.0, 200.0, -90.0], dtype=f64)

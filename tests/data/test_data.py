@@ -22,7 +22,7 @@ from taichi_dr.data.datasets import (
 )
 from taichi_dr.implicit.analytic import sphere_sdf
 
-DTU = Path(__file__).resolve().parents[2] / "shared" / "data" / "dtu_scan24"
+DTU = Path(__file__).resolve().parents[3] / "shared" / "data" / "dtu_scan24"
 
 
 def _cameras(n=4, size=(20, 24), dist=3.0):

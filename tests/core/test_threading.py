@@ -27,7 +27,7 @@ from taichi_dr.implicit.sphere_tracing import TracerSettings, sphere_trace
 from taichi_dr.raster import RasterSettings, soft_rasterize
 from taichi_dr.raster.renderer import render_mesh
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def dtypes() -> tuple[torch.dtype, ...]:
@@ -121,7 +121,7 @@ def assert_same(result: dict, reference: dict, what: str) -> None:
 
 WORKER_SCRIPT = r"""
 import sys, threading, torch
-sys.path.insert(0, sys.argv[1] + "/tests")
+sys.path.insert(0, sys.argv[1] + "/tests/core")
 import taichi_dr
 taichi_dr.init()   # TAICHI_DR_ARCH (cpu unless set): on cuda, backward really runs on torch's autograd thread
 from test_threading import JOBS, work_items

@@ -13,7 +13,7 @@ from vulkan_subprocess import run_on_vulkan
 from taichi_dr.raster import RasterSettings, binning, soft_rasterize
 from taichi_dr.raster.binning import bin_faces
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def scene(B, F, H, W, dtype=torch.float64, seed=0, spread=14.0):

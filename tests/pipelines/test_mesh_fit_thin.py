@@ -21,7 +21,7 @@ from taichi_dr.losses.mesh import laplacian_loss, scale_free_laplacian_loss
 from taichi_dr.pipelines.mesh_fit import FitSettings, MeshDeformer, MeshFitter, estimate_bounding_sphere
 
 _spec = importlib.util.spec_from_file_location(
-    "fit_thin", Path(__file__).resolve().parent.parent / "benchmarks" / "fit_thin.py")
+    "fit_thin", Path(__file__).resolve().parents[2] / "benchmarks" / "fit_thin.py")
 fit_thin = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fit_thin)
 

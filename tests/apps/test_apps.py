@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from app_helpers import assert_clean_error, interrupt_fit_after
 from typer.testing import CliRunner
 
 from apps.main import app
@@ -25,22 +25,6 @@ runner = CliRunner()
 def invoke(*args: str):
     env = {k: v for k, v in os.environ.items() if k != "TDR_DEBUG"}
     return runner.invoke(app, [str(a) for a in args], env=env)
-
-
-def assert_clean_error(result, *needles: str, absent: tuple[str, ...] = (), exit_code: int | None = None):
-    """Non-zero exit (``exit_code`` if given), exactly one ``Error: ...`` line on stderr containing every
-    needle (case-insensitive) and none of ``absent``, no traceback. Returns that line."""
-    assert result.exit_code != 0 if exit_code is None else result.exit_code == exit_code, result.output
-    assert result.exit_code != 130
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, result.stderr
-    for needle in needles:
-        assert needle.lower() in errors[0].lower(), (needle, errors[0])
-    for word in absent:
-        assert word not in errors[0], (word, errors[0])
-    return errors[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -285,23 +269,6 @@ def test_fit_mesh_npy_targets_and_spherical_csv_cameras(tmp_path, ellipsoid_targ
     assert after > before + 0.1, (before, after)
 
 
-def interrupt_fit_after(monkeypatch, iteration: int):
-    """Make MeshFitter send itself SIGINT (what Ctrl-C delivers) after step ``iteration``; returns the real
-    ``step`` so a test can put it back."""
-    from taichi_dr.pipelines.mesh_fit import MeshFitter
-
-    step = MeshFitter.step
-
-    def step_then_interrupt(self):
-        terms = step(self)
-        if self.iteration == iteration:
-            os.kill(os.getpid(), signal.SIGINT)
-        return terms
-
-    monkeypatch.setattr(MeshFitter, "step", step_then_interrupt)
-    return step
-
-
 def test_fit_mesh_ctrl_c_saves_checkpoint(tmp_path, ellipsoid_targets, monkeypatch):
     from taichi_dr.pipelines.mesh_fit import MeshFitter
 
@@ -445,7 +412,7 @@ def test_python_m_apps_help():
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     res = subprocess.run([sys.executable, "-m", "apps", "--help"], capture_output=True, text=True,
                          timeout=120, cwd=root)
     assert res.returncode == 0, res.stderr

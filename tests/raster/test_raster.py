@@ -13,7 +13,7 @@ from taichi_dr.raster import RasterSettings, bin_faces, soft_rasterize
 from taichi_dr.raster.clip import clip_near
 from taichi_dr.raster.reference import soft_rasterize_reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def random_scene(B=2, F=12, H=20, W=24, C=2, Ct=3, dtype=torch.float64, seed=0):

@@ -17,8 +17,8 @@ from vulkan_subprocess import run_on_vulkan
 from taichi_dr.raster import RasterSettings, bin_faces, soft_rasterize
 from taichi_dr.raster.reference import soft_rasterize_reference
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_raster import random_scene  # noqa: E402
 
 MODES = {
@@ -158,7 +158,7 @@ THREADS_SCRIPT = r"""
 import functools, hashlib, json, sys
 import taichi as ti
 ti.init = functools.partial(ti.init, cpu_max_num_threads=int(sys.argv[2]))  # taichi_dr.init calls this
-sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests")
+sys.path.insert(0, sys.argv[1]); sys.path[:0] = [sys.argv[1] + "/tests/raster", sys.argv[1] + "/tests"]
 import taichi_dr
 taichi_dr.init("cpu")
 from test_raster_determinism import digest, render_and_grads
