@@ -344,3 +344,29 @@ def stderr_console():
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running the training engine from a command
+
+
+def run_training(trainer, *, resume_hint: str | None = None, console=None):
+    """``trainer.fit()`` as a command runs it: SIGINT/SIGTERM (the engine saved a checkpoint) print where it
+    was saved and ``resume_hint``, then exit 130/143; a run of non-finite steps and a refused checkpoint
+    become one ``Error:`` line (exit 1). Returns the engine's TrainResult."""
+    from taichi_dr.pipelines import CheckpointError, Interrupted, NonFiniteError
+
+    console = console or stderr_console()
+    try:
+        return trainer.fit()
+    except Interrupted as e:
+        total = trainer.config.iterations
+        where = f"saved {e.checkpoint}" if e.checkpoint is not None else "nothing saved"
+        console.print(f"Interrupted at iteration {e.iteration}/{total}; {where}.", highlight=False)
+        if resume_hint and e.checkpoint is not None:
+            console.print(f"Resume with: {resume_hint}", highlight=False, soft_wrap=True)
+        raise typer.Exit(128 + e.signum) from None
+    except NonFiniteError as e:
+        raise CLIError(f"{e}; lower the learning rate or check the input") from None
+    except CheckpointError as e:
+        raise CLIError(f"--resume: {e}") from None

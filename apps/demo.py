@@ -4,7 +4,8 @@
    (elevations alternating 30 and -15 degrees so the underside is seen too): shaded RGBA PNGs whose alpha
    is the silhouette, plus ``cameras.json``, in ``OUT/targets`` (exactly what ``tdr render`` writes).
 2. An icosphere is fitted to those silhouettes by the same code as ``tdr fit-mesh`` (reading the files back),
-   in ``OUT/fit``: ``mesh.obj``, ``loss_log.csv``, progress images and ``progress.gif``.
+   in ``OUT/fit``: ``mesh.obj``, ``metrics.jsonl``, ``config.json``, ``checkpoint.pt``, progress images and
+   ``progress.gif``.
 3. ``OUT/comparison.png`` shows target | initial | fitted for a few views, ``OUT/turntable.gif`` target |
    fitted all around, and the silhouette IoU and the symmetric Chamfer distance to the true mesh are
    printed (and saved in ``OUT/summary.json``).
@@ -38,7 +39,6 @@ from apps.common import (
     write_gif,
 )
 from apps.fit_mesh import (
-    fit_identity,
     load_problem,
     load_template,
     print_metrics,
@@ -131,12 +131,13 @@ def demo_command(
         settings = FitSettings(iters=iters, views_per_step=views_per_step or None)
     except (ValueError, TypeError) as e:
         raise settings_error(e, "FitSettings", command_options(demo_command)) from None
-    identity = fit_identity(targets_dir, targets_dir / "cameras.json", tgt, cams, label, template, 1.0, False)
     hint = resume_command_line(targets_dir, targets_dir / "cameras.json", fit_dir, iters=iters,
                                views_per_step=views_per_step)
+    sources = {"targets": str(targets_dir), "cameras": str(targets_dir / "cameras.json"), "template": label}
+    # checkpoint_every=0: one checkpoint, at the end (or on Ctrl-C), as the demo is short.
     result = run_fit(fit_dir, silhouettes=tgt.silhouettes, cameras=cams, template=template, settings=settings,
-                     identity=identity, rgb=tgt.rgb, seed=seed, log_every=max(1, iters // 15),
-                     checkpoint_every=max(iters, 1), resume_hint=hint, console=console)
+                     sources=sources, rgb=tgt.rgb, seed=seed, log_every=max(1, iters // 15),
+                     checkpoint_every=0, resume_hint=hint, console=console)
 
     # 3. Pictures and numbers.
     initial_rgba = render_views(result.initial_mesh, cameras, sigma=1e-5)

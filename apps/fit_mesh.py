@@ -1,31 +1,27 @@
 """``tdr fit-mesh``: deform a template mesh to match target silhouettes (and colours) seen by known cameras.
 
-The optimisation itself is :mod:`taichi_dr.pipelines.mesh_fit`; this module runs it as a job with files:
-``mesh.obj``, ``loss_log.csv`` (one row per iteration), ``progress_XXXX.png`` (target | current render for a
-few views), ``progress.gif`` and ``checkpoint.pt`` (every ``--checkpoint-every`` iterations, at the end and
-on Ctrl-C), from which ``--resume`` continues. :func:`run_fit` is shared with ``tdr demo``.
+The fit is :class:`taichi_dr.pipelines.mesh_fit.MeshFitMethod` run by the training engine
+(:func:`taichi_dr.pipelines.mesh_fit.fit_mesh`); this module runs it as a job with files in ``--out``: the
+engine's ``checkpoint.pt`` (every ``--checkpoint-every`` iterations, at the end, and on Ctrl-C or SIGTERM),
+``metrics.jsonl`` (one row per iteration) and ``config.json``, then ``progress_XXXX.png`` (target | current
+render for a few views, every ``--log-every`` iterations, by the :class:`ProgressImages` callback),
+``progress.gif`` and ``mesh.obj``. ``--resume`` continues from the checkpoint. :func:`run_fit` is shared
+with ``tdr demo``.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
+import functools
 import math
-import os
 import shlex
-import signal
-import threading
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import typer
 
 from apps.common import (
-    EXIT_INTERRUPTED,
     GIF_MAX_FRAMES,
     CLIError,
     command_options,
@@ -34,10 +30,9 @@ from apps.common import (
     init_runtime,
     option_errors,
     prepare_out_dir,
-    progress_bar,
+    run_training,
     save_png,
     settings_error,
-    stderr_console,
     to_rgb,
     upscale,
     upscale_factor,
@@ -45,283 +40,147 @@ from apps.common import (
     write_gif,
 )
 
+if TYPE_CHECKING:
+    from taichi_dr.pipelines.mesh_fit import FitResult
+
 CHECKPOINT = "checkpoint.pt"
-LOG = "loss_log.csv"
-STALE = ("progress_*.png", "progress.gif", LOG, CHECKPOINT, "mesh.obj", "mesh.mtl", "mesh.png")
-CHECKPOINT_VERSION = 1
+METRICS = "metrics.jsonl"
+# loss_log.csv: what runs before the training engine wrote; --overwrite removes it too.
+STALE = ("progress_*.png", "progress.gif", METRICS, "config.json", CHECKPOINT, "loss_log.csv", "mesh.obj",
+         "mesh.mtl", "mesh.png")
 # FitSettings' default, repeated here so that --help needs no taichi_dr import (tests check they agree).
 LAPLACIAN_WEIGHT = 2e-4
 
-# What a resumed run must share with the checkpoint: the problem (targets, cameras) and the parameters'
-# meaning (template, its placement, whether colours are learned). Settings such as lr, weights or iters
-# may change between runs.
+# The option that sets each part of what a resumed run must share with its checkpoint
+# (taichi_dr.pipelines.mesh_fit.IDENTITY_KEYS).
 IDENTITY_OPTIONS = {
     "targets": "--targets",
     "cameras": "--cameras",
     "template": "--template",
-    "template_scale": "--template-scale",
+    "placement": "--template-scale",
     "rgb": "--rgb/--no-rgb",
     "parameterization": "--parameterization",
 }
 
 
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha1()
-    for t in tensors:
-        h.update(np.ascontiguousarray(t.detach().cpu().float().numpy()).tobytes())
-    return h.hexdigest()[:16]
-
-
-@dataclass
-class FitResult:
-    """What :func:`run_fit` returns: the fitted and initial meshes (world coordinates) and metrics."""
-
-    mesh: object
-    initial_mesh: object
-    initial: dict
-    final: dict
-    iterations: int
-    interrupted: bool = False
-    fitter: object = field(default=None, repr=False)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Ctrl-C: finish the current step, then save and stop
-
-
-class _StopFlag:
-    """While active, the first SIGINT only sets ``requested`` (the loop stops after the current step, so
-    the checkpoint is consistent); a second one raises KeyboardInterrupt as usual."""
-
-    def __init__(self):
-        self.requested = False
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    @contextmanager
-    def installed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield self  # signals only reach the main thread; KeyboardInterrupt is still handled below
-            return
-        previous = signal.signal(signal.SIGINT, self._handler)
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Files
-
-
-def _read_log(path: Path, upto: int) -> tuple[list[str], list[dict]]:
-    """Rows of an existing loss log with ``iter <= upto`` (rows after the checkpoint are dropped)."""
-    if not path.is_file():
-        return [], []
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        rows = [r for r in reader if r.get("iter", "").isdigit() and int(r["iter"]) <= upto]
-        return list(reader.fieldnames or []), rows
-
-
-class _LossLog:
-    def __init__(self, path: Path, fields: list[str], rows: list[dict]):
-        self.path = path
-        self.fields = fields
-        self.file = path.open("w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
-        self.writer.writeheader()
-        for r in rows:
-            self.writer.writerow(r)
-        self.file.flush()
-
-    def write(self, row: dict) -> None:
-        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: an interrupted save never leaves half a checkpoint
-
-
-def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise CLIError(f"--resume: no checkpoint at {str(path)!r} (start without --resume)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CLIError(f"--resume: {str(path)!r} is not a readable checkpoint "
-                       f"({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise CLIError(f"--resume: {str(path)!r} is not a tdr fit-mesh checkpoint of version "
-                       f"{CHECKPOINT_VERSION}")
-    return state
-
-
-def check_identity(saved: dict, current: dict, path: Path) -> None:
-    """Refuse to resume when the checkpoint was made for a different problem or parameterisation."""
-    diffs = []
-    for key, option in IDENTITY_OPTIONS.items():
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            # {"path", "digest"}: the content decides (the same file may be named another way).
-            if a.get("digest") != b.get("digest"):
-                what = "content" if a.get("path") == b.get("path") else f"{a.get('path')} -> {b.get('path')}"
-                diffs.append(f"{option} ({what})")
-        elif a != b:
-            diffs.append(f"{option} ({a} -> {b})")
-    if diffs:
-        raise CLIError(f"--resume: {str(path)!r} was made with different {', '.join(diffs)}; resume with "
-                       "the original options, or start a new run in another folder (or with --overwrite)")
-
-
-@torch.no_grad()
-def progress_image(fitter, views: list[int], target_rgb: torch.Tensor | None) -> np.ndarray:
-    """Rows of ``target | current render`` for ``views``: (H', W', 3) uint8, upscaled for viewing.
-
-    The target shows its colours over white (or the silhouette in grey); the render is the current mesh
-    over white: with learned colours as they are (they already hold the targets' shading), without them
-    white and Lambert-shaded under the default lights, so the shape shows.
-    """
-    from taichi_dr.raster.renderer import render_mesh
-    from taichi_dr.raster.shading import Lights
-
-    mesh = fitter.current_mesh()
-    views_t = torch.as_tensor(views)
-    lights = None if mesh.vert_colors is not None else Lights.default(device=fitter.device)
-    out = render_mesh(mesh, fitter.cameras[views_t.to(fitter.device)], lights, fitter.raster,
-                      outputs=("rgb",))
-    factor = upscale_factor(fitter.cameras.image_size, 128)
-    rows = []
-    for k, i in enumerate(views):
-        sil = fitter.silhouettes[i].cpu()
-        if target_rgb is not None:
-            tgt = torch.cat([target_rgb[i].cpu(), sil[..., None]], -1)
-        else:
-            tgt = torch.stack([0.35 * torch.ones_like(sil)] * 3 + [sil], -1)
-        rgb = out.rgb[k].cpu() if out.rgb is not None else torch.ones(*sil.shape, 3)
-        ren = torch.cat([rgb, out.alpha[k].cpu()[..., None]], -1)
-        rows.append(hstack([upscale(to_rgb(tgt), factor), upscale(to_rgb(ren), factor)], gap=4, fill=200))
-    return vstack(rows, gap=4, fill=200)
+# Progress images: a callback of the training engine
 
 
 def _progress_views(n: int, k: int = 3) -> list[int]:
     return sorted({int(round(i * n / k)) % n for i in range(min(k, n))})
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The job
+@torch.no_grad()
+def progress_image(method, views: list[int], target_rgb: torch.Tensor | None, sigma: float | None = None
+                   ) -> np.ndarray:
+    """Rows of ``target | current render`` for ``views``: (H', W', 3) uint8, upscaled for viewing.
 
-
-def run_fit(out: Path, *, silhouettes: torch.Tensor, cameras, template, settings, identity: dict,
-            rgb: torch.Tensor | None = None, learn_rgb: bool = False, template_scale: float = 1.0,
-            seed: int = 0, log_every: int = 25, checkpoint_every: int = 100, resume: bool = False,
-            resume_hint: str | None = None, console=None) -> FitResult:
-    """Fit ``template`` to ``silhouettes (N, H, W)`` seen by ``cameras`` (N); write the job files in ``out``.
-
-    rgb: (N, H, W, 3) target colours, learned as per-vertex colours when ``learn_rgb``.
-    identity: what a resumed run must share with the checkpoint (see ``IDENTITY_OPTIONS``).
-    On Ctrl-C the checkpoint is saved, ``resume_hint`` printed and ``typer.Exit(130)`` raised.
+    The target shows its colours over white (or the silhouette in grey); the render is the method's current
+    mesh over white (:meth:`MeshFitMethod.render`: learned colours as they are, they already hold the
+    targets' shading; without them white and Lambert-shaded, so the shape shows), soft at ``sigma``.
     """
-    from taichi_dr.core.mesh import save_mesh
-    from taichi_dr.pipelines.mesh_fit import MeshDeformer, MeshFitter, estimate_bounding_sphere
+    images = method.render(method.cameras[torch.as_tensor(views).to(method.device)], sigma=sigma)
+    factor = upscale_factor(method.cameras.image_size, 128)
+    rows = []
+    for k, i in enumerate(views):
+        sil = method.silhouettes[i].cpu()
+        if target_rgb is not None:
+            tgt = torch.cat([target_rgb[i].cpu(), sil[..., None]], -1)
+        else:
+            tgt = torch.stack([0.35 * torch.ones_like(sil)] * 3 + [sil], -1)
+        ren = torch.cat([images["rgb"][k].cpu(), images["alpha"][k].cpu()[..., None]], -1)
+        rows.append(hstack([upscale(to_rgb(tgt), factor), upscale(to_rgb(ren), factor)], gap=4, fill=200))
+    return vstack(rows, gap=4, fill=200)
 
-    console = console or stderr_console()
-    ckpt_path = out / CHECKPOINT
-    saved = None
-    if resume:
-        saved = load_checkpoint(ckpt_path)
-        check_identity(saved["identity"], identity, ckpt_path)
 
-    torch.manual_seed(seed)
-    centre, radius = estimate_bounding_sphere(silhouettes, cameras)
-    model = MeshDeformer(template, centre, radius * template_scale, learn_colors=learn_rgb,
-                         parameterization=settings.parameterization)
-    fitter = MeshFitter(model, silhouettes, cameras, rgb=rgb if learn_rgb else None, settings=settings,
-                        seed=seed)
-    initial_mesh = fitter.current_mesh()
-    if saved is not None:
-        fitter.load_state_dict(saved["fitter"])
-        initial = saved["initial_metrics"]
-    else:
-        initial = fitter.evaluate()
+class ProgressImages:
+    """A training-engine callback: ``out/progress_XXXX.png`` at the start of a new run and every ``every``
+    iterations (and the last), from the live method; at the end of a completed run, ``out/progress.gif`` of
+    all of them.
 
-    views = _progress_views(fitter.num_views)
-    show_rgb = rgb.cpu() if rgb is not None else None
-    fields = ["iter", "loss", "neg_iou", "laplacian", "flatten"] + (["rgb"] if learn_rgb else []) \
-        + ["iou", "time_s"]
-    _, old_rows = _read_log(out / LOG, fitter.iteration)
-    log = _LossLog(out / LOG, fields, old_rows)
-    elapsed0 = float(old_rows[-1]["time_s"]) if old_rows and old_rows[-1].get("time_s") else 0.0
+    target_rgb: (N, H, W, 3) colours to show the targets in (None: grey silhouettes).
+    It has all the hooks of ``taichi_dr.pipelines.Callback`` without subclassing it: importing the engine at
+    module level would make ``tdr --help`` load Taichi.
+    """
 
-    def checkpoint_state() -> dict:
-        return {"version": CHECKPOINT_VERSION, "identity": identity, "fitter": fitter.state_dict(),
-                "initial_metrics": initial, "elapsed_s": elapsed0 + (time.perf_counter() - t0)}
+    def __init__(self, out: Path, every: int, target_rgb: torch.Tensor | None = None):
+        self.out = Path(out)
+        self.every = every
+        self.target_rgb = target_rgb.cpu() if target_rgb is not None else None
+        self.views: list[int] | None = None
 
-    def snapshot(tag: int) -> None:
-        save_png(out / f"progress_{tag:04d}.png", progress_image(fitter, views, show_rgb))
+    def _snapshot(self, state) -> None:
+        method = state.method
+        if self.views is None:
+            self.views = _progress_views(method.num_views)
+        # The sharpness the next step would use, as the previous job loop's images did.
+        sigma = method.settings.sigma_at(state.iteration)
+        save_png(self.out / f"progress_{state.iteration:04d}.png",
+                 progress_image(method, self.views, self.target_rgb, sigma))
 
-    if fitter.iteration == 0:
-        snapshot(0)
-    start = fitter.iteration
-    total = settings.iters
-    stop = _StopFlag()
-    t0 = time.perf_counter()
-    interrupted = False
-    try:
-        with stop.installed(), progress_bar(console) as bar:
-            task = bar.add_task("fit-mesh", total=max(total, start), completed=start, loss=float("nan"),
-                                iou=initial["iou_soft"])
-            while fitter.iteration < total:
-                terms = fitter.step()
-                it = fitter.iteration
-                if not all(math.isfinite(v) for v in terms.values()):
-                    raise CLIError(f"the loss became non-finite at iteration {it} ({terms}); "
-                                   "try a smaller --lr")
-                log.write({"iter": it, **terms, "time_s": elapsed0 + time.perf_counter() - t0})
-                bar.update(task, completed=it, loss=terms["loss"], iou=terms["iou"])
-                if it % log_every == 0 or it == total:
-                    log.file.flush()
-                    snapshot(it)
-                if it % checkpoint_every == 0 and it < total:
-                    _save_checkpoint(ckpt_path, checkpoint_state())
-                if stop.requested:
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        log.close()
-    _save_checkpoint(ckpt_path, checkpoint_state())
-    if interrupted:
-        console.print(f"Interrupted at iteration {fitter.iteration}/{total}; saved {ckpt_path}.",
-                      highlight=False)
-        if resume_hint:
-            console.print(f"Resume with: {resume_hint}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_INTERRUPTED)
+    def on_start(self, state) -> None:
+        if state.iteration == 0:
+            self._snapshot(state)
 
-    mesh = fitter.current_mesh()
-    save_mesh(mesh, out / "mesh.obj")
-    final = fitter.evaluate()
-    pngs = sorted(out.glob("progress_*.png"))
-    if len(pngs) > GIF_MAX_FRAMES:  # read only the frames the GIF keeps
-        pngs = [pngs[i] for i in np.linspace(0, len(pngs) - 1, GIF_MAX_FRAMES).round().astype(int)]
-    frames = [np.asarray(_imread(p)) for p in pngs]
-    write_gif(out / "progress.gif", frames, fps=8)
-    return FitResult(mesh=mesh, initial_mesh=initial_mesh, initial=initial, final=final,
-                     iterations=fitter.iteration, fitter=fitter)
+    def on_step(self, state) -> None:
+        if state.iteration % self.every == 0 or state.iteration == state.total:
+            self._snapshot(state)
+
+    def on_checkpoint(self, state, path) -> None:
+        pass
+
+    def on_end(self, state, reason: str) -> None:
+        if reason != "done":
+            return
+        pngs = sorted(self.out.glob("progress_*.png"))
+        if len(pngs) > GIF_MAX_FRAMES:  # read only the frames the GIF keeps
+            pngs = [pngs[i] for i in np.linspace(0, len(pngs) - 1, GIF_MAX_FRAMES).round().astype(int)]
+        write_gif(self.out / "progress.gif", [np.asarray(_imread(p)) for p in pngs], fps=8)
 
 
 def _imread(path: Path):
     import imageio.v3 as iio
 
     return iio.imread(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The job
+
+
+def run_fit(out: Path, *, silhouettes: torch.Tensor, cameras, template, settings, sources: dict[str, str],
+            rgb: torch.Tensor | None = None, learn_rgb: bool = False, template_scale: float = 1.0,
+            seed: int = 0, log_every: int = 25, checkpoint_every: int = 100, resume: bool = False,
+            resume_hint: str | None = None, console=None):
+    """Fit ``template`` to ``silhouettes (N, H, W)`` seen by ``cameras`` (N) with the training engine; write
+    the job files in ``out``. Returns the library's FitResult.
+
+    rgb: (N, H, W, 3) target colours, learned as per-vertex colours when ``learn_rgb``.
+    sources: the inputs' paths ("targets", "cameras", "template"), named when a resume is refused.
+    On Ctrl-C/SIGTERM the checkpoint is saved, ``resume_hint`` printed and the command exits 130/143; a run
+    of non-finite steps ends with one ``Error:`` line (exit 1), the last good checkpoint kept.
+    """
+    from taichi_dr.pipelines import CheckpointError
+    from taichi_dr.pipelines.mesh_fit import ResumeMismatch, fit_mesh
+
+    try:
+        return fit_mesh(silhouettes, cameras, template, settings, rgb=rgb, learn_colors=learn_rgb,
+                        template_scale=template_scale, seed=seed, out_dir=out, resume=resume,
+                        checkpoint_every=checkpoint_every, sources=sources,
+                        callbacks=[ProgressImages(out, log_every, rgb)],
+                        run=functools.partial(run_training, resume_hint=resume_hint, console=console))
+    except CheckpointError as e:
+        raise CLIError(f"--resume: {e}") from None
+    except ResumeMismatch as e:
+        listed = ", ".join(f"{IDENTITY_OPTIONS.get(key, key)} ({what})" for key, what in e.differences)
+        raise CLIError(f"--resume: {str(out / CHECKPOINT)!r} was made with different {listed}; resume with the "
+                       "original options, or start a new run in another folder (or with --overwrite)") from None
+    except ValueError as e:
+        if not str(e).startswith("resume: "):
+            raise
+        # The engine's other refusals (a checkpoint past --iters, another optimiser), in the command's words.
+        raise CLIError("--resume: " + str(e)[len("resume: "):].replace("TrainConfig.iterations", "--iters")) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,22 +221,6 @@ def load_template(template: Path | None):
         raise CLIError(f"--template {str(template)!r}: every face is degenerate (zero area)")
     # Colours and textures of the template play no part in the fit.
     return type(mesh)(verts=mesh.verts, faces=mesh.faces, name=mesh.name), str(template)
-
-
-def fit_identity(targets_path, cameras_path, targets, cameras, template_label: str, template_mesh,
-                 template_scale: float, rgb: bool, parameterization: str = "tanh") -> dict:
-    """What a resumed run must match (``IDENTITY_OPTIONS``): digests of the loaded data, not just paths."""
-    identity = {
-        "targets": {"path": str(targets_path), "digest": tensor_digest(targets.silhouettes)},
-        "cameras": {"path": str(cameras_path), "digest": tensor_digest(cameras.K, cameras.R, cameras.t)},
-        "template": {"path": template_label,
-                     "digest": tensor_digest(template_mesh.verts, template_mesh.faces.float())},
-        "template_scale": float(template_scale),
-        "rgb": bool(rgb),
-    }
-    if parameterization != "tanh":  # absent = tanh, so checkpoints from before the option still resume
-        identity["parameterization"] = parameterization
-    return identity
 
 
 def resume_command_line(targets, cameras, out, *, template=None, template_scale=1.0, rgb=False, fov=30.0,
@@ -485,14 +328,15 @@ def fit_mesh_command(
     prepare_out_dir(out, overwrite=overwrite, resume=resume, stale=STALE)
     init_runtime(arch)
 
-    identity = fit_identity(targets, cameras, tgt, cams, template_label, template_mesh, template_scale, rgb,
-                            parameterization)
     hint = resume_command_line(targets, cameras, out, template=template, template_scale=template_scale,
                                rgb=rgb, fov=fov, iters=iters, views_per_step=views_per_step,
                                camera_convention=camera_convention, parameterization=parameterization)
+    sources = {"targets": str(targets), "cameras": str(cameras), "template": template_label}
     result = run_fit(out, silhouettes=tgt.silhouettes, cameras=cams, template=template_mesh,
-                     settings=settings, identity=identity, rgb=tgt.rgb, learn_rgb=rgb,
+                     settings=settings, sources=sources, rgb=tgt.rgb, learn_rgb=rgb,
                      template_scale=template_scale, seed=seed, log_every=log_every,
                      checkpoint_every=checkpoint_every, resume=resume, resume_hint=hint)
     print_metrics(result)
-    typer.echo(f"Wrote {out / 'mesh.obj'}, {out / LOG}, {out / 'progress.gif'} and {out / CHECKPOINT}")
+    # (--iters 0 only places the template: no training, so only mesh.obj)
+    written = [str(p) for p in (out / "mesh.obj", out / METRICS, out / "progress.gif", out / CHECKPOINT) if p.is_file()]
+    typer.echo(f"Wrote {', '.join(written[:-1])} and {written[-1]}" if len(written) > 1 else f"Wrote {written[0]}")

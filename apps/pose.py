@@ -11,13 +11,16 @@ coordinates into the camera's world frame (object -> camera when the camera has 
 
 Writes ``DIR/before.png`` and ``DIR/after.png`` (the model's outline over the image at the initial and the
 refined pose), ``DIR/pose.json`` (the refined pose, both conventions, with the settings and final loss),
-``DIR/loss.csv`` and ``DIR/loss.svg`` (the loss curve).
+``DIR/loss.csv`` and ``DIR/loss.svg`` (the loss curve), and, as every engine run, ``DIR/metrics.jsonl``,
+``DIR/config.json`` and ``DIR/checkpoint.pt``. Ctrl-C (or SIGTERM) saves a checkpoint and prints the command
+that continues the refinement (``--resume``), bitwise as if it had not stopped.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import shlex
 import warnings
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from apps.common import (
     init_runtime,
     option_errors,
     prepare_out_dir,
+    run_training,
     save_png,
     settings_error,
     upscale,
@@ -43,7 +47,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def _group() -> None:
     """Pose refinement (``tdr pose``). The main ``tdr`` app registers :func:`pose_command` as ``pose``."""
 
-STALE = ("before.png", "after.png", "pose.json", "loss.csv", "loss.svg")
+STALE = ("before.png", "after.png", "pose.json", "loss.csv", "loss.svg", "checkpoint.pt", "metrics.jsonl",
+         "config.json")
 # PoseSettings fields -> the options that set them, for error messages.
 POSE_OPTIONS = {"stages": "--stages", "multi_start": "--multi-start", "multi_start_angle": "--multi-start-angle",
                 "parameterization": "--parameterization", "rotation": "--rotation",
@@ -55,7 +60,7 @@ def read_image(path: Path, mask_path: Path | None):
     """The target (a PoseTarget) from IMAGE and an optional separate mask."""
     import imageio.v3 as iio
 
-    from taichi_dr.pipelines.pose.refine import PoseTarget
+    from taichi_dr.pipelines.pose import PoseTarget
 
     with option_errors("IMAGE"):
         if not path.is_file():
@@ -161,7 +166,7 @@ def check_initial_view(model, pose, cam, image_size: tuple[int, int], init: Path
 
 
 def parse_stages(text: str | None):
-    from taichi_dr.pipelines.pose.refine import DEFAULT_STAGES, Stage
+    from taichi_dr.pipelines.pose import DEFAULT_STAGES, Stage
 
     if not text:
         return DEFAULT_STAGES
@@ -247,6 +252,9 @@ def pose_command(
     refine_focal: bool = typer.Option(False, help="Also refine the focal length."),
     refine_principal_point: bool = typer.Option(False, help="Also refine the principal point."),
     overwrite: bool = typer.Option(False, help="Write into a non-empty --out folder."),
+    resume: bool = typer.Option(False, help="Continue the interrupted refinement in --out (same arguments)."),
+    checkpoint_every: int = typer.Option(50, help="Steps between checkpoints in --out (0: only at the end and on "
+                                         "Ctrl-C/SIGTERM)."),
     arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan."),
 ) -> None:
     """Refine the pose of MESH so that its render lines up with IMAGE; write overlays, the pose and the loss
@@ -254,13 +262,14 @@ def pose_command(
     import torch
 
     from taichi_dr.core.mesh import load_mesh
-    from taichi_dr.pipelines.pose.refine import (
+    from taichi_dr.pipelines import CheckpointError, TrainConfig, Trainer
+    from taichi_dr.pipelines.pose import (
         CONVENTIONS,
         ROTATIONS,
         Pose,
+        PoseMethod,
         PoseSettings,
         load_pose,
-        refine_pose,
         rotation_error_deg,
         save_pose,
     )
@@ -270,6 +279,8 @@ def pose_command(
     rotation = choice("--rotation", rotation, ROTATIONS)
     if camera_index < 0:
         raise CLIError(f"--camera-index: expected an index >= 0, got {camera_index}")
+    if checkpoint_every < 0:
+        raise CLIError(f"--checkpoint-every: expected an integer >= 0, got {checkpoint_every}")
     schedule = parse_stages(stages)
     try:
         settings = PoseSettings(stages=schedule, multi_start=multi_start, multi_start_angle=multi_start_angle,
@@ -297,21 +308,33 @@ def pose_command(
     with option_errors("MESH"):
         model = load_mesh(mesh)
     check_initial_view(model, init_pose, cam, target.image_size, init)
-    prepare_out_dir(out, overwrite=overwrite, stale=STALE)
+    if resume and not (out / "checkpoint.pt").is_file():
+        raise CLIError(f"--resume: {out / 'checkpoint.pt'} not found; nothing to continue (run without --resume)")
+    prepare_out_dir(out, overwrite=overwrite, resume=resume, stale=STALE)
     init_runtime(arch)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from apps.common import stderr_console
-
-    total = sum(s.iters for s in schedule) + (multi_start - 1) * schedule[0].iters
-    columns = (TextColumn("[bold]pose"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("stage {task.fields[stage]}  loss {task.fields[loss]:.5f}"), TimeElapsedColumn())
-    with Progress(*columns, console=stderr_console(), transient=False) as progress:
-        task = progress.add_task("pose", total=total, stage=0, loss=float("nan"))
-        result = refine_pose(model, target, cam, init_pose.to(dtype=torch.float32), loss=loss,
-                             settings=settings,
-                             callback=lambda s: progress.update(task, advance=1, stage=s.stage, loss=s.loss))
+    method = PoseMethod(model, target, cam, init_pose.to(dtype=torch.float32), loss=loss, settings=settings)
+    if method.iterations:
+        config = TrainConfig(iterations=method.iterations, checkpoint_every=checkpoint_every,
+                             max_nonfinite=settings.max_nonfinite)
+        try:
+            trainer = Trainer(method, config, out_dir=out, resume=resume)
+        except CheckpointError as e:
+            raise CLIError(f"--resume: {e}") from None
+        except ValueError as e:  # PoseMethod.check_resume: other arguments than the interrupted run's
+            raise CLIError(f"--resume: {out / 'checkpoint.pt'} was made with other arguments ({e})") from None
+        hint = resume_command_line(mesh=mesh, image=image, camera=camera, fov=fov, camera_index=camera_index,
+                                   init=init, out=out, mask=mask, loss=loss, stages=stages, multi_start=multi_start,
+                                   multi_start_angle=multi_start_angle, parameterization=parameterization,
+                                   rotation=rotation, refine_focal=refine_focal,
+                                   refine_principal_point=refine_principal_point,
+                                   checkpoint_every=checkpoint_every, arch=arch)
+        run_training(trainer, resume_hint=hint)
+        seconds = trainer.state.elapsed_s
+    else:
+        seconds = 0.0
+    method.finish()
+    result = method.result(seconds=seconds)
 
     factor = max(1, 384 // max(target.image_size))
     save_png(out / "before.png", upscale(_u8(result.overlay_init), factor))
@@ -333,6 +356,19 @@ def pose_command(
                f"{float((result.pose.t.double() - init_pose.t.double()).norm()):.4g} in {result.seconds:.1f} s")
     typer.echo(f"Wrote {out / 'pose.json'}, {out / 'before.png'}, {out / 'after.png'}, {out / 'loss.csv'} and "
                f"{out / 'loss.svg'}")
+
+
+def resume_command_line(**args) -> str:
+    """The ``tdr pose ... --resume`` command that continues this run (printed on Ctrl-C/SIGTERM)."""
+    words = ["tdr", "pose", str(args.pop("mesh")), str(args.pop("image"))]
+    defaults = {"camera_index": 0, "multi_start": 1, "multi_start_angle": 45.0, "parameterization": "object_to_camera",
+                "rotation": "axis_angle", "checkpoint_every": 50}
+    for name, value in args.items():
+        if value is None or value is False or defaults.get(name, object()) == value:
+            continue
+        option = "--" + name.replace("_", "-")
+        words += [option] if value is True else [option, str(value)]
+    return shlex.join(words + ["--resume"])
 
 
 def _u8(img) -> np.ndarray:

@@ -2,8 +2,11 @@
 
 * ``reconstruct DATA --out DIR``: trains a neural SDF + colour network by sphere tracing (IDR) on a dataset
   folder (IDR/NeuS layout or NeRF-synthetic), then writes ``mesh.ply`` (marching cubes, in the dataset's
-  world coordinates), renders of the held-out views (colour and normals), ``metrics.json`` and a checkpoint
-  that ``--resume`` continues from.
+  world coordinates), renders of the held-out views (colour and normals) and ``metrics.json``. Training runs
+  on the shared engine (:mod:`taichi_dr.pipelines.engine`): ``checkpoint.pt`` every ``--checkpoint-every``
+  iterations, ``metrics.jsonl`` (one row per iteration) and ``config.json`` in the run folder; Ctrl-C or
+  SIGTERM saves at the current iteration and prints the ``--resume`` command (exit 130/143), and ``--resume``
+  continues bitwise; progress is a bar on a terminal and plain lines otherwise.
 * ``evaluate MESH --gt GT``: Chamfer distance, normal consistency and F-score between two meshes; with
   ``--data`` (and ``--checkpoint``), PSNR and mask IoU on the held-out views.
 * ``make-dataset MESH --out DIR``: renders a mesh with this engine into the IDR layout, for tests with known
@@ -30,6 +33,7 @@ from apps.common import (
     hstack,
     init_runtime,
     prepare_out_dir,
+    run_training,
     save_png,
     settings_error,
     to_uint8,
@@ -37,7 +41,8 @@ from apps.common import (
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False)
 
-STALE = ("mesh.ply", "metrics.json", "checkpoint.pt", "heldout/*.png", "validation/*.png")
+STALE = ("mesh.ply", "metrics.json", "metrics.jsonl", "config.json", "checkpoint.pt", "heldout/*.png",
+         "validation/*.png")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -97,13 +102,6 @@ def _write_views(folder: Path, rendered: dict, images: torch.Tensor, names) -> N
         save_png(folder / f"{stem}_normals.png", _normals_image(rendered["normals"][i], rendered["mask"][i]))
 
 
-def _progress():
-    from apps.common import progress_bar, stderr_console
-
-    return progress_bar(stderr_console(), fields="loss {task.fields[loss]:.4f}  PSNR {task.fields[psnr]:.2f}  "
-                                                 "{task.fields[rays]:.0f} rays/s")
-
-
 def _load_data(data: Path, holdout_every: int, scene_radius: float):
     from taichi_dr.data.datasets import load_dataset, split_holdout
 
@@ -148,36 +146,50 @@ def check_rays(rays: int, train, config, device: torch.device) -> None:
                        f"{free / 2**30:.1f} GiB is free on {device.type}; use at most about {most}")
 
 
-def read_idr_checkpoint(path: Path, option: str, *, resume: bool = False) -> dict:
-    """The checkpoint ``tdr reconstruct`` wrote at ``path`` (a file or its folder), checked to be one.
+def read_idr_checkpoint(path: Path, option: str) -> dict:
+    """The engine checkpoint ``tdr reconstruct`` wrote at ``path`` (a file or its folder), read with
+    ``weights_only=True`` and checked to be an IDR one.
 
-    Any other file (text, a corrupt or truncated save, a ``tdr fit-mesh`` checkpoint) gives a one-line
-    CLIError naming ``option`` and the file, instead of an unpickling error or KeyError from deep inside.
+    Anything else (a text file, a corrupt or truncated save, a checkpoint of another method such as
+    ``tdr fit-mesh``'s, one of another format version) gives a one-line CLIError naming ``option`` and the file.
     """
-    from taichi_dr.pipelines.idr import CHECKPOINT_NAME, IDRConfig
+    from taichi_dr.pipelines.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+    from taichi_dr.pipelines.idr import IDRConfig, IDRMethod
 
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise CLIError(f"{option}: no checkpoint at {str(path)!r}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # pickle, zip and torch errors of every kind for a file that is not a checkpoint
-        raise CLIError(f"{option}: {str(path)!r} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if isinstance(state, dict) and "fitter" in state:
-        raise CLIError(f"{option}: {str(path)!r} is a tdr fit-mesh checkpoint; give the checkpoint.pt that "
-                       "tdr reconstruct wrote")
-    needed = ("config", "model", "iteration") + (("optimizer", "scheduler", "generator") if resume else ())
-    missing = [k for k in needed if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CLIError(f"{option}: {str(path)!r} is not a tdr reconstruct checkpoint (it has no "
-                       f"{', '.join(missing)})")
+        payload = load_checkpoint(path, IDRMethod)
+    except CheckpointError as e:
+        raise CLIError(f"{option}: {e}") from None
     try:
-        IDRConfig.from_dict(state["config"])
-    except (ValueError, TypeError) as e:
+        IDRConfig.from_dict(payload["config"]["method_config"])
+    except (KeyError, ValueError, TypeError) as e:
         raise CLIError(f"{option}: {str(path)!r} holds settings this version cannot read ({e})") from None
-    return state
+    return payload
+
+
+def resume_command_line(data: Path, out: Path, options: dict[str, object]) -> str:
+    """The ``tdr reconstruct ... --resume`` command that continues a run: ``options`` ({parameter name:
+    value}) are written when they differ from the command's defaults."""
+    import inspect
+    import shlex
+
+    from apps.common import command_options
+
+    names = command_options(reconstruct_command)
+    defaults = {name: getattr(p.default, "default", None)
+                for name, p in inspect.signature(reconstruct_command).parameters.items()}
+    hint = ["tdr", "reconstruct", str(data), "--out", str(out)]
+    for name, value in options.items():
+        if value is None or value == defaults.get(name):
+            continue
+        if isinstance(value, bool):
+            hint.append(names[name] if value else "--no-" + names[name][2:])
+        else:
+            hint += [names[name], str(value)]
+    return shlex.join(hint + ["--resume"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,15 +227,17 @@ def reconstruct_command(
 ) -> None:
     """Reconstruct a surface from posed images and masks (IDR: neural SDF by sphere tracing)."""
     from taichi_dr.core.mesh import save_mesh
+    from taichi_dr.implicit.meshing import extract_mesh
+    from taichi_dr.pipelines import Trainer
     from taichi_dr.pipelines.idr import (
         IDRConfig,
-        _resize_views,
-        extract_mesh,
+        IDRMethod,
+        check_network_settings,
         image_metrics,
         render_views,
+        resize_views,
         scale_cameras,
-        train_idr,
-        write_metrics,
+        validation_callback,
     )
 
     if method != "idr":
@@ -249,8 +263,14 @@ def reconstruct_command(
         raise CLIError(f"--render-scale: must be in (0, 1], got {render_scale}")
     if resume and not (Path(out) / "checkpoint.pt").is_file():
         raise CLIError(f"--resume: no checkpoint.pt in {str(out)!r}")
+    saved_config = None   # checked now, before the data is loaded; the Trainer loads the checkpoint itself
     if resume:
-        read_idr_checkpoint(Path(out) / "checkpoint.pt", "--resume", resume=True)
+        saved = read_idr_checkpoint(Path(out) / "checkpoint.pt", "--resume")
+        if saved["iteration"] > iterations:
+            raise CLIError(f"--iterations {iterations}: the checkpoint in {str(out)!r} is already at iteration "
+                           f"{saved['iteration']}; give at least that many")
+        saved_config = saved["config"]["method_config"]
+        del saved
     train, test = _load_data(data, holdout_every, scene_radius)
     if test is not None and min(test.image_size) * render_scale < min(8, *test.image_size):
         h, w = test.image_size
@@ -266,33 +286,36 @@ def reconstruct_command(
                            validate_every=validate_every, seed=seed)
     except (ValueError, TypeError) as e:
         raise settings_error(e, "IDRConfig", IDR_OPTIONS) from None
+    if saved_config is not None:
+        try:
+            check_network_settings(saved_config, config)
+        except ValueError as e:
+            raise CLIError(f"--resume: {e}") from None
     used = init_runtime(arch)
     from taichi_dr.core import runtime
 
     check_rays(rays, train, config, runtime.device())
     prepare_out_dir(out, overwrite=overwrite, resume=resume, stale=STALE)
 
-    def on_validation(it, result):
-        v = result["rendered"]
-        row = hstack([to_uint8(v["rgb"][0]), _normals_image(v["normals"][0], v["mask"][0])])
-        (out / "validation").mkdir(exist_ok=True)
-        save_png(out / "validation" / f"iter_{it:06d}.png", row)
-
+    hint = resume_command_line(data, out, dict(
+        method=method, iterations=iterations, rays=rays, lr=lr, depth=depth, width=width, frequencies=frequencies,
+        feature_dim=feature_dim, render_depth=render_depth, render_width=render_width, learn_cameras=learn_cameras,
+        holdout_every=holdout_every, resolution=resolution, render_scale=render_scale,
+        validate_every=validate_every, checkpoint_every=checkpoint_every, scene_radius=scene_radius, seed=seed,
+        arch=arch))
+    callbacks = []
+    if validate_every and test is not None:
+        callbacks.append(validation_callback(test.subset([0]), validate_every, render_scale, out / "validation"))
+    torch.manual_seed(config.seed)   # the networks' initial weights (a resumed run then loads its own)
+    idr = IDRMethod(train, config)
+    trainer = Trainer(idr, config.train_config(), out_dir=out, callbacks=callbacks, resume=resume)
     t0 = time.perf_counter()
-    with _progress() as bar:
-        task = bar.add_task("IDR", total=iterations, loss=float("nan"), psnr=float("nan"), rays=0.0)
-
-        def progress(it, total, stats):
-            bar.update(task, completed=it, loss=stats["loss"], psnr=stats["psnr"], rays=stats["rays_per_s"])
-
-        first_view = test.subset([0]) if test is not None else None
-        model, history = train_idr(train, config, out, resume=resume, validation=first_view,
-                                   validation_scale=render_scale, progress=progress,
-                                   on_validation=on_validation)
+    result = run_training(trainer, resume_hint=hint)
     train_time = time.perf_counter() - t0
+    model, history = idr.model.eval(), result.history
     metrics = dict(method="idr", data=str(data), arch=used, iterations=iterations, train_seconds=train_time,
                    train_views=len(train), heldout_views=len(test) if test else 0, config=config.to_dict(),
-                   final=dict(history[-1]) if history else {})
+                   skipped_steps=result.skipped, final=dict(history[-1]) if history else {})
     t1 = time.perf_counter()
     mesh = extract_mesh(model.sdf, resolution, config.tracer.bounding_radius, scale_mat=train.scale_mat)
     save_mesh(mesh, out / "mesh.ply")
@@ -302,11 +325,11 @@ def reconstruct_command(
         t2 = time.perf_counter()
         cams = scale_cameras(test.cameras, render_scale)
         rendered = render_views(model, cams, config.tracer)
-        images, masks = _resize_views(test, cams.image_size)
+        images, masks = resize_views(test, cams.image_size)
         _write_views(out / "heldout", rendered, images, test.names)
         m = image_metrics(rendered, images, masks)
         metrics["heldout"] = dict(m, image_size=list(cams.image_size), seconds=time.perf_counter() - t2)
-    write_metrics(out / "metrics.json", metrics)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float) + "\n")
     msg = (f"Wrote {out / 'mesh.ply'} ({mesh.num_faces} faces) after {iterations} iterations in "
            f"{train_time:.0f} s")
     if "heldout" in metrics:
@@ -367,11 +390,12 @@ def _score_views(mesh, test, checkpoint) -> dict:
     from taichi_dr.pipelines.idr import image_metrics, load_model, render_views
 
     if checkpoint is not None:
+        from taichi_dr.pipelines.checkpoint import CheckpointError
+
         try:
             model, config = load_model(checkpoint)
-        except RuntimeError as e:  # the weights do not fit the networks its config describes
-            raise CLIError(f"--checkpoint: {str(checkpoint)!r} cannot be loaded: {str(e).splitlines()[0]}") \
-                from None
+        except CheckpointError as e:  # e.g. weights that do not fit the networks its config describes
+            raise CLIError(f"--checkpoint: {e}") from None
         rendered = render_views(model, test.cameras.to(device=runtime.device()), config.tracer)
         return image_metrics(rendered, test.images, test.masks)
     # Mask IoU from the mesh itself: bring it into the normalised frame and rasterise it (hard mode).

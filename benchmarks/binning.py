@@ -21,9 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import taichi_dr  # noqa: E402
 from taichi_dr.core import runtime  # noqa: E402
+from taichi_dr.core.camera import project_points  # noqa: E402
 from taichi_dr.raster import RasterSettings  # noqa: E402
 from taichi_dr.raster.binning import _FP, _tile_range, bin_faces  # noqa: E402
-from taichi_dr.raster.renderer import _corner_gather, _project  # noqa: E402
+from taichi_dr.raster.renderer import _corner_gather  # noqa: E402
 from taichi_dr.raster.soft import _params  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -82,7 +83,7 @@ def scene(name: str):
     mesh = load_case_mesh(mesh_name)
     cams = spherical_cameras(views, size)
     cam = cams.world_to_camera(mesh.verts[None].expand(views, -1, -1))
-    fv = _corner_gather(_project(cam, cams.K[:, None], settings.near), mesh.faces).contiguous()
+    fv = _corner_gather(project_points(cam, cams.K[:, None], settings.near), mesh.faces).contiguous()
     return fv, (size, size), settings
 
 

@@ -155,7 +155,10 @@ def run_case(shape: str, level: int, views: int, size: int, extra: list[str], wo
     fitted = load_mesh(case / "fit" / "mesh.obj")
     pred = numpy_silhouettes(fitted.verts, fitted.faces, cams.K, cams.R, cams.t, (size, size))
     ious = hard_iou(pred, sil)
-    log = (case / "fit" / "loss_log.csv").read_text().splitlines()
+    # One JSON row per iteration (metrics.jsonl, the training engine's log; loss_log.csv before it, with a header).
+    metrics, old_log = case / "fit" / "metrics.jsonl", case / "fit" / "loss_log.csv"
+    iterations = (len(metrics.read_text().splitlines()) if metrics.is_file()
+                  else len(old_log.read_text().splitlines()) - 1)
     chamfer = chamfer_distance(fitted, mesh) / bbox_diagonal(mesh)
     # Wing tips (airplane) / leg ends (chair): target pixels covered among the farthest 2% from the centre.
     centre = cams.project(torch.zeros(1, 3, dtype=cams.dtype))[:, 0, :2].numpy()
@@ -166,7 +169,7 @@ def run_case(shape: str, level: int, views: int, size: int, extra: list[str], wo
         far = d >= np.quantile(d, 0.98)
         far_cov.append(pred[n][ys[far], xs[far]].mean())
     return {"shape": shape, "scale": scale, "template": template, "verts": int(fitted.verts.shape[0]),
-            "iterations": len(log) - 1, "seconds": round(seconds, 1), "iou_hard": float(ious.mean()),
+            "iterations": iterations, "seconds": round(seconds, 1), "iou_hard": float(ious.mean()),
             "iou_hard_min": float(ious.min()), "extremity_coverage": float(np.mean(far_cov)),
             "chamfer_pct": 100.0 * chamfer, "extra": " ".join(extra),
             "fit_says": proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else ""}

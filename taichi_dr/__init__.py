@@ -24,16 +24,17 @@ from taichi_dr.core.runtime import arch, device, ensure_init, init  # noqa: E402
 __version__ = "0.1.0"
 
 _MODULE_EXPORTS = {
-    "core.camera": ("Cameras", "CameraParameters", "load_cameras", "save_cameras_json", "intrinsics_from_fov",
-                    "axis_angle_to_matrix", "matrix_to_axis_angle", "rotation_6d_to_matrix",
-                    "matrix_to_rotation_6d", "quaternion_to_matrix", "matrix_to_quaternion"),
+    "core.camera": ("Cameras", "load_cameras", "save_cameras_json", "intrinsics_from_fov"),
+    "core.transforms": ("CameraParameters", "PoseParameters", "axis_angle_to_matrix", "matrix_to_axis_angle",
+                        "rotation_6d_to_matrix", "matrix_to_rotation_6d", "quaternion_to_matrix",
+                        "matrix_to_quaternion"),
     "core.mesh": ("Mesh", "load_mesh", "save_mesh", "icosphere", "asset_path", "face_normals", "vertex_normals"),
     "core.bridge": ("KernelOp",),
     "raster": ("RasterSettings", "soft_rasterize"),
     "raster.shading": ("Lights",),
     "raster.renderer": ("render_mesh", "MeshRenderer", "RenderOutput"),
     "pipelines.pose": ("Pose", "PoseSettings", "PoseTarget", "Stage", "refine_pose", "load_pose", "save_pose",
-                       "DisplacementField", "PixelGradientField"),
+                       "DisplacementField", "PixelGradientField", "PoseMethod"),
 }
 _EXPORTS = {name: module for module, names in _MODULE_EXPORTS.items() for name in names}
 

@@ -22,18 +22,19 @@ def assert_clean_error(result, *needles: str, absent: tuple[str, ...] = (), exit
     return errors[0]
 
 
-def interrupt_fit_after(monkeypatch, iteration: int):
-    """Make MeshFitter send itself SIGINT (what Ctrl-C delivers) after step ``iteration``; returns the real
-    ``step`` so a test can put it back."""
-    from taichi_dr.pipelines.mesh_fit import MeshFitter
+def interrupt_fit_after(monkeypatch, iteration: int, signum: int = signal.SIGINT):
+    """Make MeshFitMethod send itself ``signum`` (SIGINT: what Ctrl-C delivers) during step ``iteration``
+    (1-based, as the engine counts completed iterations): the engine finishes that step, saves and stops.
+    Returns the real ``step`` so a test can put it back."""
+    from taichi_dr.pipelines.mesh_fit import MeshFitMethod
 
-    step = MeshFitter.step
+    step = MeshFitMethod.step
 
-    def step_then_interrupt(self):
-        terms = step(self)
-        if self.iteration == iteration:
-            os.kill(os.getpid(), signal.SIGINT)
-        return terms
+    def step_then_interrupt(self, batch, index):
+        result = step(self, batch, index)
+        if index + 1 == iteration:
+            os.kill(os.getpid(), signum)
+        return result
 
-    monkeypatch.setattr(MeshFitter, "step", step_then_interrupt)
+    monkeypatch.setattr(MeshFitMethod, "step", step_then_interrupt)
     return step

@@ -9,7 +9,13 @@ to input gradients. :func:`apply` wraps it in a ``torch.autograd.Function``:
   requires grad, and ndarray arguments must be contiguous), so callers' tensors are never modified;
 * missing output gradients arrive as zeros, so backward kernels need no special cases;
 * forward and backward hold :func:`taichi_dr.core.runtime.kernel_lock`: on CUDA torch runs ``backward`` on its
-  own autograd thread, and users may train in several threads, while Taichi's launches are not thread-safe.
+  own autograd thread, and users may train in several threads, while Taichi's launches are not thread-safe;
+* every tensor a forward keeps for its backward goes through ``ctx.save_for_backward``, so modifying an input
+  in place between forward and backward fails with torch's version-counter error instead of silently giving
+  gradients of the wrong values;
+* a backward with ``create_graph=True`` (double backward, e.g. an eikonal loss) raises a RuntimeError naming
+  the op unless the op declares ``supports_double_backward``: hand-written backward kernels return plain
+  tensors with no graph behind them, so a second derivative through them would silently be zero.
 """
 
 from __future__ import annotations
@@ -88,9 +94,17 @@ class KernelOp:
 
     ``differentiable_outputs`` (indices) marks which outputs carry gradients; the rest are returned as
     non-differentiable (e.g. integer index maps).
+
+    ``saved`` may nest tensors in tuples, lists and dicts; the bridge keeps those tensors with
+    ``ctx.save_for_backward`` and hands the same structure back to ``backward``.
+
+    ``supports_double_backward``: set it only on an op whose ``backward`` is itself differentiable (built from
+    torch ops or other bridge ops); its ``saved`` inputs then come back as the callers' tensors (with their
+    history) and its grad_outputs undetached. Otherwise ``create_graph=True`` through the op raises.
     """
 
     differentiable_outputs: tuple[int, ...] | None = None  # None: all floating outputs
+    supports_double_backward: bool = False
 
     def forward(self, *inputs):  # pragma: no cover - interface
         raise NotImplementedError
@@ -99,16 +113,56 @@ class KernelOp:
         raise NotImplementedError
 
 
+def _pack(saved, tensors: list[torch.Tensor]):
+    """``saved`` with every tensor (inside tuples, lists, dicts) moved to ``tensors`` and replaced by its
+    index there; :func:`_unpack` reverses it."""
+    if isinstance(saved, torch.Tensor):
+        tensors.append(saved)
+        return _Slot(len(tensors) - 1)
+    if isinstance(saved, (tuple, list)):
+        return type(saved)(_pack(x, tensors) for x in saved)
+    if isinstance(saved, dict):
+        return {k: _pack(v, tensors) for k, v in saved.items()}
+    return saved
+
+
+def _unpack(packed, tensors: tuple[torch.Tensor, ...]):
+    if isinstance(packed, _Slot):
+        return tensors[packed.index]
+    if isinstance(packed, (tuple, list)):
+        return type(packed)(_unpack(x, tensors) for x in packed)
+    if isinstance(packed, dict):
+        return {k: _unpack(v, tensors) for k, v in packed.items()}
+    return packed
+
+
+class _Slot:
+    """Where a saved tensor sat in an op's ``saved`` structure."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
 class _TaichiFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op: KernelOp, *inputs):
         runtime.ensure_init()
+        # Detached views share the callers' version counters, so saving them below still catches in-place
+        # changes of the callers' tensors.
         plain = [x.detach().contiguous() if isinstance(x, torch.Tensor) else x for x in inputs]
         with runtime.kernel_lock():
             outputs, saved = op.forward(*plain)
         outputs = tuple(outputs)
         ctx.op = op
-        ctx.saved = saved
+        tensors: list[torch.Tensor] = []
+        ctx.saved_structure = _pack(saved, tensors)
+        if op.supports_double_backward:
+            # Its backward builds a graph: give it the callers' inputs (with their history), not detached views.
+            originals = {id(p): x for p, x in zip(plain, inputs, strict=True) if isinstance(x, torch.Tensor)}
+            tensors = [originals.get(id(t), t) for t in tensors]
+        ctx.save_for_backward(*tensors)
         ctx.n_inputs = len(inputs)
         diff = op.differentiable_outputs
         non_diff = [o for i, o in enumerate(outputs)
@@ -120,16 +174,24 @@ class _TaichiFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
+        name = type(ctx.op).__name__
+        if torch.is_grad_enabled() and not ctx.op.supports_double_backward:
+            # Autograd runs a backward in grad mode only for create_graph=True.
+            raise RuntimeError(f"{name}: double backward (create_graph=True) is not supported through this "
+                               "Taichi op; its hand-written backward gives gradients with no graph behind "
+                               "them. Keep the op out of the graph that create_graph differentiates (e.g. "
+                               "compute the eikonal term separately), or call backward without create_graph")
+        saved = _unpack(ctx.saved_structure, ctx.saved_tensors)  # raises if a saved tensor was modified in place
         grads = []
         for g, (shape, dtype, device) in zip(grad_outputs, ctx.output_meta, strict=True):
             if g is None:
                 g = torch.zeros(shape, dtype=dtype if dtype.is_floating_point else torch.float32, device=device)
-            grads.append(g.detach().contiguous())
+            grads.append(g.contiguous() if ctx.op.supports_double_backward else g.detach().contiguous())
         with runtime.kernel_lock():   # possibly on torch's autograd thread, concurrently with the main one
-            input_grads = ctx.op.backward(ctx.saved, *grads)
+            input_grads = ctx.op.backward(saved, *grads)
         input_grads = tuple(input_grads)
         if len(input_grads) != ctx.n_inputs:
-            raise RuntimeError(f"{type(ctx.op).__name__}.backward returned {len(input_grads)} gradients "
+            raise RuntimeError(f"{name}.backward returned {len(input_grads)} gradients "
                                f"for {ctx.n_inputs} inputs")
         return (None, *input_grads)
 

@@ -11,9 +11,8 @@ written with a negative ``fx`` in ``K``: the rotation stays a rotation (so rotat
 pose refinement work unchanged) and the mirror lives in the image axis. ``Cameras.mirrored`` tells which.
 
 Everything is plain torch and differentiable, so gradients reach the camera from any loss on projected
-points or rays. :class:`CameraParameters` wraps a :class:`Cameras` batch in learnable corrections for pose
-refinement. Rotation helpers (axis-angle, 6D, quaternions) are batched over leading dims and give finite
-values and gradients at 0 and 180 degrees wherever the maths allows.
+points or rays. The rotation helpers (axis-angle, 6D, quaternions) and :class:`CameraParameters` (learnable
+corrections of a Cameras batch) live in :mod:`taichi_dr.core.transforms` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,9 +25,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from taichi_dr.core.rays import pixel_centres, pixel_directions
+
+# The rotation maps and the learnable camera update live in core.transforms (rigid transforms); imported
+# here because Cameras uses them and `from taichi_dr.core.camera import CameraParameters` keeps working.
+from taichi_dr.core.transforms import (  # noqa: F401
+    CameraParameters,
+    _normalize,
+    _rotation_errors,
+    _skew,
+    axis_angle_to_matrix,
+    matrix_to_axis_angle,
+    matrix_to_quaternion,
+    matrix_to_rotation_6d,
+    quaternion_to_matrix,
+    rotation_6d_to_matrix,
+)
+
 __all__ = [
     "Cameras",
     "CameraParameters",
+    "project_points",
     "intrinsics_from_fov",
     "axis_angle_to_matrix",
     "matrix_to_axis_angle",
@@ -49,8 +66,6 @@ Z_EPS = 1e-6
 # Tolerance of the rotation check in Cameras(): loose enough for float32 matrices that went through a
 # text file or an optimiser step, tight enough to catch reflections (det -1) and scaled matrices.
 ROTATION_ATOL = 1e-3
-# Below this squared angle the rotation formulas switch to Taylor series (truncation error < 1e-16).
-_SMALL_ANGLE2 = 1e-4
 # How (distance, elevation, azimuth) rows become cameras (Cameras.from_spherical): "softras" renders what
 # SoftRas renders from the row (a mirrored camera), "opencv" what a real camera at that eye sees.
 SPHERICAL_CONVENTIONS = ("softras", "opencv")
@@ -88,18 +103,6 @@ def _to_tensor(x, name: str, dtype: torch.dtype | None = None, device=None) -> t
     return x
 
 
-def _normalize(v: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """v / |v| over the last dim, finite (zero) value and gradient at v = 0."""
-    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(eps)
-
-
-def _skew(v: torch.Tensor) -> torch.Tensor:
-    """(..., 3) -> (..., 3, 3) cross-product matrix: skew(a) @ b == cross(a, b)."""
-    x, y, z = v.unbind(-1)
-    o = torch.zeros_like(x)
-    return torch.stack([o, -z, y, z, o, -x, -y, x, o], dim=-1).reshape(v.shape[:-1] + (3, 3))
-
-
 def _check_image_size(image_size, name: str = "image_size") -> tuple[int, int]:
     try:
         h, w = image_size
@@ -121,14 +124,6 @@ def _batch(x: torch.Tensor, name: str, inner: tuple[int, ...]) -> torch.Tensor:
     return x
 
 
-def _rotation_errors(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per matrix: max |R R^T - I| and |det R - 1| (leading dims kept)."""
-    eye = torch.eye(3, dtype=R.dtype, device=R.device)
-    ortho = (R @ R.transpose(-1, -2) - eye).abs().amax(dim=(-1, -2))
-    det = (torch.linalg.det(R) - 1).abs()
-    return ortho, det
-
-
 def is_rotation(R: torch.Tensor, atol: float = 1e-4) -> bool:
     """True iff every matrix in ``R (..., 3, 3)`` is finite, orthonormal and has det +1 (within atol)."""
     R = _to_tensor(R, "R")
@@ -144,102 +139,8 @@ def is_rotation(R: torch.Tensor, atol: float = 1e-4) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# rotations
+# rotations (the maps live in core.transforms)
 # ----------------------------------------------------------------------------------------------------------
-
-def axis_angle_to_matrix(v: torch.Tensor) -> torch.Tensor:
-    """Rodrigues: axis-angle ``v (..., 3)`` (direction = axis, norm = angle in radians) -> ``(..., 3, 3)``.
-
-    ``R = I + a [v]x + b [v]x^2`` with ``a = sin(th)/th``, ``b = (1 - cos th)/th^2``; both use Taylor series
-    near th = 0, so the value is exactly I and the gradient (d R / d v_i = [e_i]x) exact at v = 0.
-    """
-    th2 = (v * v).sum(-1)
-    small = th2 < _SMALL_ANGLE2
-    # Double-where: the non-Taylor branch never sees th = 0, so no 0/0 even in its (discarded) gradient.
-    th2_safe = torch.where(small, torch.ones_like(th2), th2)
-    th = th2_safe.sqrt()
-    a = torch.where(small, 1 - th2 / 6 + th2 * th2 / 120, torch.sin(th) / th)
-    # (1 - cos th) written as 2 sin^2(th/2): no cancellation for small angles in float32.
-    b = torch.where(small, 0.5 - th2 / 24 + th2 * th2 / 720, 2 * torch.sin(th / 2) ** 2 / th2_safe)
-    k = _skew(v)
-    eye = torch.eye(3, dtype=v.dtype, device=v.device)
-    return eye + a[..., None, None] * k + b[..., None, None] * (k @ k)
-
-
-def matrix_to_quaternion(R: torch.Tensor) -> torch.Tensor:
-    """Rotation ``(..., 3, 3)`` -> unit quaternion ``(..., 4)`` as (w, x, y, z) with w >= 0.
-
-    Shepperd's method: of the four ways to recover q, take the one dividing by the largest component
-    (|q_i| >= 1/2), so the value and gradient are well conditioned at every angle, 180 degrees included.
-    """
-    m = R
-    m00, m01, m02 = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
-    m10, m11, m12 = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
-    m20, m21, m22 = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
-    four_q2 = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22,
-                           1 - m00 + m11 - m22, 1 - m00 - m11 + m22], dim=-1)  # 4 q_i^2
-    # Row i is 4 q_i * q.
-    cand = torch.stack([
-        torch.stack([four_q2[..., 0], m21 - m12, m02 - m20, m10 - m01], dim=-1),
-        torch.stack([m21 - m12, four_q2[..., 1], m10 + m01, m02 + m20], dim=-1),
-        torch.stack([m02 - m20, m10 + m01, four_q2[..., 2], m12 + m21], dim=-1),
-        torch.stack([m10 - m01, m02 + m20, m12 + m21, four_q2[..., 3]], dim=-1),
-    ], dim=-2)
-    # 2 sqrt(4 q_i^2) = 4 |q_i|. The chosen row has 4 q_i^2 >= 1; the clamp only keeps the other rows finite.
-    cand = cand / (2 * four_q2.clamp_min(0.1).sqrt())[..., None]
-    idx = four_q2.argmax(dim=-1)
-    q = torch.take_along_dim(cand, idx[..., None, None].expand(idx.shape + (1, 4)), dim=-2).squeeze(-2)
-    q = q * torch.where(q[..., :1] < 0, -1.0, 1.0)
-    return _normalize(q)
-
-
-def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
-    """Quaternion ``(..., 4)`` (w, x, y, z), any non-zero norm -> rotation ``(..., 3, 3)``."""
-    w, x, y, z = q.unbind(-1)
-    s = 2 / (q * q).sum(-1).clamp_min(1e-12)
-    out = torch.stack([
-        1 - s * (y * y + z * z), s * (x * y - z * w), s * (x * z + y * w),
-        s * (x * y + z * w), 1 - s * (x * x + z * z), s * (y * z - x * w),
-        s * (x * z - y * w), s * (y * z + x * w), 1 - s * (x * x + y * y),
-    ], dim=-1)
-    return out.reshape(q.shape[:-1] + (3, 3))
-
-
-def matrix_to_axis_angle(R: torch.Tensor) -> torch.Tensor:
-    """Rotation ``(..., 3, 3)`` -> axis-angle ``(..., 3)`` with angle in [0, pi].
-
-    Goes through the quaternion: angle = 2 atan2(|xyz|, w), v = xyz * angle / |xyz|, with a Taylor series
-    of the factor near angle 0. At exactly 180 degrees both v and -v are valid; one is returned.
-    """
-    q = matrix_to_quaternion(R)
-    w, xyz = q[..., 0], q[..., 1:]
-    s2 = (xyz * xyz).sum(-1)
-    small = s2 < 1e-6  # then w > 0.99999 (q is a unit quaternion with w >= 0)
-    s_safe = torch.where(small, torch.ones_like(s2), s2).sqrt()
-    w_safe = torch.where(small, w, torch.ones_like(w))
-    x2 = s2 / (w_safe * w_safe)
-    # 2 atan(s/w)/s = (2/w) * (1 - x^2/3 + x^4/5 - ...), x = s/w.
-    factor = torch.where(small, (2 / w_safe) * (1 - x2 / 3 + x2 * x2 / 5),
-                         2 * torch.atan2(s_safe, w) / s_safe)
-    return xyz * factor[..., None]
-
-
-def rotation_6d_to_matrix(x: torch.Tensor) -> torch.Tensor:
-    """Zhou et al. 2019 continuous 6D representation ``(..., 6)`` -> rotation ``(..., 3, 3)``.
-
-    Gram-Schmidt on the two 3-vectors gives the first two rows; the third is their cross product.
-    """
-    a1, a2 = x[..., :3], x[..., 3:]
-    b1 = _normalize(a1)
-    b2 = _normalize(a2 - (b1 * a2).sum(-1, keepdim=True) * b1)
-    b3 = torch.linalg.cross(b1, b2, dim=-1)
-    return torch.stack([b1, b2, b3], dim=-2)
-
-
-def matrix_to_rotation_6d(R: torch.Tensor) -> torch.Tensor:
-    """Rotation ``(..., 3, 3)`` -> 6D ``(..., 6)`` (its first two rows); inverse of rotation_6d_to_matrix."""
-    return R[..., :2, :].reshape(R.shape[:-2] + (6,))
-
 
 def _look_at_rotation(z: torch.Tensor, up: torch.Tensor, what: str) -> torch.Tensor:
     """Camera rotation (B, 3, 3) whose rows are the camera axes in world coords, given the forward
@@ -281,6 +182,25 @@ def _rq3(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------
 # Cameras
 # ----------------------------------------------------------------------------------------------------------
+
+def project_points(xyz: torch.Tensor, K: torch.Tensor, near: float | None = None) -> torch.Tensor:
+    """The one perspective projection: camera-space points ``xyz (B, ..., 3)`` -> ``(u, v, z)`` (pixels and
+    camera-space depth), with ``K`` broadcast against the points as ``(B, ..., 3, 3)`` (upper triangular).
+
+    ``near=None``: the divide uses z clamped to ``|z| >= Z_EPS`` with its sign kept, so values and gradients
+    are finite everywhere. ``near`` given (the rasterizer's near plane): points nearer than it, which lie only
+    on faces the rasterizer skips, are divided by 1 instead, so nothing there divides by (nearly) zero and the
+    rest is divided by its own z.
+    """
+    x, y, z = xyz.unbind(-1)
+    if near is None:
+        sign = torch.where(z < 0, -1.0, 1.0).to(z.dtype)
+        z_safe = torch.where(z.abs() < Z_EPS, sign * Z_EPS, z)
+    else:
+        z_safe = torch.where(z >= near, z, torch.ones_like(z))
+    x, y = x / z_safe, y / z_safe
+    return torch.stack([K[..., 0, 0] * x + K[..., 0, 1] * y + K[..., 0, 2], K[..., 1, 1] * y + K[..., 1, 2], z], -1)
+
 
 class Cameras:
     """Batch of B pinhole cameras.
@@ -439,14 +359,9 @@ class Cameras:
 
         The divide uses z clamped to ``|z| >= Z_EPS`` with its sign kept, so values and gradients are always
         finite; points behind or at the camera are the renderer's job (it clips at the near plane).
+        See :func:`project_points`, which the renderer uses on camera-space corners.
         """
-        xc = self.world_to_camera(points)
-        z = xc[..., 2:]
-        sign = torch.where(z < 0, -1.0, 1.0).to(z.dtype)
-        z_safe = torch.where(z.abs() < Z_EPS, sign * Z_EPS, z)
-        xy = xc[..., :2] / z_safe
-        uv = torch.matmul(xy, self.K[:, :2, :2].transpose(-1, -2)) + self.K[:, None, :2, 2]
-        return torch.cat([uv, z], dim=-1)
+        return project_points(self.world_to_camera(points), self.K[:, None])
 
     def camera_centers(self) -> torch.Tensor:
         """Camera centres in world coordinates ``(B, 3)``: ``C = -R^T t``."""
@@ -456,13 +371,7 @@ class Cameras:
         """Rays through pixel positions ``(u, v)``: ``pixels (N, 2)`` (shared) or ``(B, N, 2)`` ->
         ``origins (B, N, 3)`` (the camera centres) and unit ``directions (B, N, 3)``, in world space."""
         px = self._points(pixels, "pixels", 2)
-        K = self.K[:, None]
-        fx, fy, s, cx, cy = K[..., 0, 0], K[..., 1, 1], K[..., 0, 1], K[..., 0, 2], K[..., 1, 2]
-        # K^-1 [u, v, 1] for an upper-triangular K (fx != 0, fy > 0 is checked at construction).
-        y = (px[..., 1] - cy) / fy
-        x = (px[..., 0] - cx - s * y) / fx
-        d_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)  # norm >= 1: normalising is safe
-        d = _normalize(torch.matmul(d_cam, self.R))  # row-vector form of R^T d_cam
+        d = pixel_directions(self.K, self.R, px)  # K (fx != 0, fy > 0) is checked at construction
         d = d.expand(len(self), -1, -1) if d.shape[0] != len(self) else d
         origins = self.camera_centers()[:, None, :].expand_as(d)
         return origins, d
@@ -471,9 +380,7 @@ class Cameras:
         """Rays through every pixel centre ``(u, v) = (j + 0.5, i + 0.5)``: origins and unit directions,
         each ``(B, H, W, 3)``, world space."""
         h, w = self.image_size
-        v, u = torch.meshgrid(torch.arange(h, dtype=self.dtype, device=self.device) + 0.5,
-                              torch.arange(w, dtype=self.dtype, device=self.device) + 0.5, indexing="ij")
-        o, d = self.pixel_rays(torch.stack([u, v], dim=-1).reshape(-1, 2))
+        o, d = self.pixel_rays(pixel_centres(self.image_size, self.dtype, self.device))
         return o.reshape(len(self), h, w, 3), d.reshape(len(self), h, w, 3)
 
     # -- constructors ----------------------------------------------------------------------------------
@@ -615,61 +522,6 @@ def _spherical_arg(x, name: str, dtype: torch.dtype, device) -> torch.Tensor:
         raise ValueError(f"from_spherical: {name} must be a scalar or a (B,) array, "
                          f"got shape {tuple(x.shape)}")
     return x.reshape(-1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# learnable refinement
-# ----------------------------------------------------------------------------------------------------------
-
-class CameraParameters(torch.nn.Module):
-    """Learnable refinement of a Cameras batch: ``R = R_delta @ R0``, ``t = t0 + dt`` and, with
-    ``learn_focal``, ``f = f0 * exp(log_scale)`` (the upper-left 2x2 of K, i.e. a zoom about the principal
-    point; one scale shared by all views or one per view).
-
-    ``rotation="axis_angle"``: ``R_delta = exp(rot)``, ``rot (B, 3)`` starting at 0.
-    ``rotation="6d"``: ``R_delta`` from Zhou et al.'s 6D vector ``rot (B, 6)`` starting at the identity.
-    At initialisation ``forward()`` returns cameras equal to the input; the input's tensors are detached
-    and stored as buffers.
-    """
-
-    def __init__(self, cameras: Cameras, rotation: str = "axis_angle", learn_focal: bool = False,
-                 shared_focal: bool = True):
-        super().__init__()
-        if not isinstance(cameras, Cameras):
-            raise TypeError(f"CameraParameters: expected a Cameras batch, got {type(cameras).__name__}")
-        if rotation not in ("axis_angle", "6d"):
-            raise ValueError(f"CameraParameters: rotation must be 'axis_angle' or '6d', got {rotation!r}")
-        self.rotation = rotation
-        self.image_size = cameras.image_size
-        b, kw = len(cameras), dict(dtype=cameras.dtype, device=cameras.device)
-        self.register_buffer("K0", cameras.K.detach().clone())
-        self.register_buffer("R0", cameras.R.detach().clone())
-        self.register_buffer("t0", cameras.t.detach().clone())
-        if rotation == "axis_angle":
-            self.rot = torch.nn.Parameter(torch.zeros(b, 3, **kw))
-        else:
-            self.rot = torch.nn.Parameter(torch.tensor([1.0, 0, 0, 0, 1, 0], **kw).repeat(b, 1))
-        self.dt = torch.nn.Parameter(torch.zeros(b, 3, **kw))
-        if learn_focal:
-            self.log_focal_scale = torch.nn.Parameter(torch.zeros(1 if shared_focal else b, **kw))
-        else:
-            self.register_parameter("log_focal_scale", None)
-
-    def rotation_delta(self) -> torch.Tensor:
-        """``R_delta (B, 3, 3)``."""
-        if self.rotation == "axis_angle":
-            return axis_angle_to_matrix(self.rot)
-        return rotation_6d_to_matrix(self.rot)
-
-    def forward(self) -> Cameras:
-        K = self.K0
-        if self.log_focal_scale is not None:
-            s = torch.exp(self.log_focal_scale).expand(len(K))[:, None, None]
-            focal = torch.zeros(3, 3, dtype=K.dtype, device=K.device)
-            focal[:2, :2] = 1  # fx, skew, fy: a zoom about the principal point
-            scale = 1 + focal * (s - 1)
-            K = K * scale
-        return Cameras(K, self.rotation_delta() @ self.R0, self.t0 + self.dt, self.image_size)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,22 +1,26 @@
-"""Multi-view datasets for reconstruction: posed images with object masks.
+"""Multi-view datasets for reconstruction: posed images, with object masks where the source has them.
 
 Two layouts on disk, one container in memory (:class:`MultiViewDataset`):
 
-* IDR / NeuS (``load_idr``): ``image/*.png|jpg``, ``mask/*.png`` and ``cameras.npz`` with ``world_mat_i``
+* IDR / NeuS (``load_idr``): ``image/*.png|jpg``, ``mask/*.png`` (optional) and ``cameras.npz`` with ``world_mat_i``
   (``P = K [R | t]`` as 4x4 or 3x4, pixel units) and optionally ``scale_mat_i`` (a similarity that maps the
   unit sphere, where the object is, into world coordinates). The cameras used for training are those of
   the normalised projections ``(world_mat_i @ scale_mat_i)[:3]``, so the object lies inside the unit sphere;
   ``scale_mat`` is kept to bring results (meshes) back to world units.
 * NeRF-synthetic (``load_nerf_synthetic``): ``transforms_{train,val,test}.json`` with ``camera_angle_x``
-  (radians) and per frame ``file_path`` and an OpenGL camera-to-world ``transform_matrix``; RGBA images whose
-  alpha is the mask. Poses are converted to OpenCV axes and the scene is scaled by ``1 / scene_radius``.
+  (radians) and per frame ``file_path`` and an OpenGL camera-to-world ``transform_matrix``; RGBA images, whose
+  alpha is the mask, or RGB images (no masks; the background as photographed). Poses are converted to OpenCV
+  axes and the scene is scaled by ``1 / scene_radius``.
 
 Both loaders validate what they read and raise ValueError naming the file and what is wrong (missing keys,
 counts of images, masks and cameras that differ, mixed image sizes, empty masks, cameras whose rays miss
 the unit sphere). :func:`split_holdout` keeps every K-th view out for evaluation; :func:`sample_rays` draws
 training rays; :func:`write_idr` writes the IDR layout (``tdr make-dataset``, test fixtures).
 
-Images are ``(N, H, W, 3)`` float32 in [0, 1]; masks ``(N, H, W)`` bool; row 0 is the top of the image.
+Images are ``(N, H, W, 3)`` float32 in [0, 1]; masks ``(N, H, W)`` bool, or None (methods that need them,
+such as IDR's mask loss, call :meth:`MultiViewDataset.require_masks`); row 0 is the top of the image.
+The data layer knows no renderer: rendering a known shape into a dataset is the tests' job
+(``tests/sdf_scenes.py``).
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ import numpy as np
 import torch
 
 from taichi_dr.core.camera import Cameras, load_cameras
+from taichi_dr.core.rays import intersect_sphere
+from taichi_dr.data.images import IMAGE_SUFFIXES, describe_suffixes, list_images, read_image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+__all__ = ["IMAGE_SUFFIXES", "MultiViewDataset", "RayBatch", "load_dataset", "load_idr", "load_nerf_synthetic",
+           "rays_for_pixels", "sample_rays", "split_holdout", "validate_dataset", "write_idr"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,7 @@ class MultiViewDataset:
     """Posed views of one object, in normalised coordinates (the object inside the unit sphere).
 
     images: (N, H, W, 3) float32 in [0, 1].
-    masks: (N, H, W) bool, True on the object.
+    masks: (N, H, W) bool, True on the object; None when the source has no masks.
     cameras: N cameras (float32) of the normalised scene.
     scale_mat: (4, 4) float64, normalised -> world coordinates (``x_w = S @ [x_n, 1]``).
     names: N labels (image file names) for messages and outputs.
@@ -48,7 +55,7 @@ class MultiViewDataset:
     """
 
     images: torch.Tensor
-    masks: torch.Tensor
+    masks: torch.Tensor | None
     cameras: Cameras
     scale_mat: torch.Tensor
     names: tuple[str, ...]
@@ -59,7 +66,7 @@ class MultiViewDataset:
         if self.images.dim() != 4 or self.images.shape[-1] != 3 or self.images.shape[0] != n:
             raise ValueError(f"MultiViewDataset: images must be (N={n}, H, W, 3), "
                              f"got {tuple(self.images.shape)}")
-        if self.masks.shape != self.images.shape[:3] or self.masks.dtype != torch.bool:
+        if self.masks is not None and (self.masks.shape != self.images.shape[:3] or self.masks.dtype != torch.bool):
             raise ValueError(f"MultiViewDataset: masks must be bool (N, H, W) = "
                              f"{tuple(self.images.shape[:3])}, got {self.masks.dtype} "
                              f"{tuple(self.masks.shape)}")
@@ -75,6 +82,18 @@ class MultiViewDataset:
         return len(self.names)
 
     @property
+    def has_masks(self) -> bool:
+        return self.masks is not None
+
+    def require_masks(self, what: str) -> torch.Tensor:
+        """The masks; a one-line ValueError saying that ``what`` (e.g. "IDR's mask loss") needs them if the
+        dataset has none."""
+        if self.masks is None:
+            raise ValueError(f"{what} needs object masks, but {self.source or 'the dataset'} has none (IDR layout: "
+                             "a mask/ folder; NeRF-synthetic: RGBA images whose alpha is the mask)")
+        return self.masks
+
+    @property
     def image_size(self) -> tuple[int, int]:
         """(H, W)."""
         return int(self.images.shape[1]), int(self.images.shape[2])
@@ -87,7 +106,8 @@ class MultiViewDataset:
             raise IndexError(f"MultiViewDataset.subset: view indices {bad} out of range for "
                              f"{len(self)} views")
         t = torch.as_tensor(idx, dtype=torch.long)
-        return replace(self, images=self.images[t], masks=self.masks[t], cameras=self.cameras[t],
+        return replace(self, images=self.images[t], masks=None if self.masks is None else self.masks[t],
+                       cameras=self.cameras[t],
                        names=tuple(self.names[i] for i in idx))
 
     def to_world(self, points: torch.Tensor) -> torch.Tensor:
@@ -101,34 +121,12 @@ class MultiViewDataset:
 # reading
 
 
-def _read_image(path: Path) -> np.ndarray:
-    import imageio.v3 as iio
-
-    try:
-        img = np.asarray(iio.imread(path))
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from e
-    if img.dtype == np.uint8:
-        img = img.astype(np.float32) / 255.0
-    elif img.dtype == np.uint16:
-        img = img.astype(np.float32) / 65535.0
-    elif img.dtype.kind == "f":
-        img = img.astype(np.float32)
-    else:
-        raise ValueError(f"{path}: unsupported pixel type {img.dtype} (expected 8/16-bit or float)")
-    if img.ndim == 2:
-        img = img[..., None]
-    if img.ndim != 3 or img.shape[-1] not in (1, 2, 3, 4):
-        raise ValueError(f"{path}: expected a greyscale, RGB or RGBA image, got shape {img.shape}")
-    return img
-
-
 def _list_images(folder: Path, what: str) -> list[Path]:
     if not folder.is_dir():
         raise ValueError(f"{folder}: missing {what} folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = list_images(folder)
     if not files:
-        raise ValueError(f"{folder}: no {what} files ({', '.join(IMAGE_SUFFIXES)})")
+        raise ValueError(f"{folder}: no {what} files ({describe_suffixes()})")
     return files
 
 
@@ -155,7 +153,8 @@ def _check_masks(masks: np.ndarray, names: list[str]) -> None:
 
 
 def load_idr(root, *, validate: bool = True) -> MultiViewDataset:
-    """Read an IDR / NeuS dataset folder (see the module docstring)."""
+    """Read an IDR / NeuS dataset folder (see the module docstring); without a ``mask/`` folder the dataset
+    has no masks."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: dataset folder not found")
@@ -163,7 +162,7 @@ def load_idr(root, *, validate: bool = True) -> MultiViewDataset:
     if not npz.is_file():
         raise ValueError(f"{root}: missing cameras.npz (IDR layout: image/, mask/, cameras.npz)")
     image_files = _list_images(root / "image", "image")
-    mask_files = _list_images(root / "mask", "mask")
+    mask_files = _list_images(root / "mask", "mask") if (root / "mask").exists() else None
     with np.load(npz, allow_pickle=False) as data:
         keys = set(data.files)
         world_ids = sorted(int(m.group(1)) for k in keys if (m := re.fullmatch(r"world_mat_(\d+)", k)))
@@ -174,7 +173,9 @@ def load_idr(root, *, validate: bool = True) -> MultiViewDataset:
     if world_ids != list(range(len(world_ids))):
         missing = sorted(set(range(world_ids[-1] + 1)) - set(world_ids))
         raise ValueError(f"{npz}: world_mat indices must run 0..{world_ids[-1]}; missing {missing[:5]}")
-    counts = {"images": len(image_files), "masks": len(mask_files), "cameras (world_mat_i)": len(world_ids)}
+    counts = {"images": len(image_files), "cameras (world_mat_i)": len(world_ids)}
+    if mask_files is not None:
+        counts = {"images": len(image_files), "masks": len(mask_files), "cameras (world_mat_i)": len(world_ids)}
     if len(set(counts.values())) != 1:
         raise ValueError(f"{root}: counts differ: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if scale_keys and len(scale_keys) != len(world_ids):
@@ -191,22 +192,25 @@ def load_idr(root, *, validate: bool = True) -> MultiViewDataset:
                 raise ValueError(f"{npz}: {k} differs from {scale_keys[0]}; one normalisation must serve "
                                  "all views")
 
-    images = [_read_image(f) for f in image_files]
+    images = [read_image(f) for f in image_files]
     img = _stack_same_size(images, image_files, "image")
     if img.shape[-1] in (2, 4):          # drop an alpha channel
         img = img[..., :-1]
     if img.shape[-1] == 1:
         img = np.repeat(img, 3, axis=-1)
-    masks = _stack_same_size([_read_image(f) for f in mask_files], mask_files, "mask")
-    if masks.shape[1:3] != img.shape[1:3]:
-        raise ValueError(f"{mask_files[0]}: masks are {masks.shape[2]}x{masks.shape[1]} (WxH) but images are "
-                         f"{img.shape[2]}x{img.shape[1]}")
-    masks = np.stack([_mask_from(m) for m in masks])
+    masks = None
+    if mask_files is not None:
+        masks = _stack_same_size([read_image(f) for f in mask_files], mask_files, "mask")
+        if masks.shape[1:3] != img.shape[1:3]:
+            raise ValueError(f"{mask_files[0]}: masks are {masks.shape[2]}x{masks.shape[1]} (WxH) but images are "
+                             f"{img.shape[2]}x{img.shape[1]}")
+        masks = np.stack([_mask_from(m) for m in masks])
+        _check_masks(masks, [f.name for f in mask_files])
     names = [f.name for f in image_files]
-    _check_masks(masks, [f.name for f in mask_files])
     image_size = (int(img.shape[1]), int(img.shape[2]))
     cameras = load_cameras(npz, image_size=image_size, dtype=torch.float32)
-    ds = MultiViewDataset(images=torch.from_numpy(np.ascontiguousarray(img)), masks=torch.from_numpy(masks),
+    ds = MultiViewDataset(images=torch.from_numpy(np.ascontiguousarray(img)),
+                          masks=None if masks is None else torch.from_numpy(masks),
                           cameras=cameras, scale_mat=torch.from_numpy(scale_mat), names=tuple(names),
                           source=str(root))
     if validate:
@@ -216,11 +220,14 @@ def load_idr(root, *, validate: bool = True) -> MultiViewDataset:
 
 def load_nerf_synthetic(root, split: str = "train", *, scene_radius: float = 1.5, background: float = 1.0,
                         validate: bool = True) -> MultiViewDataset:
-    """Read one split of a NeRF-synthetic scene (``transforms_<split>.json`` + RGBA images).
+    """Read one split of a NeRF-synthetic scene (``transforms_<split>.json`` + RGBA or RGB images).
+
+    RGBA images: the alpha is the mask and the RGB is composited onto ``background``. RGB images (all of the
+    split): no masks, the images as they are.
 
     scene_radius: radius (world units) of a sphere around the origin that holds the object; the scene is
         divided by it so the object lies in the unit sphere (Blender scenes fit in 1.5).
-    background: grey level the RGB is composited onto where alpha < 1.
+    background: grey level the RGB of RGBA images is composited onto where alpha < 1.
     """
     root = Path(root)
     path = root / f"transforms_{split}.json"
@@ -252,17 +259,24 @@ def load_nerf_synthetic(root, split: str = "train", *, scene_radius: float = 1.5
             raise ValueError(f"{path}: frame {i}: 'transform_matrix' must be a finite 4x4 matrix")
         files.append(f)
         c2ws.append(m[:3])
-    rgba = [_read_image(f) for f in files]
-    for a, f in zip(rgba, files, strict=True):
-        if a.shape[-1] != 4:
-            raise ValueError(f"{f}: expected an RGBA image (the alpha channel is the mask), got "
+    decoded = [read_image(f) for f in files]
+    for a, f in zip(decoded, files, strict=True):
+        if a.shape[-1] not in (3, 4):
+            raise ValueError(f"{f}: expected an RGB or RGBA image (the alpha channel is the mask), got "
                              f"{a.shape[-1]} channel(s)")
-    arr = _stack_same_size(rgba, files, "image")
-    alpha = arr[..., 3:]
-    img = arr[..., :3] * alpha + background * (1 - alpha)
-    masks = alpha[..., 0] > 0.5
+        if a.shape[-1] != decoded[0].shape[-1]:
+            raise ValueError(f"{f}: has {a.shape[-1]} channels but {files[0].name} has {decoded[0].shape[-1]}; "
+                             "a split must be all RGBA (with masks) or all RGB (without)")
+    arr = _stack_same_size(decoded, files, "image")
     names = [f.name for f in files]
-    _check_masks(masks, names)
+    masks = None
+    if arr.shape[-1] == 4:
+        alpha = arr[..., 3:]
+        img = arr[..., :3] * alpha + background * (1 - alpha)
+        masks = alpha[..., 0] > 0.5
+        _check_masks(masks, names)
+    else:
+        img = arr
     h, w = int(arr.shape[1]), int(arr.shape[2])
     c2w = np.stack(c2ws)
     c2w[:, :, 3] /= scene_radius
@@ -270,7 +284,8 @@ def load_nerf_synthetic(root, split: str = "train", *, scene_radius: float = 1.5
     cameras = Cameras.from_opengl_c2w(torch.from_numpy(c2w), (h, w), fov=fov).to(dtype=torch.float32)
     scale = np.diag([scene_radius, scene_radius, scene_radius, 1.0])
     ds = MultiViewDataset(images=torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
-                          masks=torch.from_numpy(masks), cameras=cameras, scale_mat=torch.from_numpy(scale),
+                          masks=None if masks is None else torch.from_numpy(masks), cameras=cameras,
+                          scale_mat=torch.from_numpy(scale),
                           names=tuple(names), source=str(root))
     if validate:
         validate_dataset(ds)
@@ -300,7 +315,8 @@ def validate_dataset(ds: MultiViewDataset, bounding_radius: float = 1.0, max_mis
 
     Every camera centre must lie outside the sphere, and the rays through each view's mask pixels (a strided
     subset of at most ``max_rays_per_view``) must hit it: if more than ``max_miss_fraction`` of them miss,
-    the scene is not normalised (wrong ``scale_mat``, or cameras in other units).
+    the scene is not normalised (wrong ``scale_mat``, or cameras in other units). Without masks, which pixels
+    see the object is unknown: each view must then see the sphere at all (some ray through its pixels hits it).
     """
     where = ds.source or "dataset"
     centres = ds.cameras.camera_centers().detach().to(torch.float64)
@@ -310,17 +326,22 @@ def validate_dataset(ds: MultiViewDataset, bounding_radius: float = 1.0, max_mis
         raise ValueError(f"{where}: camera of view {i} ({ds.names[i]}) is inside the bounding sphere of "
                          f"radius {bounding_radius} (distance {centres[i].norm().item():.3g}); the scene is "
                          "not normalised so that the object fits in the unit sphere")
+    h, w = ds.image_size
     for i in range(len(ds)):
-        pix = ds.masks[i].nonzero()
+        seen = ds.masks[i] if ds.masks is not None else torch.ones((h, w), dtype=torch.bool)
+        pix = seen.nonzero()
         stride = max(1, math.ceil(pix.shape[0] / max_rays_per_view))
         pix = pix[::stride]
         uv = torch.stack([pix[:, 1], pix[:, 0]], -1).to(ds.cameras.dtype) + 0.5
         o, d = ds.cameras[i].detach().pixel_rays(uv)
-        o, d = o[0].to(torch.float64), d[0].to(torch.float64)
-        b = (o * d).sum(-1)
-        disc = b * b - ((o * o).sum(-1) - bounding_radius ** 2)
-        miss = float((disc <= 0).double().mean())
-        if miss > max_miss_fraction:
+        _, _, hit = intersect_sphere(o[0].to(torch.float64), d[0].to(torch.float64), bounding_radius)
+        miss = float((~hit).double().mean())
+        if ds.masks is None:
+            if miss == 1.0:
+                raise ValueError(f"{where}: no ray of view {i} ({ds.names[i]}) meets the bounding sphere of "
+                                 f"radius {bounding_radius}: the view does not see the normalised scene (check "
+                                 "scale_mat / scene_radius)")
+        elif miss > max_miss_fraction:
             raise ValueError(f"{where}: {100 * miss:.1f}% of the mask pixels of view {i} ({ds.names[i]}) "
                              f"have rays that miss the bounding sphere of radius {bounding_radius}: the "
                              "object is not inside it (check scale_mat / scene_radius)")
@@ -345,13 +366,14 @@ class RayBatch:
     """Training rays (normalised scene).
 
     origins, dirs: (N, 3), unit dirs; differentiable in the cameras they came from.
-    rgb: (N, 3) target colours; mask: (N,) bool target mask; view: (N,) long; pixels: (N, 2) (u, v).
+    rgb: (N, 3) target colours; mask: (N,) bool target mask (None for a dataset without masks);
+    view: (N,) long; pixels: (N, 2) (u, v).
     """
 
     origins: torch.Tensor
     dirs: torch.Tensor
     rgb: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     view: torch.Tensor
     pixels: torch.Tensor
 
@@ -377,7 +399,8 @@ def sample_rays(ds: MultiViewDataset, n: int, generator: torch.Generator | None 
     cams = ds.cameras if cameras is None else cameras
     pixels = torch.stack([col, row], -1).to(cams.dtype) + 0.5
     o, d = rays_for_pixels(cams, view.to(cams.device), pixels.to(cams.device))
-    return RayBatch(o, d, ds.images[view, row, col], ds.masks[view, row, col], view, pixels)
+    mask = None if ds.masks is None else ds.masks[view, row, col]
+    return RayBatch(o, d, ds.images[view, row, col], mask, view, pixels)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -387,7 +410,8 @@ def sample_rays(ds: MultiViewDataset, n: int, generator: torch.Generator | None 
 def write_idr(root, images, masks, cameras: Cameras, scale_mat=None, *, overwrite: bool = False) -> None:
     """Write views in the IDR layout: ``image/000000.png``, ``mask/000.png``, ``cameras.npz``.
 
-    images: (N, H, W, 3) float in [0, 1]; masks: (N, H, W) bool or float; cameras: N cameras of the
+    images: (N, H, W, 3) float in [0, 1]; masks: (N, H, W) bool or float, or None (no ``mask/`` folder);
+    cameras: N cameras of the
     *normalised* scene; scale_mat: (4, 4) normalised -> world (default identity). ``world_mat_i`` is written
     as ``[K (R | t) ; 0 0 0 1] @ scale_mat^-1`` so that loading gives back these cameras and scale_mat.
     """
@@ -397,11 +421,12 @@ def write_idr(root, images, masks, cameras: Cameras, scale_mat=None, *, overwrit
     import imageio.v3 as iio
 
     images = torch.as_tensor(images).detach().cpu().float()
-    masks = torch.as_tensor(masks).detach().cpu()
+    masks = None if masks is None else torch.as_tensor(masks).detach().cpu()
     n = images.shape[0]
-    if images.dim() != 4 or images.shape[-1] != 3 or masks.shape != images.shape[:3] or len(cameras) != n:
-        raise ValueError(f"write_idr: expected images (N, H, W, 3), masks (N, H, W) and N cameras, got "
-                         f"{tuple(images.shape)}, {tuple(masks.shape)} and {len(cameras)}")
+    mask_shape = images.shape[:3] if masks is None else masks.shape
+    if images.dim() != 4 or images.shape[-1] != 3 or mask_shape != images.shape[:3] or len(cameras) != n:
+        raise ValueError(f"write_idr: expected images (N, H, W, 3), masks (N, H, W) or None and N cameras, got "
+                         f"{tuple(images.shape)}, {tuple(mask_shape)} and {len(cameras)}")
     if bool(cameras.mirrored.any()):
         # P = K [R | t] of a mirrored camera (fx < 0) has det < 0, which IDR's loaders (and ours) read as a
         # proper camera with a negative projective scale: a different camera. Refuse rather than write it.
@@ -411,7 +436,8 @@ def write_idr(root, images, masks, cameras: Cameras, scale_mat=None, *, overwrit
                          "Cameras.from_spherical(..., convention='opencv'))")
     s = np.eye(4) if scale_mat is None else np.asarray(torch.as_tensor(scale_mat).cpu(), dtype=np.float64)
     (root / "image").mkdir(parents=True, exist_ok=True)
-    (root / "mask").mkdir(parents=True, exist_ok=True)
+    if masks is not None:
+        (root / "mask").mkdir(parents=True, exist_ok=True)
     cams = cameras.detach().to(device="cpu", dtype=torch.float64)
     arrays = {}
     s_inv = np.linalg.inv(s)
@@ -422,31 +448,7 @@ def write_idr(root, images, masks, cameras: Cameras, scale_mat=None, *, overwrit
         arrays[f"world_mat_{i}"] = P @ s_inv
         arrays[f"scale_mat_{i}"] = s
         img = (images[i].clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
-        msk = ((masks[i].float() > 0.5).numpy() * 255).astype(np.uint8)
         iio.imwrite(root / "image" / f"{i:06d}.png", img)
-        iio.imwrite(root / "mask" / f"{i:03d}.png", msk)
+        if masks is not None:
+            iio.imwrite(root / "mask" / f"{i:03d}.png", ((masks[i].float() > 0.5).numpy() * 255).astype(np.uint8))
     np.savez(root / "cameras.npz", **arrays)
-
-
-def dataset_from_sdf(sdf_fn, cameras: Cameras, color_fn=None, scale_mat=None,
-                     name: str = "sdf") -> MultiViewDataset:
-    """Render an SDF (e.g. :func:`taichi_dr.implicit.analytic.sphere_sdf`) into a dataset by sphere tracing: the
-    mask is where rays hit, the colour ``color_fn(points (M, 3), normals (M, 3)) -> (M, 3)`` (default: the
-    normal mapped to [0, 1]). Known geometry for tests without a mesh renderer."""
-    from taichi_dr.implicit.sphere_tracing import TracerSettings, sdf_gradient, sphere_trace
-
-    h, w = cameras.image_size
-    o, d = cameras.detach().image_rays()
-    o, d = o.reshape(-1, 3).contiguous(), d.reshape(-1, 3).contiguous()
-    tr = sphere_trace(sdf_fn, o, d, TracerSettings(threshold=1e-5, max_steps=128), miss_min_sdf=False)
-    rgb = torch.zeros_like(o)
-    if bool(tr.hit.any()):
-        _, g = sdf_gradient(sdf_fn, tr.points[tr.hit])
-        n = g / g.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        rgb[tr.hit] = (color_fn(tr.points[tr.hit], n) if color_fn is not None else 0.5 + 0.5 * n).detach()
-    b = len(cameras)
-    names = tuple(f"{name}_{i:03d}" for i in range(b))
-    s = torch.eye(4) if scale_mat is None else torch.as_tensor(scale_mat)
-    s = s.to(torch.float64)
-    return MultiViewDataset(images=rgb.reshape(b, h, w, 3).float().clamp(0, 1), masks=tr.hit.reshape(b, h, w),
-                            cameras=cameras.detach().to(dtype=torch.float32), scale_mat=s, names=names)

@@ -2,7 +2,8 @@
 
 Two sources, both giving ``N`` views of the same size:
 
-* a folder of PNGs, sorted by file name: an image with an alpha channel gives its alpha as the silhouette
+* a folder of images (PNG, or JPEG for plain masks; the suffixes of :mod:`taichi_dr.data.images`), sorted by
+  file name: an image with an alpha channel gives its alpha as the silhouette
   and its RGB as the colour (how ``tdr render`` writes its views); an image without alpha is a mask
   (greyscale, or RGB with equal channels), 0 = background and 255 = object;
 * a ``.npy`` array: ``(N, H, W)`` silhouettes, or ``(N, C, H, W)`` / ``(N, H, W, C)`` with ``C`` = 1
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMAGE_SUFFIXES = (".png",)
+from taichi_dr.data.images import describe_suffixes, list_images, read_image, to_unit_float
 
 
 @dataclass(frozen=True)
@@ -58,30 +59,11 @@ def load_targets(path: str | Path) -> Targets:
         raise FileNotFoundError(f"targets {str(path)!r} do not exist (expected a folder of PNGs or a .npy "
                                 "file)")
     if path.is_dir():
-        return _load_png_folder(path)
+        return _load_image_folder(path)
     if path.suffix.lower() == ".npy":
         return _load_npy(path)
     raise ValueError(f"targets {str(path)!r}: expected a folder of PNGs or a .npy file, got a "
                      f"{path.suffix or 'suffix-less'} file")
-
-
-def _to_unit_float(a: np.ndarray, where: str) -> np.ndarray:
-    """uint8 -> /255, bool -> 0/1, float -> checked to lie in [0, 1]; returns float32."""
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0
-    if a.dtype == np.uint16:
-        return a.astype(np.float32) / 65535.0
-    if a.dtype == np.bool_:
-        return a.astype(np.float32)
-    if np.issubdtype(a.dtype, np.floating):
-        a = a.astype(np.float32)
-        if not np.isfinite(a).all():
-            raise ValueError(f"{where}: contains NaN or Inf values")
-        lo, hi = float(a.min(initial=0.0)), float(a.max(initial=0.0))
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(f"{where}: float values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
-        return a
-    raise ValueError(f"{where}: expected uint8 or float values, got dtype {a.dtype}")
 
 
 def _split_image(img: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -106,19 +88,13 @@ def _split_image(img: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray | 
     raise ValueError(f"{where}: expected 1, 2, 3 or 4 channels, got {c}")
 
 
-def _load_png_folder(folder: Path) -> Targets:
-    import imageio.v3 as iio
-
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _load_image_folder(folder: Path) -> Targets:
+    files = list_images(folder)
     if not files:
-        raise ValueError(f"targets folder {str(folder)!r} holds no .png images")
+        raise ValueError(f"targets folder {str(folder)!r} holds no {describe_suffixes()} images")
     sils, rgbs = [], []
     for f in files:
-        try:
-            img = np.asarray(iio.imread(f))
-        except Exception as e:  # imageio raises several types for undecodable files
-            raise ValueError(f"target image {str(f)!r} could not be read as a PNG ({e})") from None
-        sil, rgb = _split_image(_to_unit_float(img, f"target image {str(f)!r}"), f"target image {str(f)!r}")
+        sil, rgb = _split_image(read_image(f), f"target image {str(f)!r}")
         if sils and sil.shape != sils[0].shape:
             raise ValueError(f"target image {str(f)!r} is {sil.shape[1]}x{sil.shape[0]} (WxH) but "
                              f"{str(files[0])!r} is {sils[0].shape[1]}x{sils[0].shape[0]}; all targets "
@@ -160,7 +136,7 @@ def _load_npy(path: Path) -> Targets:
     if c == 3:
         raise ValueError(f"{where}: has 3 (RGB) channels but no silhouette; give (N, 4, H, W) with alpha "
                          "as the silhouette, or (N, H, W) masks")
-    a = _to_unit_float(a, where)
+    a = to_unit_float(a, where)
     sil = torch.from_numpy(np.ascontiguousarray(a[..., -1]))
     rgb = torch.from_numpy(np.ascontiguousarray(a[..., :3])) if c == 4 else None
     return Targets(silhouettes=sil, rgb=rgb, names=tuple(f"{path.name}[{i}]" for i in range(n)),

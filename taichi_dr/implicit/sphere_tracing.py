@@ -3,7 +3,8 @@
 The SDF is any torch callable ``sdf_fn(points (M, 3)) -> (M,)`` (a neural network, or an analytic SDF from
 :mod:`taichi_dr.implicit.analytic`). Finding the surface is a forward-only search, so it runs without autograd:
 
-1. :func:`intersect_sphere`: rays enter the bounding sphere at ``t_near`` and leave it at ``t_far``.
+1. :func:`taichi_dr.core.rays.intersect_sphere` (the engine's one ray-sphere routine): rays enter the
+   bounding sphere at ``t_near`` and leave it at ``t_far``.
 2. Marching (Taichi kernel ``_march_step``): ``t += f(o + t d)`` until ``|f| < threshold`` (hit),
    ``t > t_far`` (exited) or ``max_steps``. Only the still-active rays are evaluated: they are kept in a
    compacted index list each step, so the SDF cost follows the rays that are left, not all rays
@@ -33,6 +34,10 @@ import torch
 
 from taichi_dr.core import runtime
 from taichi_dr.core.bridge import check_tensor, to_kernel
+from taichi_dr.core.rays import intersect_sphere
+
+__all__ = ["TraceResult", "TracerSettings", "differentiable_intersection", "intersect_sphere", "sdf_gradient",
+           "sphere_trace"]
 
 SdfFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -110,29 +115,6 @@ class TraceResult:
 # Every array a kernel writes is written in full (per-ray results in compact arrays, scattered by torch):
 # on Vulkan, Taichi does not copy a torch tensor the kernel only writes to the device, yet copies the whole
 # device buffer back, so elements a kernel leaves alone would come back as stale device memory.
-
-
-@runtime.locked
-@ti.kernel
-def _init_rays(o: ti.types.ndarray(), d: ti.types.ndarray(), radius: float, t: ti.types.ndarray(),
-               t_far: ti.types.ndarray(), t_prev: ti.types.ndarray(), status: ti.types.ndarray()):
-    for i in range(t.shape[0]):
-        # |o + s d|^2 = r^2 with |d| = 1: s^2 + 2 b s + c = 0
-        b = o[i, 0] * d[i, 0] + o[i, 1] * d[i, 1] + o[i, 2] * d[i, 2]
-        c = o[i, 0] * o[i, 0] + o[i, 1] * o[i, 1] + o[i, 2] * o[i, 2] - radius * radius
-        disc = b * b - c
-        s_far = -b
-        if disc > 0:
-            s_far = -b + ti.sqrt(disc)
-        if disc <= 0 or s_far <= 0:
-            status[i] = OUTSIDE
-            t[i] = ti.max(-b, 0.0)       # closest approach to the centre
-            t_far[i] = t[i]
-        else:
-            status[i] = ACTIVE
-            t[i] = ti.max(-b - ti.sqrt(disc), 0.0)   # a camera inside the sphere starts at its centre
-            t_far[i] = s_far
-        t_prev[i] = t[i]
 
 
 @runtime.locked
@@ -225,23 +207,6 @@ def _secant_update(t_mid: ti.types.ndarray(), f_mid: ti.types.ndarray(), t_lo: t
 # ---------------------------------------------------------------------------------------------------------
 
 
-def intersect_sphere(origins: torch.Tensor, dirs: torch.Tensor, radius: float = 1.0):
-    """Where rays cross a sphere of ``radius`` centred at the origin (torch, differentiable).
-
-    origins, dirs: (N, 3), dirs of unit length. Returns ``t_near (N,)``, ``t_far (N,)`` and ``hit (N,)``
-    bool; for rays that miss, both distances are the closest approach ``-o·d``.
-    """
-    b = (origins * dirs).sum(-1)
-    c = (origins * origins).sum(-1) - radius * radius
-    disc = b * b - c
-    hit = disc > 0
-    root = torch.sqrt(torch.where(hit, disc, torch.ones_like(disc)))
-    t_near = torch.where(hit, -b - root, -b)
-    t_far = torch.where(hit, -b + root, -b)
-    hit = hit & (t_far > 0)
-    return t_near, t_far, hit
-
-
 def _evaluate(sdf_fn: SdfFn, points: torch.Tensor, chunk: int) -> torch.Tensor:
     """SDF values (M,) of points (M, 3) in chunks, without autograd, in the points' dtype."""
     out = []
@@ -299,18 +264,19 @@ def sphere_trace(sdf_fn: SdfFn, origins: torch.Tensor, dirs: torch.Tensor,
     d = to_kernel("dirs", dirs)
     n = o.shape[0]
     dev = o.device
-    t = torch.empty(n, dtype=dtype, device=dev)
-    t_far = torch.empty(n, dtype=dtype, device=dev)
-    t_prev = torch.empty(n, dtype=dtype, device=dev)
     f_prev = torch.full((n,), -1.0, dtype=dtype, device=dev)
-    status = torch.empty(n, dtype=torch.int32, device=dev)
     sdf_evals = 0
     steps = 0
     if n == 0:
         empty = torch.zeros(0, dtype=torch.bool, device=dev)
-        return TraceResult(t, empty, empty, o.new_zeros(0, 3), 0, 0)
-    _init_rays(o, d, float(settings.bounding_radius), t, t_far, t_prev, status)
-    in_sphere = status != OUTSIDE
+        return TraceResult(o.new_zeros(0), empty, empty, o.new_zeros(0, 3), 0, 0)
+    t_enter, t_exit, in_sphere = intersect_sphere(o, d, float(settings.bounding_radius))
+    # A camera inside the sphere starts at its centre; a ray that misses keeps its closest approach to the
+    # centre (t_enter == t_exit == -o.d there), not behind the camera.
+    t = t_enter.clamp_min(0.0).contiguous()
+    t_far = torch.where(in_sphere, t_exit, t).contiguous()
+    t_prev = t.clone()
+    status = torch.where(in_sphere, ACTIVE, OUTSIDE).to(torch.int32)
     t_near = t.clone()
 
     # Marching with compaction: `idx` holds the active rays, in increasing order (a boolean selection of

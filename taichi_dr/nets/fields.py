@@ -1,11 +1,13 @@
-"""Networks of neural implicit surfaces (IDR, Yariv et al. 2020), plain torch modules.
+"""Fields: networks of 3-D position (IDR, Yariv et al. 2020), plain torch modules.
 
-* :class:`PositionalEncoding`: ``[x, sin(2^0 x), cos(2^0 x), ..., sin(2^(L-1) x), cos(2^(L-1) x)]``.
 * :class:`GeometryNetwork`: ``f(x; θ) -> (sdf, feature z)``, an MLP (default 8 x 256, skip connection into
-  layer 4, Softplus with β = 100) with IDR's geometric initialisation, so that at the start ``f`` is close
-  to the signed distance of a sphere of radius ``init_radius``.
-* :class:`RenderingNetwork`: ``M(x, n, v, z) -> rgb`` in [0, 1], with a positional encoding of the view
-  direction ``v``.
+  layer 4, Softplus with β = 100) on an encoding of ``x`` (a component, :mod:`taichi_dr.nets.encodings`), with
+  IDR's geometric initialisation, so that at the start ``f`` is close to the signed distance of a sphere of
+  radius ``init_radius``.
+
+The encodings live in :mod:`taichi_dr.nets.encodings` and the rendering network in
+:mod:`taichi_dr.nets.rendering`; ``PositionalEncoding`` and ``RenderingNetwork`` are re-exported here for code
+written before the split.
 """
 
 from __future__ import annotations
@@ -17,29 +19,10 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from taichi_dr.nets.encodings import FrequencyEncoding, PositionalEncoding, check_encoding
+from taichi_dr.nets.rendering import RenderingNetwork
 
-class PositionalEncoding(nn.Module):
-    """``(M, d) -> (M, d * (1 + 2 L))``; the raw input comes first (IDR's geometric init relies on it)."""
-
-    def __init__(self, in_dim: int = 3, n_frequencies: int = 6):
-        super().__init__()
-        if n_frequencies < 0:
-            raise ValueError(f"PositionalEncoding: n_frequencies must be >= 0, got {n_frequencies}")
-        self.in_dim = in_dim
-        self.n_frequencies = n_frequencies
-        freqs = 2.0 ** torch.arange(n_frequencies, dtype=torch.float32)
-        self.register_buffer("freqs", freqs, persistent=False)
-
-    @property
-    def out_dim(self) -> int:
-        return self.in_dim * (1 + 2 * self.n_frequencies)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.n_frequencies == 0:
-            return x
-        xf = x[..., None, :] * self.freqs.to(x.dtype)[:, None]           # (M, L, d)
-        enc = torch.stack([torch.sin(xf), torch.cos(xf)], dim=-2)         # (M, L, 2, d)
-        return torch.cat([x, enc.flatten(-3)], dim=-1)
+__all__ = ["GeometryNetwork", "PositionalEncoding", "RenderingNetwork"]
 
 
 class GeometryNetwork(nn.Module):
@@ -48,15 +31,16 @@ class GeometryNetwork(nn.Module):
     ``forward(x (M, 3)) -> (M, 1 + feature_dim)``: column 0 is the SDF, the rest the feature vector z.
 
     depth: hidden layers (IDR: 8); width: their size (IDR: 256); skip_in: layers whose input is concatenated
-    with the encoded input (scaled by 1/sqrt(2)); n_frequencies: positional encoding (IDR: 6);
+    with the encoded input (scaled by 1/sqrt(2)); encoding: the encoding of ``x`` (a component; default
+    ``FrequencyEncoding(3, n_frequencies)``, n_frequencies 6 as IDR; give one or the other);
     init_radius: radius of the sphere the geometric initialisation approximates (IDR: ``bias`` 0.6);
     beta: Softplus sharpness (IDR: 100); use_weight_norm: as IDR.
     """
 
     def __init__(self, feature_dim: int = 256, depth: int = 8, width: int = 256,
-                 skip_in: Sequence[int] = (4,), n_frequencies: int = 6, init_radius: float = 0.6,
+                 skip_in: Sequence[int] = (4,), n_frequencies: int | None = None, init_radius: float = 0.6,
                  beta: float = 100.0,
-                 geometric_init: bool = True, use_weight_norm: bool = True):
+                 geometric_init: bool = True, use_weight_norm: bool = True, *, encoding: nn.Module | None = None):
         super().__init__()
         if depth < 1 or width < 1 or feature_dim < 0:
             raise ValueError(f"GeometryNetwork: need depth >= 1, width >= 1 and feature_dim >= 0, got "
@@ -64,8 +48,16 @@ class GeometryNetwork(nn.Module):
         if any(not 0 < s < depth for s in skip_in):
             raise ValueError(f"GeometryNetwork: skip_in layers must lie in 1..{depth - 1}, "
                              f"got {tuple(skip_in)}")
-        self.encoding = PositionalEncoding(3, n_frequencies)
+        if encoding is not None and n_frequencies is not None:
+            raise ValueError("GeometryNetwork: give n_frequencies or encoding, not both")
+        if encoding is None:
+            encoding = FrequencyEncoding(3, 6 if n_frequencies is None else n_frequencies)
+        self.encoding = check_encoding(encoding, 3, "GeometryNetwork")
         d_in = self.encoding.out_dim
+        encoded = d_in > 3
+        if geometric_init and encoded and not getattr(self.encoding, "includes_input", False):
+            raise ValueError("GeometryNetwork: geometric_init needs an encoding whose output starts with the raw "
+                             "coordinates (includes_input), or geometric_init=False")
         dims = [d_in] + [width] * depth + [1 + feature_dim]
         self.skip_in = tuple(skip_in)
         self.feature_dim = feature_dim
@@ -79,7 +71,7 @@ class GeometryNetwork(nn.Module):
                                  f"concatenates {d_in} input features")
             lin = nn.Linear(dims[layer], out_dim)
             if geometric_init:
-                self._geometric_init(lin, layer, n_lin, dims[layer], out_dim, d_in, n_frequencies > 0)
+                self._geometric_init(lin, layer, n_lin, dims[layer], out_dim, d_in, encoded)
             if use_weight_norm:
                 lin = weight_norm(lin)
             layers.append(lin)
@@ -127,35 +119,3 @@ class GeometryNetwork(nn.Module):
             out = self.forward(x)
             (g,) = torch.autograd.grad(out[:, 0], x, torch.ones_like(out[:, 0]), create_graph=create_graph)
         return out, g
-
-
-class RenderingNetwork(nn.Module):
-    """``M(x, n, v, z) -> rgb (M, 3)`` in [0, 1] (IDR's "idr" mode: position, normal, view direction and the
-    geometry feature), with ``n_frequencies`` encoding frequencies of the view direction (IDR: 4).
-
-    depth: hidden layers (IDR: 4); width: their size (IDR: 512).
-    """
-
-    def __init__(self, feature_dim: int = 256, depth: int = 4, width: int = 512, n_frequencies: int = 4,
-                 use_weight_norm: bool = True):
-        super().__init__()
-        if depth < 1 or width < 1:
-            raise ValueError(f"RenderingNetwork: need depth >= 1 and width >= 1, got {depth}, {width}")
-        self.view_encoding = PositionalEncoding(3, n_frequencies)
-        d_in = 3 + 3 + self.view_encoding.out_dim + feature_dim
-        dims = [d_in] + [width] * depth + [3]
-        layers = []
-        for a, b in zip(dims[:-1], dims[1:], strict=True):
-            lin = nn.Linear(a, b)
-            layers.append(weight_norm(lin) if use_weight_norm else lin)
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, points: torch.Tensor, normals: torch.Tensor, view_dirs: torch.Tensor,
-                features: torch.Tensor) -> torch.Tensor:
-        """points, normals, view_dirs: (M, 3); features: (M, feature_dim) -> rgb (M, 3)."""
-        h = torch.cat([points, normals, self.view_encoding(view_dirs), features], dim=-1)
-        for i, lin in enumerate(self.layers):
-            h = lin(h)
-            if i < len(self.layers) - 1:
-                h = torch.relu(h)
-        return torch.sigmoid(h)

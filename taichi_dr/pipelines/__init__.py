@@ -1,9 +1,9 @@
 """Training methods and the engine they share."""
 
 # The shared training engine (engine.py, checkpoint.py, callbacks.py): importing it loads no method.
-from .callbacks import Callback, MetricsLog, ProgressCallback, Validation
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .engine import (
+from taichi_dr.pipelines.callbacks import Callback, MetricsLog, ProgressCallback, Validation
+from taichi_dr.pipelines.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from taichi_dr.pipelines.engine import (
     Interrupted,
     Method,
     NonFiniteError,

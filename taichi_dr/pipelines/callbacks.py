@@ -24,10 +24,10 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import write_atomic
+from taichi_dr.pipelines.checkpoint import write_atomic
 
 if TYPE_CHECKING:  # the engine imports this module; annotations only
-    from .engine import TrainState
+    from taichi_dr.pipelines.engine import TrainState
 
 __all__ = ["Callback", "MetricsLog", "ProgressCallback", "Validation", "format_duration", "format_rate"]
 

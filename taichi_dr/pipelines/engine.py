@@ -33,8 +33,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from .callbacks import Callback, MetricsLog, ProgressCallback
-from .checkpoint import CHECKPOINT_NAME, FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint, write_atomic
+from taichi_dr.pipelines.callbacks import Callback, MetricsLog, ProgressCallback
+from taichi_dr.pipelines.checkpoint import (
+    CHECKPOINT_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    load_checkpoint,
+    save_checkpoint,
+    write_atomic,
+)
 
 __all__ = ["Interrupted", "Method", "NonFiniteError", "OptimizerConfig", "TrainConfig", "TrainResult",
            "TrainState", "Trainer", "clip_gradients", "gradient_norm", "lr_factor"]
@@ -467,7 +474,7 @@ class Trainer:
 
     def resolved_config(self) -> dict:
         """The configuration as written to config.json and stored in checkpoints."""
-        from .. import __version__
+        from taichi_dr import __version__
 
         return {"method": self.method.name, "method_version": self.method.version,
                 "train": self.config.to_dict(), "method_config": self.method.config(), "taichi_dr": __version__}
@@ -495,6 +502,15 @@ class Trainer:
             except (ValueError, KeyError) as error:
                 raise ValueError(f"resume: {path}: optimiser state does not fit this method's parameters "
                                  f"({str(error).splitlines()[0]})") from None
+            # load_state_dict also restores each group's hyperparameters; this run's configuration decides
+            # them (as it decides the lr), the checkpoint only the moments.
+            opt = self.config.optimizer
+            if opt.name in ("adam", "adamw"):
+                settings = dict(betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+            else:
+                settings = dict(momentum=opt.momentum, weight_decay=opt.weight_decay)
+            for group in self.optimizer.param_groups:
+                group.update(settings)
         # Applied at the start of fit(), so nothing the caller does in between shifts the random streams.
         self._pending_rng = payload["rng"]
         self.history = [row for row in payload.get("history", []) if row.get("iteration", 0) <= iteration]

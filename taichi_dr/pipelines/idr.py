@@ -1,31 +1,39 @@
-"""IDR training as a library: model, one training step, the loop with checkpoints, rendering, meshing.
+"""IDR (Yariv et al. 2020) as a method of the training engine: settings, model, one step, rendering.
 
 Usage from Python::
 
     from taichi_dr.data.datasets import load_dataset, split_holdout
-    from taichi_dr.pipelines.idr import IDRConfig, train_idr, extract_mesh, render_views
+    from taichi_dr.implicit.meshing import extract_mesh
+    from taichi_dr.pipelines.idr import IDRConfig, render_views, train_idr
 
     train, test = split_holdout(load_dataset("data/dtu_scan24"), every=8)
     model, history = train_idr(train, IDRConfig(iterations=2000), out_dir="runs/scan24")
-    mesh = extract_mesh(model.geometry.sdf, resolution=256, scale_mat=train.scale_mat)
+    mesh = extract_mesh(model.sdf, resolution=256, scale_mat=train.scale_mat)
     views = render_views(model, test.cameras)
 
-One iteration (IDR, Yariv et al. 2020): draw rays over all training pixels; sphere-trace the current SDF
-(no autograd, :func:`~taichi_dr.implicit.sphere_tracing.sphere_trace`); for rays that hit the surface inside the object
-mask, make the point differentiable (:func:`~taichi_dr.implicit.sphere_tracing.differentiable_intersection`), take the
-normal by autograd and predict the colour (RGB L1 loss); for the other rays, the SDF at their surface or
-minimum-SDF point enters the mask loss; the eikonal loss holds at random points and at the surface points.
+or, to own the loop's options (callbacks, a viewer), through the engine::
+
+    torch.manual_seed(config.seed)
+    method = IDRMethod(train, config)
+    Trainer(method, config.train_config(), out_dir="runs/scan24", callbacks=[...]).fit()
+
+One iteration (IDR): draw rays over all training pixels (and the eikonal points) from the engine's generator;
+sphere-trace the current SDF (no autograd, :func:`~taichi_dr.implicit.sphere_tracing.sphere_trace`); for rays
+that hit the surface inside the object mask, make the point differentiable
+(:func:`~taichi_dr.implicit.sphere_tracing.differentiable_intersection`), take the normal by autograd and
+predict the colour (RGB L1 loss); for the other rays, the SDF at their surface or minimum-SDF point enters
+the mask loss; the eikonal loss holds at random points and at the surface points. The engine
+(:mod:`taichi_dr.pipelines.engine`) owns the rest: Adam with IDR's learning-rate steps, checkpoints,
+interrupts, the non-finite policy, progress and the metrics log.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,12 +41,22 @@ from torch import nn
 
 from taichi_dr.core import runtime
 from taichi_dr.core.camera import CameraParameters, Cameras
-from taichi_dr.data.datasets import MultiViewDataset, sample_rays
+from taichi_dr.data.datasets import MultiViewDataset, RayBatch, rays_for_pixels, sample_rays
 from taichi_dr.implicit.sphere_tracing import TracerSettings, differentiable_intersection, sphere_trace
 from taichi_dr.losses.implicit import alpha_schedule, eikonal_loss, mask_loss, rgb_loss
 from taichi_dr.nets.fields import GeometryNetwork, RenderingNetwork
+from taichi_dr.pipelines.callbacks import Callback, Validation
+from taichi_dr.pipelines.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from taichi_dr.pipelines.engine import Method, OptimizerConfig, TrainConfig, Trainer
 
-CHECKPOINT_NAME = "checkpoint.pt"
+__all__ = ["IDRBatch", "IDRConfig", "IDRMethod", "IDRModel", "check_network_settings", "image_metrics",
+           "load_model", "render_rays", "render_views", "resize_views", "scale_cameras", "train_idr",
+           "training_step", "validation_callback"]
+
+# The settings a checkpoint's weights are shaped by: a run can only continue from a checkpoint made with
+# the same ones (the others, e.g. iterations, rays per batch, loss weights, may change on resume).
+NETWORK_SETTINGS = ("geometry_depth", "geometry_width", "geometry_frequencies", "geometry_skip_in", "feature_dim",
+                    "rendering_depth", "rendering_width", "rendering_frequencies", "learn_cameras")
 
 
 @dataclass(frozen=True)
@@ -55,8 +73,11 @@ class IDRConfig:
     init_radius: radius of the initial sphere (IDR: 0.6 of the unit sphere).
     learn_cameras / camera_lr: refine the camera poses too (IDR's "trainable cameras").
     tracer: sphere-tracing settings (the bounding sphere is also the eikonal sampling region).
-    checkpoint_every, validate_every: in iterations (0 = never; a checkpoint is always written at the end).
-    seed: for ray sampling and initialisation.
+    checkpoint_every, validate_every: in iterations (0 = never; the engine always checkpoints at the end and
+        on an interrupt when there is an output folder).
+    seed: for initialisation (torch's global RNG) and ray sampling (the engine's generator).
+
+    The loop's settings derive from these: :meth:`train_config`.
     """
 
     iterations: int = 2000
@@ -87,15 +108,24 @@ class IDRConfig:
     seed: int = 0
 
     def __post_init__(self):
+        def positive(x):
+            return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
         checks = [
-            (self.iterations >= 0, "iterations must be >= 0"),
+            (self.iterations >= 1, "iterations must be >= 1"),
             (self.rays_per_batch >= 1, "rays_per_batch must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
+            (positive(self.lr), "lr must be > 0"),
             (all(0 < m < 1 for m in self.lr_milestones), "lr_milestones must be fractions in (0, 1)"),
-            (self.alpha_init > 0, "alpha_init must be > 0"),
-            (min(self.rgb_weight, self.mask_weight, self.eikonal_weight) >= 0, "loss weights must be >= 0"),
+            (positive(self.lr_gamma), "lr_gamma must be > 0"),
+            (positive(self.camera_lr), "camera_lr must be > 0"),
+            (positive(self.alpha_init), "alpha_init must be > 0"),
+            (all(math.isfinite(w) and w >= 0 for w in (self.rgb_weight, self.mask_weight, self.eikonal_weight)),
+             "loss weights must be >= 0"),
             (0 < self.init_radius < self.tracer.bounding_radius,
              "init_radius must lie in (0, tracer.bounding_radius)"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.validate_every >= 0, "validate_every must be >= 0"),
+            (self.seed >= 0, "seed must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -120,6 +150,16 @@ class IDRConfig:
             if key in d:
                 d[key] = tuple(d[key])
         return IDRConfig(**d)
+
+    def train_config(self, **overrides) -> TrainConfig:
+        """The engine's settings for this run: Adam at ``lr`` with IDR's steps (``lr_gamma`` at each of
+        ``lr_milestones``), ``iterations``, ``seed`` and ``checkpoint_every``; ``overrides`` (e.g. progress,
+        max_nonfinite) go to :class:`TrainConfig`."""
+        optimizer = OptimizerConfig(lr=self.lr, schedule="multistep", milestones=tuple(sorted(set(self.lr_milestones))),
+                                    gamma=self.lr_gamma)
+        settings = dict(iterations=self.iterations, seed=self.seed, optimizer=optimizer,
+                        checkpoint_every=self.checkpoint_every)
+        return TrainConfig(**{**settings, **overrides})
 
 
 class IDRModel(nn.Module):
@@ -154,53 +194,168 @@ def _psnr(mse: float) -> float:
     return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
 
 
-def training_step(model: IDRModel, batch_origins: torch.Tensor, batch_dirs: torch.Tensor,
-                  target_rgb: torch.Tensor, target_mask: torch.Tensor, config: IDRConfig, alpha: float,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """Losses of one batch of rays (``(N, 3)`` origins/dirs, possibly differentiable in the cameras,
-    ``(N, 3)`` target colours, ``(N,)`` bool mask). Returns the total loss and a dict of floats."""
-    n = batch_origins.shape[0]
-    r = config.tracer.bounding_radius
-    trace = sphere_trace(model.sdf, batch_origins.detach(), batch_dirs.detach(), config.tracer,
-                         miss_min_sdf=True, generator=generator)
+def training_step(model: IDRModel, origins: torch.Tensor, dirs: torch.Tensor, target_rgb: torch.Tensor,
+                  target_mask: torch.Tensor, eikonal_points: torch.Tensor, config: IDRConfig, alpha: float,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Losses of one batch of rays: ``(N, 3)`` origins/dirs (possibly differentiable in the cameras),
+    ``(N, 3)`` target colours, ``(N,)`` bool mask, ``(M, 3)`` eikonal points; ``generator`` jitters the
+    tracer's sampler.
+
+    Returns the total loss and stats as 0-dim tensors (rgb, mask, eikonal: the loss terms; psnr of the
+    surface rays (NaN when none hit); iou of traced hits vs the mask) and floats (alpha, sdf_evals), left on
+    the device so the engine reads them all in one copy.
+    """
+    n = origins.shape[0]
+    trace = sphere_trace(model.sdf, origins.detach(), dirs.detach(), config.tracer, miss_min_sdf=True,
+                         generator=generator)
     surf = trace.hit & target_mask
     other = ~surf
-    zero = batch_origins.sum() * 0.0
+    zero = origins.sum() * 0.0
 
     loss_rgb, mse = zero, zero + math.nan
     grads = []
     if bool(surf.any()):
-        x = differentiable_intersection(model.sdf, batch_origins[surf], batch_dirs[surf], trace.t[surf])
-        rgb, _, g = model.shade(x, batch_dirs[surf], create_graph=True)
+        x = differentiable_intersection(model.sdf, origins[surf], dirs[surf], trace.t[surf])
+        rgb, _, g = model.shade(x, dirs[surf], create_graph=True)
         grads.append(g)
         loss_rgb = rgb_loss(rgb, target_rgb[surf], n)
         mse = ((rgb.detach() - target_rgb[surf]) ** 2).mean()
     loss_mask = zero
     if bool(other.any()):
-        pts = batch_origins[other] + trace.t[other, None] * batch_dirs[other]
+        pts = origins[other] + trace.t[other, None] * dirs[other]
         loss_mask = mask_loss(model.sdf(pts), target_mask[other], alpha, n)
 
-    # Eikonal points: uniform in the bounding cube, plus the traced surface points.
-    gen_dev = generator.device if generator is not None else "cpu"
-    pts = (torch.rand(n, 3, generator=generator, device=gen_dev) * 2 - 1).to(batch_origins) * r
-    _, g_rand = model.geometry.gradient(pts, create_graph=True)
+    # Eikonal points: the given uniform ones plus the traced surface points.
+    _, g_rand = model.geometry.gradient(eikonal_points.to(origins), create_graph=True)
     grads.append(g_rand)
     loss_eik = eikonal_loss(torch.cat(grads))
 
     loss = config.rgb_weight * loss_rgb + config.mask_weight * loss_mask + config.eikonal_weight * loss_eik
-    # The statistics leave the device together, in one copy (each float() would wait for it separately).
     inter, union = (trace.hit & target_mask).sum(), (trace.hit | target_mask).sum()
-    values = torch.stack([x.detach().to(torch.float64).reshape(()) for x in
-                          (loss, loss_rgb, loss_mask, loss_eik, mse, inter, union)]).cpu().tolist()
-    loss_v, rgb_v, mask_v, eik_v, mse_v, inter_v, union_v = values
-    stats = dict(loss=loss_v, rgb=rgb_v, mask=mask_v, eikonal=eik_v,
-                 psnr=float("nan") if math.isnan(mse_v) else _psnr(mse_v), iou=inter_v / max(1.0, union_v),
-                 alpha=alpha, sdf_evals=trace.sdf_evals)
+    stats = dict(rgb=loss_rgb.detach(), mask=loss_mask.detach(), eikonal=loss_eik.detach(),
+                 psnr=-10.0 * torch.log10(mse.detach()), iou=inter / union.clamp(min=1),
+                 alpha=float(alpha), sdf_evals=float(trace.sdf_evals))
     return loss, stats
 
 
+@dataclass
+class IDRBatch:
+    """One iteration's random draws (all from the engine's generator, so a resumed run draws the same).
+
+    rays: training rays through the dataset's cameras (pixels, targets, views); eikonal_points: (N, 3)
+    uniform in the tracer's bounding cube; tracer_seed: seeds the tracer's sampler jitter for this step.
+    """
+
+    rays: RayBatch
+    eikonal_points: torch.Tensor
+    tracer_seed: int
+
+
+class IDRMethod(Method):
+    """IDR on a multi-view dataset with masks, for :class:`~taichi_dr.pipelines.engine.Trainer`.
+
+    train: the training views (images, masks, cameras of the normalised scene); config: :class:`IDRConfig`.
+    The networks are initialised from torch's global RNG: seed it first (``torch.manual_seed(config.seed)``).
+    ``model`` (:class:`IDRModel`) and ``camera_params`` (CameraParameters or None) are the live state.
+    """
+
+    name = "idr"
+    version = 1
+
+    def __init__(self, train: MultiViewDataset, config: IDRConfig = IDRConfig(), device=None):
+        if getattr(train, "masks", None) is None:
+            raise ValueError("IDR: the training views need object masks (IDR's mask loss)")
+        runtime.ensure_init()
+        self.device = torch.device(device) if device is not None else runtime.device()
+        self.settings = config
+        self.data = dataclasses.replace(train, images=train.images.to(self.device),
+                                        masks=train.masks.to(self.device),
+                                        cameras=train.cameras.to(device=self.device))
+        self.model = IDRModel(config).to(self.device)
+        self.camera_params = (CameraParameters(self.data.cameras).to(self.device) if config.learn_cameras
+                              else None)
+        # The tracer's jitter draws a data-dependent number of values: from its own generator, reseeded
+        # each step from the batch, so the engine's stream does not depend on how the trace went.
+        self._tracer_generator = torch.Generator()
+
+    # -- the engine's hooks
+
+    def param_groups(self) -> list[dict]:
+        groups = [{"params": list(self.model.parameters()), "name": "networks", "lr": self.settings.lr}]
+        if self.camera_params is not None:
+            groups.append({"params": list(self.camera_params.parameters()), "name": "cameras",
+                           "lr": self.settings.camera_lr})
+        return groups
+
+    def sample(self, iteration: int, generator: torch.Generator) -> IDRBatch:
+        n, r = self.settings.rays_per_batch, self.settings.tracer.bounding_radius
+        rays = sample_rays(self.data, n, generator)
+        eikonal = (torch.rand(n, 3, generator=generator) * 2 - 1) * r
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        return IDRBatch(rays=rays, eikonal_points=eikonal.to(self.device), tracer_seed=seed)
+
+    def alpha(self, iteration: int) -> float:
+        """The mask-loss sharpness at 0-based ``iteration`` (IDR's schedule over ``settings.iterations``)."""
+        c = self.settings
+        return alpha_schedule(iteration, c.iterations, c.alpha_init, c.alpha_factor, c.alpha_milestones)
+
+    def step(self, batch: IDRBatch, iteration: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        rays = batch.rays
+        origins, dirs = rays.origins, rays.dirs
+        if self.camera_params is not None:
+            # The same pixels through the refined cameras: the rays carry the gradient to the poses.
+            origins, dirs = rays_for_pixels(self.camera_params(), rays.view.to(self.device),
+                                            rays.pixels.to(self.device))
+        self._tracer_generator.manual_seed(batch.tracer_seed)
+        return training_step(self.model, origins, dirs, rays.rgb, rays.mask, batch.eikonal_points, self.settings,
+                             self.alpha(iteration), self._tracer_generator)
+
+    @torch.no_grad()
+    def render(self, cameras: Cameras, chunk: int = 16384, background: float = 0.0) -> dict[str, torch.Tensor]:
+        """``rgb (B, H, W, 3)``, ``alpha (B, H, W)`` (1 where the surface is hit), world ``normals
+        (B, H, W, 3)`` and ray ``depth (B, H, W)`` (0 where missed), on this method's device."""
+        out = render_views(self.model, cameras.to(device=self.device), self.settings.tracer, chunk, background)
+        return {"rgb": out["rgb"], "alpha": out["mask"].to(out["rgb"].dtype), "normals": out["normals"],
+                "depth": out["depth"]}
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(),
+                "cameras": self.camera_params.state_dict() if self.camera_params is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.camera_params is not None:
+            saved = state.get("cameras")
+            if saved is None or saved["rot"].shape != self.camera_params.rot.shape:
+                views = "none" if saved is None else str(saved["rot"].shape[0])
+                raise ValueError(f"IDR: the checkpoint's refined cameras ({views}) do not fit the "
+                                 f"{len(self.data.cameras)} training views of this run")
+            self.camera_params.load_state_dict(saved)
+
+    def config(self) -> dict:
+        return self.settings.to_dict()
+
+    def check_resume(self, saved_config: dict) -> None:
+        check_network_settings(saved_config, self.settings)
+
+
+def check_network_settings(saved_config: dict, config: IDRConfig) -> None:
+    """Raise ValueError (one line naming the first differing setting and both values) when a checkpoint made
+    with ``saved_config`` (``IDRConfig.to_dict()``) has networks of another shape than ``config``'s."""
+    saved = IDRConfig.from_dict(saved_config)
+    for name in NETWORK_SETTINGS:
+        then, now = getattr(saved, name), getattr(config, name)
+        if then != now:
+            raise ValueError(f"the checkpoint was trained with {name}={_show(then)}, this run has "
+                             f"{name}={_show(now)}; the networks must match to continue")
+
+
+def _show(value) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# rendering
+# rendering and image metrics
 
 
 @torch.no_grad()
@@ -253,186 +408,25 @@ def render_views(model: IDRModel, cameras: Cameras, tracer: TracerSettings = Tra
 
 def image_metrics(rendered: dict[str, torch.Tensor], images: torch.Tensor, masks: torch.Tensor) -> dict:
     """Held-out view metrics: PSNR on the object-mask pixels (the prediction there is the rendered colour
-    where the surface is hit and black elsewhere) and mask IoU, per view and their means."""
+    where the surface is hit and black elsewhere) and mask IoU, per view and their means.
+
+    rendered: ``rgb (B, H, W, 3)`` and ``mask (B, H, W)`` bool (:func:`render_views`) or ``alpha`` (as
+    :meth:`IDRMethod.render` gives it); images ``(B, H, W, 3)``, masks ``(B, H, W)`` bool."""
+    predicted = rendered["mask"] if "mask" in rendered else rendered["alpha"] > 0.5
+    rgb, images, masks, predicted = (t.cpu() for t in (rendered["rgb"], images, masks, predicted))
     psnrs, ious = [], []
     for i in range(images.shape[0]):
         m = masks[i]
-        mse = float(((rendered["rgb"][i][m] - images[i][m]) ** 2).mean()) if bool(m.any()) else 0.0
+        mse = float(((rgb[i][m] - images[i][m]) ** 2).mean()) if bool(m.any()) else 0.0
         psnrs.append(_psnr(mse))
-        p = rendered["mask"][i]
+        p = predicted[i]
         union = int((p | m).sum())
         ious.append(1.0 if union == 0 else int((p & m).sum()) / union)
     return dict(psnr=float(np.mean(psnrs)), mask_iou=float(np.mean(ious)), psnr_per_view=psnrs,
                 mask_iou_per_view=ious)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# meshing
-
-
-@torch.no_grad()
-def extract_mesh(sdf_fn: Callable[[torch.Tensor], torch.Tensor], resolution: int = 256, bound: float = 1.0,
-                 scale_mat: torch.Tensor | None = None, chunk: int = 65536, device=None):
-    """Marching cubes of ``sdf_fn``'s zero level set on a ``resolution³`` grid over ``[-bound, bound]³``.
-
-    The SDF is evaluated one z-slab at a time in chunks of ``chunk`` points, so only the float32 grid
-    (``4 resolution³`` bytes: 512 MB at 512³) is held. ``scale_mat (4, 4)`` maps the normalised coordinates
-    to world coordinates (the dataset's ``scale_mat``). Returns a :class:`taichi_dr.core.mesh.Mesh` with outward
-    (counter-clockwise) faces. Raises ValueError if the SDF has no zero crossing in the grid.
-    """
-    import mcubes
-
-    from taichi_dr.core.mesh import Mesh
-
-    if resolution < 2:
-        raise ValueError(f"extract_mesh: resolution must be >= 2, got {resolution}")
-    dev = device or runtime.device()
-    lin = torch.linspace(-bound, bound, resolution, device=dev)
-    vol = np.empty((resolution, resolution, resolution), dtype=np.float32)
-    yy, zz = torch.meshgrid(lin, lin, indexing="ij")
-    slab = torch.stack([yy, zz], -1).reshape(-1, 2)
-    for i in range(resolution):
-        pts = torch.cat([lin[i].expand(slab.shape[0], 1), slab], dim=1)
-        vals = torch.cat([sdf_fn(pts[s:s + chunk]).reshape(-1) for s in range(0, pts.shape[0], chunk)])
-        vol[i] = vals.reshape(resolution, resolution).float().cpu().numpy()
-    if not (vol.min() < 0 < vol.max()):
-        raise ValueError(f"extract_mesh: the SDF has no zero crossing in [-{bound}, {bound}]^3 "
-                         f"(range {vol.min():.3g} .. {vol.max():.3g}); nothing to mesh")
-    verts, faces = mcubes.marching_cubes(vol, 0.0)
-    verts = verts.astype(np.float64) * (2 * bound / (resolution - 1)) - bound
-    # mcubes orients faces for increasing values outward-facing: flip so that normals point to f > 0.
-    faces = faces[:, ::-1].astype(np.int64)
-    if scale_mat is not None:
-        s = torch.as_tensor(scale_mat, dtype=torch.float64).cpu().numpy()
-        verts = verts @ s[:3, :3].T + s[:3, 3]
-    return Mesh(verts=torch.from_numpy(verts).float(), faces=torch.from_numpy(np.ascontiguousarray(faces)),
-                name="marching_cubes").validate()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the loop
-
-
-def _make_optimizer(model: IDRModel, cam_params: CameraParameters | None, config: IDRConfig):
-    groups = [{"params": list(model.parameters()), "lr": config.lr}]
-    if cam_params is not None:
-        groups.append({"params": list(cam_params.parameters()), "lr": config.camera_lr})
-    opt = torch.optim.Adam(groups)
-    milestones = sorted({max(1, int(m * config.iterations)) for m in config.lr_milestones})
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=config.lr_gamma)
-    return opt, sched
-
-
-def save_checkpoint(path: Path, iteration: int, model: IDRModel, opt, sched, cam_params, config: IDRConfig,
-                    generator: torch.Generator, history: list) -> None:
-    state = dict(iteration=iteration, model=model.state_dict(), optimizer=opt.state_dict(),
-                 scheduler=sched.state_dict(), config=config.to_dict(), generator=generator.get_state(),
-                 cameras=cam_params.state_dict() if cam_params is not None else None, history=history)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)   # never leave a half-written checkpoint behind
-
-
-def load_model(path, device=None) -> tuple[IDRModel, IDRConfig]:
-    """A trained model and its config from a checkpoint written by :func:`train_idr`."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint")
-    state = torch.load(path, map_location=device or runtime.device(), weights_only=False)
-    config = IDRConfig.from_dict(state["config"])
-    model = IDRModel(config).to(device or runtime.device())
-    model.load_state_dict(state["model"])
-    return model, config
-
-
-def train_idr(train: MultiViewDataset, config: IDRConfig = IDRConfig(), out_dir=None, *, resume: bool = False,
-              validation: MultiViewDataset | None = None, validation_scale: float = 0.25,
-              progress: Callable[[int, int, dict], None] | None = None,
-              on_validation: Callable[[int, dict], None] | None = None):
-    """Train IDR on ``train``; returns ``(model, history)`` (``history``: one stats dict per iteration).
-
-    out_dir: where ``checkpoint.pt`` is written every ``config.checkpoint_every`` iterations and at the
-        end (None: no checkpoints). ``resume`` continues from it (the config stored there must have the same
-        network sizes; its iteration count and schedules are replaced by ``config``'s).
-    validation: views rendered every ``config.validate_every`` iterations at ``validation_scale`` of their
-        size; ``on_validation(iteration, {"rendered", "metrics"})`` receives them.
-    progress: called after every iteration with ``(iteration, total, stats)``; stats has loss, rgb, mask,
-        eikonal, psnr (on the surface rays), iou (traced hits vs mask), alpha, rays_per_s.
-    """
-    runtime.ensure_init()
-    dev = runtime.device()
-    torch.manual_seed(config.seed)
-    model = IDRModel(config).to(dev)
-    cam_params = CameraParameters(train.cameras.to(device=dev)).to(dev) if config.learn_cameras else None
-    opt, sched = _make_optimizer(model, cam_params, config)
-    generator = torch.Generator().manual_seed(config.seed)
-    history: list[dict] = []
-    start = 0
-    ckpt = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    if resume:
-        if ckpt is None or not ckpt.is_file():
-            raise FileNotFoundError(f"resume: no checkpoint at {ckpt}")
-        state = torch.load(ckpt, map_location=dev, weights_only=False)
-        saved = IDRConfig.from_dict(state["config"])
-        sizes = ("geometry_depth", "geometry_width", "geometry_frequencies", "geometry_skip_in",
-                 "feature_dim", "rendering_depth", "rendering_width", "rendering_frequencies",
-                 "learn_cameras")
-        diff = [k for k in sizes if getattr(saved, k) != getattr(config, k)]
-        if diff:
-            raise ValueError(f"resume: {ckpt} was trained with different network settings: "
-                             + ", ".join(f"{k}={getattr(saved, k)} (now {getattr(config, k)})" for k in diff))
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        sched.milestones = _make_optimizer(model, cam_params, config)[1].milestones   # this config's schedule
-        generator.set_state(state["generator"])
-        if cam_params is not None and state["cameras"] is not None:
-            cam_params.load_state_dict(state["cameras"])
-        start = int(state["iteration"])
-        history = list(state.get("history", []))
-    if ckpt is not None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-
-    images = train.images.to(dev)
-    masks = train.masks.to(dev)
-    data = dataclasses.replace(train, images=images, masks=masks, cameras=train.cameras.to(device=dev))
-    model.train()
-    for it in range(start, config.iterations):
-        t0 = time.perf_counter()
-        alpha = alpha_schedule(it, config.iterations, config.alpha_init, config.alpha_factor,
-                               config.alpha_milestones)
-        cams = cam_params() if cam_params is not None else None
-        batch = sample_rays(data, config.rays_per_batch, generator, cameras=cams)
-        loss, stats = training_step(model, batch.origins, batch.dirs, batch.rgb, batch.mask, config, alpha,
-                                    generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        stats["rays_per_s"] = config.rays_per_batch / max(1e-9, time.perf_counter() - t0)
-        stats["iteration"] = it + 1
-        history.append(stats)
-        if progress is not None:
-            progress(it + 1, config.iterations, stats)
-        done = it + 1 == config.iterations
-        periodic = config.checkpoint_every and (it + 1) % config.checkpoint_every == 0
-        if ckpt is not None and (done or periodic):
-            save_checkpoint(ckpt, it + 1, model, opt, sched, cam_params, config, generator, history)
-        if (validation is not None and on_validation is not None and config.validate_every
-                and (it + 1) % config.validate_every == 0):
-            model.eval()
-            cams_v = scale_cameras(validation.cameras.to(device=dev), validation_scale)
-            rendered = render_views(model, cams_v, config.tracer)
-            small = _resize_views(validation, cams_v.image_size)
-            on_validation(it + 1, dict(rendered=rendered, metrics=image_metrics(rendered, *small)))
-            model.train()
-    model.eval()
-    return model, history
-
-
-def _resize_views(ds: MultiViewDataset, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def resize_views(ds: MultiViewDataset, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Images and masks resized (area / nearest) to ``size`` for comparison with small renders."""
     import torch.nn.functional as F
 
@@ -443,5 +437,91 @@ def _resize_views(ds: MultiViewDataset, size: tuple[int, int]) -> tuple[torch.Te
     return img, msk
 
 
-def write_metrics(path, metrics: dict) -> None:
-    Path(path).write_text(json.dumps(metrics, indent=1, default=float) + "\n")
+def _to_uint8(img: torch.Tensor) -> np.ndarray:
+    return (img.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+def _validation_image(rendered: dict[str, torch.Tensor]) -> np.ndarray:
+    """One row per view: the colour render | its normals (n * 0.5 + 0.5 on white where missed)."""
+    hit = rendered["alpha"][..., None] > 0.5
+    normals = torch.where(hit, rendered["normals"] * 0.5 + 0.5, torch.ones_like(rendered["normals"]))
+    rows = torch.cat([rendered["rgb"], normals], dim=2)            # (B, H, 2W, 3)
+    return _to_uint8(rows.reshape(-1, *rows.shape[2:]))            # (B H, 2W, 3)
+
+
+def validation_callback(views: MultiViewDataset, every: int, scale: float = 0.25, folder=None) -> Validation:
+    """A :class:`~taichi_dr.pipelines.callbacks.Validation` that every ``every`` iterations renders ``views``
+    at ``scale`` of their size from the live method and adds ``val_psnr`` and ``val_mask_iou`` (see
+    :func:`image_metrics`) to the metrics row; with ``folder``, also writes ``folder/iter_NNNNNN.png`` (per
+    view a row: render | normals). Renders draw no random numbers, so resuming stays exact."""
+    cameras = scale_cameras(views.cameras, scale)
+    images, masks = resize_views(views, cameras.image_size)
+    folder = Path(folder) if folder is not None else None
+
+    def validate(state) -> dict[str, float]:
+        rendered = state.method.render(cameras)
+        if folder is not None:
+            import imageio.v3 as iio
+
+            folder.mkdir(parents=True, exist_ok=True)
+            iio.imwrite(folder / f"iter_{state.iteration:06d}.png", _validation_image(rendered))
+        metrics = image_metrics(rendered, images, masks)
+        return {"val_psnr": metrics["psnr"], "val_mask_iou": metrics["mask_iou"]}
+
+    return Validation(every, validate)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training and loading
+
+
+def train_idr(train: MultiViewDataset, config: IDRConfig = IDRConfig(), out_dir=None, *, resume: bool = False,
+              validation: MultiViewDataset | None = None, validation_scale: float = 0.25,
+              callbacks: list[Callback] | tuple[Callback, ...] = (), progress: str = "auto"):
+    """Train IDR on ``train`` with the engine; returns ``(model, history)`` (``history``: the engine's metrics
+    rows, one per iteration: iteration, loss, rgb, mask, eikonal, psnr, iou, alpha, sdf_evals, grad_norm,
+    lr, skipped, time_s, and val_* at validations).
+
+    out_dir: folder for ``checkpoint.pt`` (every ``config.checkpoint_every`` iterations, at the end and on
+        SIGINT/SIGTERM), ``metrics.jsonl`` and ``config.json`` (None: nothing written). ``resume`` continues
+        from its checkpoint bitwise (the network settings must match; iterations may be raised).
+    validation: views rendered every ``config.validate_every`` iterations at ``validation_scale`` of their
+        size (:func:`validation_callback`); callbacks: more engine callbacks (they see the live method);
+        progress: the engine's progress mode ("auto", "rich", "plain", "none").
+
+    Raises the engine's Interrupted (a KeyboardInterrupt, after saving) on SIGINT/SIGTERM, NonFiniteError
+    after ``max_nonfinite`` consecutive skipped steps, CheckpointError/ValueError for a checkpoint that does
+    not fit.
+    """
+    runtime.ensure_init()
+    torch.manual_seed(config.seed)
+    method = IDRMethod(train, config)
+    extra = list(callbacks)
+    if validation is not None and config.validate_every:
+        extra.insert(0, validation_callback(validation, config.validate_every, validation_scale))
+    trainer = Trainer(method, config.train_config(progress=progress), out_dir=out_dir, callbacks=extra,
+                      resume=resume)
+    result = trainer.fit()
+    method.model.eval()
+    return method.model, result.history
+
+
+def load_model(path, device=None) -> tuple[IDRModel, IDRConfig]:
+    """A trained model and its config from a checkpoint of :func:`train_idr` / ``tdr reconstruct`` (the file
+    or its folder), read with ``weights_only=True``. Raises CheckpointError (one line naming the file) for a
+    missing or unreadable file, a checkpoint of another method or version, or weights that do not fit."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    payload = load_checkpoint(path, IDRMethod)
+    try:
+        config = IDRConfig.from_dict(payload["config"]["method_config"])
+        # Building the networks draws their initial weights: keep the caller's random stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            model = IDRModel(config)
+        model.load_state_dict(payload["method_state"]["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{path}: IDR settings or weights that this version cannot use ({first[:200]})") \
+            from None
+    return model.to(device or runtime.device()).eval(), config

@@ -9,9 +9,10 @@ A template mesh (an icosphere by default) is deformed to match target silhouette
 * :class:`MeshDeformer` parameterises the vertices in a box around that sphere as
   ``tanh(atanh(v0) + displacement)`` (or SoftRas's sigmoid form) plus a global ``tanh`` centre shift, so
   they stay in the box and a zero displacement is the template;
-* :class:`MeshFitter` runs Adam on ``neg IoU + w_lap * laplacian + w_flat * flatten (+ w_rgb * L1 colour)``
-  over random batches of views, with the soft rasterizer's sigma shrinking during the run, and evaluates
-  hard and soft IoU.
+* :class:`MeshFitMethod`, a method of the training engine (:mod:`taichi_dr.pipelines.engine`), minimises
+  ``neg IoU + w_lap * laplacian + w_flat * flatten (+ w_rgb * L1 colour)`` over random batches of views with
+  Adam, the soft rasterizer's sigma shrinking during the run, and evaluates hard and soft IoU;
+  :func:`fit_mesh` runs it in one call (checkpoints, Ctrl-C, metrics log from the engine).
 
 Sigma annealing (``FitSettings.sigma_final``): at SoftRas's sigma = 1e-4 (0.1 px² at 64²) a pixel whose
 centre lies within ~0.3 px of a face already reads as covered, so the soft IoU is satisfied by wings and
@@ -37,8 +38,11 @@ Regularisers, computed in the box's unit coordinates (so the object's scale drop
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -46,9 +50,12 @@ from torch import Tensor
 from taichi_dr.core.camera import Cameras
 from taichi_dr.core.mesh import Mesh
 from taichi_dr.losses import MeshTopology, flatten_loss, neg_iou_loss, scale_free_laplacian_loss, silhouette_iou
+from taichi_dr.pipelines.callbacks import Callback
+from taichi_dr.pipelines.engine import Method, OptimizerConfig, TrainConfig, Trainer, TrainResult
 from taichi_dr.raster import RasterSettings
 
-__all__ = ["FitSettings", "MeshDeformer", "MeshFitter", "estimate_bounding_sphere"]
+__all__ = ["FitResult", "FitSettings", "MeshDeformer", "MeshFitMethod", "ResumeMismatch", "estimate_bounding_sphere",
+           "fit_mesh", "tensor_digest"]
 
 # The template's bounding sphere fills half of the deformation box (SoftRas scales its unit sphere by 0.5
 # inside a [-1, 1] box), so vertices can move out to twice the estimated radius along each axis.
@@ -59,8 +66,8 @@ TEMPLATE_IN_BOX = 0.5
 class FitSettings:
     """Optimisation settings.
 
-    iters: total number of Adam steps.
-    lr, betas: Adam for the geometry (SoftRas: 0.01, (0.5, 0.99)).
+    iters: total number of Adam steps (the engine's ``TrainConfig.iterations``).
+    lr, betas: Adam for the geometry (SoftRas: 0.01, (0.5, 0.99)); see :meth:`optimizer_config`.
     color_lr: Adam learning rate of the per-vertex colour logits (when colours are learned).
     sigma, gamma: soft rasterizer sharpness and depth temperature during fitting.
     sigma_final: when set, sigma shrinks geometrically from ``sigma`` at the first step to ``sigma_final``
@@ -111,6 +118,11 @@ class FitSettings:
             return self.sigma
         frac = min(max(iteration / (self.iters - 1), 0.0), 1.0)
         return self.sigma * (self.sigma_final / self.sigma) ** frac
+
+    def optimizer_config(self) -> OptimizerConfig:
+        """The engine's optimiser for this fit: Adam with ``lr`` (the geometry's; the colours' group carries
+        ``color_lr``) and ``betas``, constant learning rate, no clipping."""
+        return OptimizerConfig(name="adam", lr=self.lr, betas=self.betas)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -281,38 +293,71 @@ def _detached(mesh: Mesh) -> Mesh:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Optimisation
+# The method the training engine runs
 # ----------------------------------------------------------------------------------------------------------
 
 
-class MeshFitter:
-    """Fits a :class:`MeshDeformer` to target silhouettes (and colours) seen by ``cameras``.
+def tensor_digest(*tensors: Tensor) -> str:
+    """A short hash of the tensors' float32 contents: how a resumed run recognises its inputs."""
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
-    silhouettes: (N, H, W) in [0, 1]; rgb: (N, H, W, 3) or None (colours are learned iff the model has
-    them, and then rgb is required); cameras: N cameras with ``image_size == (H, W)``.
-    One :meth:`step` is one Adam step on a random subset of views; :meth:`state_dict` /
-    :meth:`load_state_dict` hold everything needed to continue bit-for-bit (model, optimiser, step, RNG).
+
+# What a resumed run must share with its checkpoint: the problem (targets, cameras) and what the parameters
+# mean (template, its placement, whether colours are learned, the displacement map). FitSettings (lr,
+# weights, iters, views per step) may change between runs.
+IDENTITY_KEYS = ("targets", "cameras", "template", "placement", "rgb", "parameterization")
+
+
+class ResumeMismatch(ValueError):
+    """A checkpoint made for another problem or parameterisation. ``differences``: ``[(identity key, what
+    changed)]`` with keys from ``IDENTITY_KEYS``, so a command can name its own options."""
+
+    def __init__(self, differences: list[tuple[str, str]]):
+        self.differences = differences
+        listed = ", ".join(f"{key} ({what})" for key, what in differences)
+        super().__init__(f"resume: the checkpoint was made with different {listed}; continue with the original "
+                         "inputs, or start a new run")
+
+
+class MeshFitMethod(Method):
+    """Fits a :class:`MeshDeformer` to target silhouettes (and colours) seen by ``cameras``; the training
+    engine (:class:`taichi_dr.pipelines.Trainer`) runs it (see :func:`fit_mesh`).
+
+    silhouettes: (N, H, W) in [0, 1]; rgb: (N, H, W, 3) or None (colours are learned iff the model has them,
+    and then rgb is required); cameras: N cameras with ``image_size == (H, W)``.
+    sources: optional labels of the inputs (e.g. file paths) for ``"targets"``, ``"cameras"``, ``"template"``,
+    kept in the configuration so a refused resume can say which file changed.
+
+    One step renders a random subset of ``views_per_step`` views (drawn from the engine's generator) with the
+    soft rasterizer at the annealed sigma and returns ``neg IoU + w_lap * laplacian + w_flat * flatten
+    (+ w_rgb * L1 colour)``; the engine's Adam (:meth:`FitSettings.optimizer_config`) takes the step.
     """
 
+    name = "mesh-fit"
+    version = 1
+
     def __init__(self, model: MeshDeformer, silhouettes: Tensor, cameras: Cameras, rgb: Tensor | None = None,
-                 settings: FitSettings = FitSettings(), seed: int = 0):
+                 settings: FitSettings = FitSettings(), sources: dict[str, str] | None = None):
         from taichi_dr.core import runtime
 
         if silhouettes.dim() != 3 or silhouettes.shape[0] != len(cameras):
-            raise ValueError(f"MeshFitter: silhouettes must be (N={len(cameras)}, H, W) for {len(cameras)} "
+            raise ValueError(f"MeshFitMethod: silhouettes must be (N={len(cameras)}, H, W) for {len(cameras)} "
                              f"cameras, got {tuple(silhouettes.shape)}")
         if tuple(silhouettes.shape[1:]) != tuple(cameras.image_size):
-            raise ValueError(f"MeshFitter: silhouettes are {tuple(silhouettes.shape[1:])} (H, W) but the "
+            raise ValueError(f"MeshFitMethod: silhouettes are {tuple(silhouettes.shape[1:])} (H, W) but the "
                              f"cameras' image_size is {tuple(cameras.image_size)}")
         if model.parameterization != settings.parameterization:
-            raise ValueError(f"MeshFitter: the model's parameterization is {model.parameterization!r} but the "
-                             f"settings say {settings.parameterization!r}; build both with the same one")
+            raise ValueError(f"MeshFitMethod: the model's parameterization is {model.parameterization!r} but "
+                             f"the settings say {settings.parameterization!r}; build both with the same one")
         learn_colors = model.color_logits is not None
         if learn_colors and rgb is None:
-            raise ValueError("MeshFitter: the model learns colours but no target rgb was given")
+            raise ValueError("MeshFitMethod: the model learns colours but no target rgb was given")
         if rgb is not None and tuple(rgb.shape) != tuple(silhouettes.shape) + (3,):
-            raise ValueError(f"MeshFitter: rgb must be (N, H, W, 3) = {tuple(silhouettes.shape) + (3,)}, got "
-                             f"{tuple(rgb.shape)}")
+            raise ValueError(f"MeshFitMethod: rgb must be (N, H, W, 3) = {tuple(silhouettes.shape) + (3,)}, "
+                             f"got {tuple(rgb.shape)}")
         self.device = runtime.device()
         self.model = model.to(self.device)
         self.silhouettes = silhouettes.detach().float().to(self.device)
@@ -321,112 +366,240 @@ class MeshFitter:
                     if learn_colors else None)
         self.cameras = cameras.detach().to(device=self.device, dtype=torch.float32)
         self.settings = settings
-        groups = [{"params": [self.model.displacement, self.model.shift], "lr": settings.lr}]
-        if learn_colors:
-            groups.append({"params": [self.model.color_logits], "lr": settings.color_lr})
-        self.optimizer = torch.optim.Adam(groups, betas=settings.betas)
-        self.generator = torch.Generator().manual_seed(int(seed))
-        self.iteration = 0
+        self.sigma = settings.sigma_at(0)  # set by on_iteration_start; the soft renders' sharpness
+        self.initial_metrics: dict[str, float] | None = None  # evaluate() of the template, kept in checkpoints
+        self.identity = self._identity(sources or {})
+
+    @classmethod
+    def build(cls, silhouettes: Tensor, cameras: Cameras, template: Mesh | None = None,
+              settings: FitSettings = FitSettings(), *, rgb: Tensor | None = None, learn_colors: bool = False,
+              template_scale: float = 1.0, sources: dict[str, str] | None = None) -> MeshFitMethod:
+        """Place ``template`` (default ``icosphere(level=3)``, 642 vertices like SoftRas's sphere) on the
+        sphere estimated from the silhouettes (:func:`estimate_bounding_sphere`, radius times
+        ``template_scale``) and build the method; colours are learned iff ``learn_colors`` (needs ``rgb``)."""
+        from taichi_dr.core.mesh import icosphere
+
+        if template is None:
+            template = icosphere(level=3)
+        if not (isinstance(template_scale, (int, float)) and math.isfinite(template_scale) and template_scale > 0):
+            raise ValueError(f"template_scale: expected a number > 0, got {template_scale!r}")
+        centre, radius = estimate_bounding_sphere(silhouettes, cameras)
+        model = MeshDeformer(template, centre, radius * template_scale, learn_colors=learn_colors,
+                             parameterization=settings.parameterization)
+        return cls(model, silhouettes, cameras, rgb=rgb if learn_colors else None, settings=settings,
+                   sources=sources)
+
+    # -- what the engine calls
+
+    def param_groups(self) -> list[dict]:
+        groups = [{"params": [self.model.displacement, self.model.shift], "name": "geometry",
+                   "lr": self.settings.lr}]
+        if self.model.color_logits is not None:
+            groups.append({"params": [self.model.color_logits], "name": "colour", "lr": self.settings.color_lr})
+        return groups
+
+    def on_iteration_start(self, iteration: int) -> None:
+        self.sigma = self.settings.sigma_at(iteration)
+
+    def sample(self, iteration: int, generator: torch.Generator) -> Tensor:
+        """The views of this step: (K,) sorted indices, a random subset of ``views_per_step`` (all views when
+        it is 0/None or at least the number of views)."""
+        k, n = self.settings.views_per_step, self.num_views
+        if not k or k >= n:
+            return torch.arange(n)
+        return torch.randperm(n, generator=generator)[:k].sort().values
+
+    def step(self, views: Tensor, iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss on ``views`` (with autograd) and its terms (0-dim tensors): neg_iou, laplacian, flatten, rgb
+        (when colours are learned) and iou (soft, on this batch)."""
+        s = self.settings
+        views = views.to(self.device)
+        mesh, unit = self.model()
+        learn_rgb = self.rgb is not None
+        out = self._render(mesh, self.cameras[views], self.raster, learn_rgb)
+        neg_iou = neg_iou_loss(out.alpha, self.silhouettes[views])
+        topo = self.model.topology
+        laplacian = scale_free_laplacian_loss(unit, self.model.faces, self.model.template_unit, topology=topo)
+        flatten = flatten_loss(unit, self.model.faces, topology=topo)
+        total = neg_iou + s.laplacian_weight * laplacian + s.flatten_weight * flatten
+        stats = {"neg_iou": neg_iou.detach(), "laplacian": laplacian.detach(), "flatten": flatten.detach()}
+        if learn_rgb:
+            rgb_loss = (out.rgb - self.rgb[views]).abs().mean()
+            total = total + s.rgb_weight * rgb_loss
+            stats["rgb"] = rgb_loss.detach()
+        stats["iou"] = 1.0 - stats["neg_iou"]
+        return total, stats
+
+    @torch.no_grad()
+    def render(self, cameras: Cameras, *, hard: bool = False, sigma: float | None = None) -> dict[str, Tensor]:
+        """The current mesh seen by ``cameras`` (B views of any size): ``{"rgb": (B, H, W, 3), "alpha":
+        (B, H, W)}`` in [0, 1], over black. rgb holds the learned colours, or without them a white surface
+        Lambert-shaded under ``Lights.default`` so the shape shows. Soft at ``sigma`` (default: the current
+        step's), or ``hard``."""
+        from taichi_dr.raster.renderer import render_mesh
+        from taichi_dr.raster.shading import Lights
+
+        mesh = self.current_mesh()
+        cams = cameras.detach().to(device=self.device, dtype=torch.float32)
+        lights = None if mesh.vert_colors is not None else Lights.default(device=self.device)
+        out = render_mesh(mesh, cams, lights, self._raster_settings(hard, sigma), outputs=("rgb",))
+        return {"rgb": out.rgb.clamp(0.0, 1.0), "alpha": out.alpha.clamp(0.0, 1.0)}
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "initial_metrics": dict(self.initial_metrics or {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.initial_metrics = dict(state.get("initial_metrics") or {}) or None
+
+    def config(self) -> dict:
+        return {"settings": self.settings.to_dict(), "identity": self.identity}
+
+    def check_resume(self, saved_config: dict) -> None:
+        """Refuse (:class:`ResumeMismatch`) a checkpoint made for other targets, cameras, template, placement
+        (the template's scale), colour learning or displacement map; settings may differ."""
+        saved = saved_config.get("identity") or {}
+        differences = []
+        for key in IDENTITY_KEYS:
+            was, now = saved.get(key), self.identity.get(key)
+            if key == "placement" and differences:
+                continue  # other targets or cameras move the estimated sphere too: not worth a second mention
+            if isinstance(was, dict) and isinstance(now, dict) and "digest" in now:
+                if was.get("digest") != now["digest"]:
+                    before, after = was.get("source"), now.get("source")
+                    differences.append((key, "content" if before == after else f"{before} -> {after}"))
+            elif key == "placement" and isinstance(was, dict) and was != now:
+                differences.append((key, f"radius {was.get('radius', float('nan')):.6g} -> {now['radius']:.6g}"))
+            elif was != now:
+                differences.append((key, f"{was} -> {now}"))
+        if differences:
+            raise ResumeMismatch(differences)
+
+    # -- helpers
+
+    def _identity(self, sources: dict[str, str]) -> dict:
+        m = self.model
+
+        def entry(key: str, *tensors: Tensor) -> dict:
+            return {"digest": tensor_digest(*tensors), **({"source": str(sources[key])} if key in sources else {})}
+
+        return {
+            "targets": entry("targets", self.silhouettes),
+            "cameras": entry("cameras", self.cameras.K, self.cameras.R, self.cameras.t),
+            "template": entry("template", m.template_unit, m.faces.float()),
+            "placement": {"centre": [float(c) for c in m.centre.cpu()],
+                          "radius": float(m.half_size) * TEMPLATE_IN_BOX},
+            "rgb": m.color_logits is not None,
+            "parameterization": m.parameterization,
+        }
 
     @property
     def num_views(self) -> int:
         return len(self.cameras)
 
-    def _sample_views(self) -> Tensor:
-        k = self.settings.views_per_step
-        n = self.num_views
-        if not k or k >= n:
-            return torch.arange(n)
-        return torch.randperm(n, generator=self.generator)[:k].sort().values
-
-    def _render(self, mesh: Mesh, views: Tensor, settings: RasterSettings, rgb: bool):
-        from taichi_dr.raster.renderer import render_mesh
-
-        return render_mesh(mesh, self.cameras[views.to(self.device)], None, settings,
-                           outputs=("rgb",) if rgb else ())
-
     @property
     def raster(self) -> RasterSettings:
         """The soft rasterizer's settings for the current step (sigma follows ``FitSettings.sigma_at``)."""
-        return RasterSettings(sigma=self.settings.sigma_at(self.iteration), gamma=self.settings.gamma, far=1000.0)
+        return self._raster_settings(False, None)
 
-    def losses(self) -> dict[str, Tensor]:
-        """The loss terms on a fresh random batch of views (with autograd); ``"loss"`` is the total."""
-        s = self.settings
-        views = self._sample_views()
-        mesh, unit = self.model()
-        learn_rgb = self.rgb is not None
-        out = self._render(mesh, views, self.raster, learn_rgb)
-        target = self.silhouettes[views.to(self.device)]
-        terms = {"neg_iou": neg_iou_loss(out.alpha, target)}
-        topo = self.model.topology
-        terms["laplacian"] = scale_free_laplacian_loss(unit, self.model.faces, self.model.template_unit,
-                                                       topology=topo)
-        terms["flatten"] = flatten_loss(unit, self.model.faces, topology=topo)
-        total = (terms["neg_iou"] + s.laplacian_weight * terms["laplacian"]
-                 + s.flatten_weight * terms["flatten"])
-        if learn_rgb:
-            terms["rgb"] = (out.rgb - self.rgb[views.to(self.device)]).abs().mean()
-            total = total + s.rgb_weight * terms["rgb"]
-        terms["loss"] = total
-        terms["iou"] = 1.0 - terms["neg_iou"].detach()
-        return terms
+    def _raster_settings(self, hard: bool, sigma: float | None) -> RasterSettings:
+        if hard:
+            return RasterSettings(mode="hard", far=1000.0)
+        return RasterSettings(sigma=self.sigma if sigma is None else sigma, gamma=self.settings.gamma, far=1000.0)
 
-    def step(self) -> dict[str, float]:
-        """One Adam step; returns the loss terms (floats) before the step, and ``iou`` (soft, batch)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        terms = self.losses()
-        terms["loss"].backward()
-        self.optimizer.step()
-        self.iteration += 1
-        return {k: float(v.detach()) for k, v in terms.items()}
+    def _render(self, mesh: Mesh, cameras: Cameras, settings: RasterSettings, rgb: bool):
+        from taichi_dr.raster.renderer import render_mesh
+
+        return render_mesh(mesh, cameras, None, settings, outputs=("rgb",) if rgb else ())
 
     @torch.no_grad()
     def current_mesh(self) -> Mesh:
+        """The deformed mesh now (world coordinates, learned colours if any), detached."""
         mesh, _ = self.model()
         return Mesh(verts=mesh.verts.detach(), faces=mesh.faces,
                     vert_colors=None if mesh.vert_colors is None else mesh.vert_colors.detach(),
                     name=mesh.name)
 
     @torch.no_grad()
-    def render(self, views=None, hard: bool = False):
-        """RenderOutput of the current mesh for ``views`` (indices; None = all), soft or hard."""
-        views = torch.arange(self.num_views) if views is None else torch.as_tensor(views).reshape(-1)
-        settings = RasterSettings(mode="hard", far=1000.0) if hard else self.raster
-        return self._render(self.current_mesh(), views, settings, self.rgb is not None)
-
-    @torch.no_grad()
     def evaluate(self, batch: int = 16) -> dict[str, float]:
         """Mean silhouette IoU over all views: ``iou_hard`` (hard-rasterised render vs target > 0.5) and
-        ``iou_soft`` (soft render vs target, SoftRas's IoU)."""
+        ``iou_soft`` (soft render at the current sigma vs target, SoftRas's IoU)."""
         from taichi_dr.core.metrics import hard_iou
 
+        mesh = self.current_mesh()
         hard, soft = [], []
         for start in range(0, self.num_views, batch):
-            views = torch.arange(start, min(start + batch, self.num_views))
-            target = self.silhouettes[views.to(self.device)]
-            hard.append(hard_iou(self.render(views, hard=True).alpha, target))
-            soft.append(silhouette_iou(self.render(views).alpha, target))
+            views = torch.arange(start, min(start + batch, self.num_views), device=self.device)
+            cams, target = self.cameras[views], self.silhouettes[views]
+            hard.append(hard_iou(self._render(mesh, cams, self._raster_settings(True, None), False).alpha, target))
+            soft.append(silhouette_iou(self._render(mesh, cams, self.raster, False).alpha, target))
         return {"iou_hard": float(torch.cat(hard).mean()), "iou_soft": float(torch.cat(soft).mean())}
 
-    def state_dict(self) -> dict:
-        return {
-            "iteration": self.iteration,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "settings": self.settings.to_dict(),
-        }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        # Settings may change on resume (e.g. lr): the optimiser keeps its moments but takes the new lr.
-        for group, lr in zip(self.optimizer.param_groups, (self.settings.lr, self.settings.color_lr),
-                             strict=False):
-            group["lr"] = lr
-            group["betas"] = self.settings.betas
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        self.iteration = int(state["iteration"])
+# ----------------------------------------------------------------------------------------------------------
+# The library entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_mesh` returns: the fitted and initial meshes (world coordinates), the mean silhouette
+    IoUs before and after (:meth:`MeshFitMethod.evaluate`), the iterations done, the method (its model holds
+    the parameters) and the engine's result (None when no iteration ran)."""
+
+    mesh: Mesh
+    initial_mesh: Mesh
+    initial: dict
+    final: dict
+    iterations: int
+    method: MeshFitMethod = field(repr=False)
+    train: TrainResult | None = field(default=None, repr=False)
+
+
+def fit_mesh(silhouettes: Tensor, cameras: Cameras, template: Mesh | None = None,
+             settings: FitSettings = FitSettings(), *, rgb: Tensor | None = None, learn_colors: bool = False,
+             template_scale: float = 1.0, seed: int = 0, out_dir=None, resume: bool = False,
+             checkpoint_every: int = 100, max_nonfinite: int = 20, progress: str = "auto",
+             callbacks: Sequence[Callback] = (), sources: dict[str, str] | None = None,
+             run: Callable[[Trainer], TrainResult] | None = None) -> FitResult:
+    """Fit ``template`` (default: a 642-vertex icosphere) to ``silhouettes (N, H, W)`` seen by ``cameras``.
+
+    rgb: (N, H, W, 3) target colours, learned as per-vertex colours when ``learn_colors``.
+    out_dir: where the engine writes ``checkpoint.pt`` (every ``checkpoint_every`` iterations, at the end and
+        on SIGINT/SIGTERM), ``metrics.jsonl`` and ``config.json``; the fitted ``mesh.obj`` is written there at
+        the end. None: nothing is written.
+    resume: continue from ``out_dir/checkpoint.pt`` (bitwise as if never stopped, on CPU); refused with
+        :class:`ResumeMismatch` for other inputs, CheckpointError for another method's file.
+    progress: the engine's display ("auto": a bar on a terminal, plain lines otherwise; "none").
+    callbacks: extra engine callbacks (they see the live method: ``state.method.render(cameras)``).
+    run: how to call ``trainer.fit()`` (apps pass ``apps.common.run_training``, which turns an interrupt into
+        an exit code); default ``Trainer.fit``, which raises :class:`~taichi_dr.pipelines.Interrupted` after
+        saving on SIGINT/SIGTERM and NonFiniteError after ``max_nonfinite`` skipped steps in a row.
+
+    Seeds torch's global RNG with ``seed`` (as the engine expects); the same seed gives the same result.
+    """
+    from taichi_dr.core.mesh import save_mesh
+
+    torch.manual_seed(seed)
+    method = MeshFitMethod.build(silhouettes, cameras, template, settings, rgb=rgb, learn_colors=learn_colors,
+                                 template_scale=template_scale, sources=sources)
+    initial_mesh = method.current_mesh()
+    trainer = None
+    if settings.iters > 0:
+        config = TrainConfig(iterations=settings.iters, seed=seed, optimizer=settings.optimizer_config(),
+                             checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite, progress=progress)
+        trainer = Trainer(method, config, out_dir=out_dir, callbacks=callbacks, resume=resume)
+    elif resume:
+        raise ValueError("resume: iters must be >= 1 to continue a run")
+    if method.initial_metrics is None:  # (a resumed run keeps the first run's)
+        method.initial_metrics = method.evaluate()
+    train = (run or Trainer.fit)(trainer) if trainer is not None else None
+    iterations = trainer.state.iteration if trainer is not None else 0
+    method.sigma = settings.sigma_at(iterations)
+    final = method.evaluate()
+    mesh = method.current_mesh()
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        save_mesh(mesh, Path(out_dir) / "mesh.obj")
+    return FitResult(mesh=mesh, initial_mesh=initial_mesh, initial=dict(method.initial_metrics), final=final,
+                     iterations=iterations, method=method, train=train)

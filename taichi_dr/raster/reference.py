@@ -28,8 +28,9 @@ from torch.utils.checkpoint import checkpoint
 
 from taichi_dr.core.bridge import check_tensor
 
-# Only the settings container is shared with the implementation under test, not any of its formulas.
-from taichi_dr.raster.settings import RasterSettings
+# Only the settings container (and its background parser) is shared with the implementation under test, not
+# any of its formulas.
+from taichi_dr.raster.settings import RasterSettings, background_values
 
 __all__ = ["soft_rasterize_reference"]
 
@@ -103,7 +104,7 @@ def soft_rasterize_reference(face_verts, image_size, face_attrs=None, settings=N
 
     n_attr = 0 if face_attrs is None else face_attrs.shape[3]
     n_tex = 0 if texture is None else texture.shape[3]
-    background = torch.tensor(_background_values(settings.background, n_attr + n_tex), dtype=dtype,
+    background = torch.tensor(background_values(settings.background, n_attr + n_tex), dtype=dtype,
                               device=device)
 
     if n_faces == 0:  # nothing to draw (the reductions over faces below need at least one)
@@ -183,22 +184,6 @@ def _read_settings(settings, height: int, width: int) -> _Params:
     sigma_px = sigma * half * half  # sigma is in NDC units where the longer side spans 2
     return _Params(sigma_px=sigma_px, cutoff_d2=sigma_px * math.log(1.0 / dist_eps - 1.0), gamma=gamma,
                    eps=eps, near=near, far=far, hard=mode == "hard", cull=cull)
-
-
-def _background_values(background, channels: int) -> list[float]:
-    if isinstance(background, (int, float)) and not isinstance(background, bool):
-        return [float(background)] * channels
-    try:
-        values = [float(b) for b in background]
-    except (TypeError, ValueError):
-        raise ValueError(f"settings.background: expected a float or a tuple of floats, "
-                         f"got {background!r}") from None
-    if len(values) == 1:
-        return values * channels
-    if len(values) != channels:
-        raise ValueError(f"settings.background has {len(values)} values but the image has {channels} "
-                         f"channels (attributes + texture)")
-    return values
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from taichi_dr.core import bridge
-from taichi_dr.core.camera import Cameras
+from taichi_dr.core.camera import Cameras, project_points
 from taichi_dr.core.mesh import Mesh, check_render_inputs, face_normals, vertex_normals
 from taichi_dr.raster.clip import clip_near, guard_planes
 from taichi_dr.raster.settings import RasterSettings
@@ -133,7 +133,7 @@ def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
             rgb_c = albedo if diffuse is None else albedo * diffuse + specular
             chans.append(rgb_c)
             names.append(("rgb", 3))
-            background += _background_rgb(settings)
+            background += settings.background_values(3)
     if "depth" in outputs:
         chans.append(_corner_gather(cam, faces)[..., 2:])
         names.append(("depth", 1))
@@ -156,11 +156,11 @@ def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
         corners, face_index = clip_near(torch.cat([_corner_gather(cam, faces), *attr_chans], -1),
                                         settings.near * (1 + NEAR_CLIP_SLACK),
                                         guard_planes(cameras.K, cameras.image_size, margin))
-        face_verts = _project(corners[..., :3], cameras.K[:, None, None], settings.near)
+        face_verts = project_points(corners[..., :3], cameras.K[:, None, None], settings.near)
         corner_attrs = corners[..., 3:]
     else:
         # The common case: project the V vertices once, then gather them into faces.
-        face_verts = _corner_gather(_project(cam, cameras.K[:, None], settings.near), faces)
+        face_verts = _corner_gather(project_points(cam, cameras.K[:, None], settings.near), faces)
         corner_attrs = torch.cat(attr_chans, -1) if attr_chans else None
         face_index = None
     if settings.cull_backfaces:
@@ -178,7 +178,7 @@ def render_mesh(mesh: Mesh, cameras: Cameras, lights: Lights | None = None,
         face_uvs = corner_attrs[..., n_plain:n_plain + 2].contiguous()
         if face_shading is not None:
             shading_c = corner_attrs[..., n_plain + 2:].contiguous()
-        background += _background_rgb(settings)
+        background += settings.background_values(3)
     raster_settings = dataclasses.replace(settings, background=tuple(background) if background else 0.0)
     # Inputs were checked above (finite vertices, validated cameras): skip the per-corner NaN scan.
     alpha, image, pix_to_face = soft_rasterize(face_verts, cameras.image_size, attrs, raster_settings,
@@ -217,27 +217,6 @@ def guard_margin(settings: RasterSettings, image_size: tuple[int, int]) -> float
     """
     sigma_px = settings.sigma_px(image_size)
     return 4.0 * max(image_size) + max(math.sqrt(settings.cutoff_d2_px(image_size)), math.sqrt(88.0 * sigma_px)) + 2.0
-
-
-def _project(xyz: torch.Tensor, K: torch.Tensor, near: float) -> torch.Tensor:
-    """Camera-space points (B, ..., 3) -> (u, v, z), K broadcast as (B, ..., 3, 3). Points nearer than `near`
-    (only on faces the rasterizer skips) get a dummy divisor so nothing divides by zero."""
-    x, y, z = xyz.unbind(-1)
-    z_safe = torch.where(z >= near, z, torch.ones_like(z))
-    x, y = x / z_safe, y / z_safe
-    return torch.stack([K[..., 0, 0] * x + K[..., 0, 1] * y + K[..., 0, 2], K[..., 1, 1] * y + K[..., 1, 2], z], -1)
-
-
-def _background_rgb(settings: RasterSettings) -> list[float]:
-    bg = settings.background
-    if isinstance(bg, (int, float)):
-        return [float(bg)] * 3
-    bg = [float(b) for b in bg]
-    if len(bg) == 1:
-        return bg * 3
-    if len(bg) != 3:
-        raise ValueError(f"RasterSettings.background: expected a float or 3 values for rgb, got {len(bg)}")
-    return bg
 
 
 def _albedo(mesh: Mesh, B: int, world: torch.Tensor) -> torch.Tensor:

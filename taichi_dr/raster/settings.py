@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -91,13 +92,25 @@ class RasterSettings:
         return (arch == "cpu") if self.deterministic is None else bool(self.deterministic)
 
     def background_values(self, channels: int) -> list[float]:
-        bg = self.background
-        if isinstance(bg, (int, float)):
-            return [float(bg)] * channels
-        bg = [float(b) for b in bg]
-        if len(bg) == 1:
-            return bg * channels
-        if len(bg) != channels:
-            raise ValueError(f"RasterSettings.background has {len(bg)} values but the image has "
-                             f"{channels} channels")
-        return bg
+        """The background as ``channels`` floats (see :func:`background_values`)."""
+        return background_values(self.background, channels)
+
+
+def background_values(background, channels: int) -> list[float]:
+    """The one parser of a background setting: a float (every channel), one value, or one per channel ->
+    ``channels`` floats. ValueError naming ``RasterSettings.background`` otherwise."""
+    if isinstance(background, numbers.Real) and not isinstance(background, bool):  # numpy scalars too
+        return [float(background)] * channels
+    try:
+        if isinstance(background, (str, bytes)):
+            raise TypeError
+        values = [float(b) for b in background]
+    except (TypeError, ValueError):
+        raise ValueError(f"RasterSettings.background: expected a float or a tuple of floats, "
+                         f"got {background!r}") from None
+    if len(values) == 1:
+        return values * channels
+    if len(values) != channels:
+        raise ValueError(f"RasterSettings.background has {len(values)} values but the image has {channels} "
+                         "channels")
+    return values

@@ -210,11 +210,12 @@ def _ious(output: str) -> tuple[float, float]:
     return float(m.group(1)), float(m.group(2))
 
 
-def _log_iters(path) -> list[int]:
-    import csv
+def _log_rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
-    with open(path, newline="") as f:
-        return [int(r["iter"]) for r in csv.DictReader(f)]
+
+def _log_iters(path) -> list[int]:
+    return [row["iteration"] for row in _log_rows(path)]
 
 
 def test_fit_mesh_improves_then_resumes(tmp_path, ellipsoid_targets):
@@ -229,17 +230,17 @@ def test_fit_mesh_improves_then_resumes(tmp_path, ellipsoid_targets):
     assert after > before + 0.1 and after > 0.8, (before, after)
     mesh = load_mesh(out / "mesh.obj")
     assert mesh.num_verts == 642 and mesh.num_faces == 1280
-    assert _log_iters(out / "loss_log.csv") == list(range(1, 31))
+    assert _log_iters(out / "metrics.jsonl") == list(range(1, 31))
     progress = sorted(p.name for p in out.glob("progress_*.png"))
     assert progress == [f"progress_{i:04d}.png" for i in (0, 10, 20, 30)]
     assert len(iio.imread(out / "progress.gif", index=None)) == 4
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["fitter"]["iteration"] == 30
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 30
 
     # Continue to 40: the iteration count advances, the log is extended, the fit does not get worse.
     res = invoke(*args, "--iters", 40, "--resume")
     assert res.exit_code == 0, res.output
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["fitter"]["iteration"] == 40
-    assert _log_iters(out / "loss_log.csv") == list(range(1, 41))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 40
+    assert _log_iters(out / "metrics.jsonl") == list(range(1, 41))
     before2, after2 = _ious(res.stdout)
     assert before2 == before  # the initial metrics are kept from the first run
     assert after2 > after - 0.02
@@ -251,7 +252,7 @@ def test_fit_mesh_improves_then_resumes(tmp_path, ellipsoid_targets):
     # --overwrite starts again from scratch.
     res = invoke(*args, "--iters", 5, "--overwrite")
     assert res.exit_code == 0, res.output
-    assert _log_iters(out / "loss_log.csv") == list(range(1, 6))
+    assert _log_iters(out / "metrics.jsonl") == list(range(1, 6))
     assert sorted(p.name for p in out.glob("progress_*.png")) == ["progress_0000.png", "progress_0005.png"]
 
 
@@ -270,7 +271,7 @@ def test_fit_mesh_npy_targets_and_spherical_csv_cameras(tmp_path, ellipsoid_targ
 
 
 def test_fit_mesh_ctrl_c_saves_checkpoint(tmp_path, ellipsoid_targets, monkeypatch):
-    from taichi_dr.pipelines.mesh_fit import MeshFitter
+    from taichi_dr.pipelines.mesh_fit import MeshFitMethod
 
     step = interrupt_fit_after(monkeypatch, 4)
     out = tmp_path / "fit"
@@ -279,14 +280,14 @@ def test_fit_mesh_ctrl_c_saves_checkpoint(tmp_path, ellipsoid_targets, monkeypat
     assert res.exit_code == 130, res.output
     assert "Traceback" not in res.output
     assert "--resume" in res.stderr and "Interrupted at iteration 4/20" in res.stderr
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["fitter"]["iteration"] == 4
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 4
     assert not (out / "mesh.obj").exists()
 
-    monkeypatch.setattr(MeshFitter, "step", step)
+    monkeypatch.setattr(MeshFitMethod, "step", step)
     res = invoke("fit-mesh", "--targets", ellipsoid_targets, "--cameras", ellipsoid_targets / "cameras.json",
                  "--out", out, "--iters", 6, "--resume")
     assert res.exit_code == 0, res.output
-    assert _log_iters(out / "loss_log.csv") == list(range(1, 7))
+    assert _log_iters(out / "metrics.jsonl") == list(range(1, 7))
 
 
 def test_fit_mesh_learns_colours(tmp_path):
@@ -308,10 +309,7 @@ def test_fit_mesh_learns_colours(tmp_path):
     res = invoke("fit-mesh", "--targets", tmp_path / "t", "--cameras", tmp_path / "t" / "cameras.json",
                  "--out", out, "--iters", 30, "--rgb", "--log-every", 30)
     assert res.exit_code == 0, res.output
-    import csv
-
-    with open(out / "loss_log.csv", newline="") as f:
-        rgb_loss = [float(r["rgb"]) for r in csv.DictReader(f)]
+    rgb_loss = [row["rgb"] for row in _log_rows(out / "metrics.jsonl")]
     assert rgb_loss[-1] < 0.7 * rgb_loss[0]
     fitted = load_mesh(out / "mesh.obj")
     assert fitted.vert_colors is not None

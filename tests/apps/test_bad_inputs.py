@@ -60,25 +60,27 @@ def test_evaluate_checkpoint_that_is_not_a_checkpoint(files, tmp_path):
     txt = tmp_path / "some.txt"
     txt.write_text("hello\n")
     assert_clean_error(invoke("evaluate", files / "ball.ply", "--data", files / "data", "--checkpoint", txt),
-                       "--checkpoint", "some.txt", "not a readable checkpoint")
+                       "--checkpoint", "some.txt", "unreadable checkpoint")
     # --checkpoint without --data would be ignored: refused instead
     assert_clean_error(invoke("evaluate", files / "ball.ply", "--gt", files / "ball.ply", "--checkpoint", txt),
                        "--checkpoint", "--data")
 
 
 def test_evaluate_fit_mesh_checkpoint(files, tmp_path):
-    from apps.fit_mesh import CHECKPOINT_VERSION, _save_checkpoint
+    from taichi_dr.pipelines.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
+    from taichi_dr.pipelines.mesh_fit import MeshFitMethod
 
     ckpt = tmp_path / "fit" / "checkpoint.pt"
-    ckpt.parent.mkdir()
-    _save_checkpoint(ckpt, {"version": CHECKPOINT_VERSION, "identity": {}, "fitter": {"iteration": 3},
-                            "initial_metrics": {}, "elapsed_s": 1.0})   # what tdr fit-mesh writes
+    # The engine's checkpoint of the mesh-fit method, as tdr fit-mesh writes it (its state cut short).
+    save_checkpoint(ckpt, {"format": FORMAT, "format_version": FORMAT_VERSION, "method": MeshFitMethod.name,
+                           "method_version": MeshFitMethod.version, "iteration": 3, "method_state": {},
+                           "optimizer": None, "rng": {}, "config": {}, "history": []})
     assert_clean_error(invoke("evaluate", files / "ball.ply", "--data", files / "data", "--checkpoint", ckpt),
-                       "--checkpoint", "fit-mesh checkpoint")
-    # a dict that is neither: names what is missing
+                       "--checkpoint", "checkpoint.pt", "'mesh-fit'")
+    # a dict that is neither (e.g. a checkpoint of the loops before the engine)
     torch.save({"model": {}}, tmp_path / "other.pt")
     assert_clean_error(invoke("evaluate", files / "ball.ply", "--data", files / "data", "--checkpoint",
-                              tmp_path / "other.pt"), "--checkpoint", "not a tdr reconstruct checkpoint", "config")
+                              tmp_path / "other.pt"), "--checkpoint", "other.pt", "not a taichi-dr checkpoint")
 
 
 def test_reconstruct_resume_from_corrupt_checkpoint(files, tmp_path):
@@ -86,7 +88,7 @@ def test_reconstruct_resume_from_corrupt_checkpoint(files, tmp_path):
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(os.urandom(300))
     assert_clean_error(invoke("reconstruct", files / "data", "--out", out, "--resume", "--iterations", 2),
-                       "--resume", "checkpoint.pt", "not a readable checkpoint")
+                       "--resume", "checkpoint.pt", "unreadable checkpoint")
 
 
 def test_render_many_views_bounds_the_gif(files, tmp_path):

@@ -1,8 +1,11 @@
 """The reconstruct / evaluate / make-dataset commands end to end on tiny inputs, and their input errors."""
 
 import json
+import math
+import re
 
 import pytest
+from app_helpers import assert_clean_error
 from typer.testing import CliRunner
 
 from apps.reconstruct import app, mesh_metrics
@@ -34,6 +37,16 @@ def test_make_dataset_reconstruct_evaluate(dataset, tmp_path):
     assert r.exit_code == 0, r.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["iterations"] == 4 and metrics["heldout_views"] == 2
+    # not a terminal: plain progress lines on stderr (the first and the last step at least), with loss and PSNR
+    lines = [line for line in r.stderr.splitlines() if line.startswith("iter ")]
+    assert lines[0].startswith("iter 1/4  loss ") and lines[-1].startswith("iter 4/4  loss ")
+    assert all(re.search(r"  psnr \S+  iou \S+  \S+ it/s  ETA \S+$", line) for line in lines), lines
+    # the engine's run folder: one metrics row per iteration and the resolved configuration
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows] == [1, 2, 3, 4] and rows[-1] == metrics["final"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "idr" and config["method_config"]["geometry_width"] == 32
+    assert config["train"]["iterations"] == 4 and config["train"]["optimizer"]["schedule"] == "multistep"
     assert 0 <= metrics["heldout"]["mask_iou"] <= 1
     assert (out / "mesh.ply").is_file() and len(list((out / "heldout").glob("*_rgb.png"))) == 2
     # the mesh is in world units: near the ball of radius 2 centred at (5, 5, 5), not the unit sphere
@@ -43,13 +56,48 @@ def test_make_dataset_reconstruct_evaluate(dataset, tmp_path):
     result = json.loads(r.output[r.output.index("{"):r.output.rindex("}") + 1])   # (skip kernel warnings)
     assert result["chamfer"] < 1.0 and 0 < result["normal_consistency"] <= 1
     assert 0 <= result["heldout"]["mask_iou"] <= 1
+    # with the checkpoint (read weights_only), the held-out views are rendered from the networks: PSNR too
+    r = runner.invoke(app, ["evaluate", str(out / "mesh.ply"), "--data", str(data), "--holdout-every", "4",
+                            "--checkpoint", str(out)])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output[r.output.index("{"):r.output.rindex("}") + 1])
+    assert math.isfinite(result["heldout"]["psnr"]) and result["heldout"]["mask_iou"] == pytest.approx(
+        metrics["heldout"]["mask_iou"], abs=0.2)
     # resume continues; a non-empty --out without --resume/--overwrite is refused
     longer = [*TINY[:1], "6", *TINY[2:]]
     r = runner.invoke(app, ["reconstruct", str(data), "--out", str(out), *longer, "--resume"])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "metrics.json").read_text())["final"]["iteration"] == 6
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 6
     r = runner.invoke(app, ["reconstruct", str(data), "--out", str(out), *TINY])
     assert r.exit_code == 1 and "not empty" in r.output
+    # other network sizes, or fewer iterations than done, cannot continue: one line naming them
+    wider = [*longer[:7], "64", *longer[8:]]
+    assert wider[6:8] == ["--width", "64"]
+    assert_clean_error(runner.invoke(app, ["reconstruct", str(data), "--out", str(out), *wider, "--resume"]),
+                       "--resume", "geometry_width=32", "geometry_width=64", exit_code=1)
+    assert_clean_error(runner.invoke(app, ["reconstruct", str(data), "--out", str(out), *TINY, "--resume"]),
+                       "--iterations 4", "iteration 6", exit_code=1)
+
+
+def test_nonfinite_losses_stop_with_one_line(dataset, tmp_path, monkeypatch):
+    """Every step non-finite: each is skipped (nothing learnt from it); after 20 in a row the run stops with one
+    Error: line naming the iterations and the checkpoint kept (none here, so none is claimed)."""
+    import taichi_dr.pipelines.idr as idr
+
+    real_step = idr.training_step
+
+    def nan_step(*args, **kwargs):
+        loss, stats = real_step(*args, **kwargs)
+        return loss * math.nan, stats
+
+    monkeypatch.setattr(idr, "training_step", nan_step)
+    longer = [*TINY[:1], "30", *TINY[2:]]
+    r = runner.invoke(app, ["reconstruct", str(dataset / "data"), "--out", str(tmp_path / "nan"), *longer,
+                            "--checkpoint-every", "0"])
+    assert_clean_error(r, "20 consecutive steps", "non-finite", "iterations 1-20", "no checkpoint written",
+                       exit_code=1)
+    assert not (tmp_path / "nan" / "mesh.ply").exists()
 
 
 def test_input_errors(tmp_path):

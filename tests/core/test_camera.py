@@ -1,4 +1,5 @@
-"""Tests for taichi_dr.core.camera: projection, constructors, rotations, learnable parameters, file formats."""
+"""Tests for taichi_dr.core.camera (projection, constructors, file formats) and the rotations and learnable camera
+parameters of taichi_dr.core.transforms."""
 
 from __future__ import annotations
 
@@ -12,18 +13,20 @@ import torch
 from scipy.spatial.transform import Rotation as SciRot
 
 from taichi_dr.core.camera import (
-    CameraParameters,
     Cameras,
-    axis_angle_to_matrix,
     intrinsics_from_fov,
     is_rotation,
     load_cameras,
+    save_cameras_json,
+)
+from taichi_dr.core.transforms import (
+    CameraParameters,
+    axis_angle_to_matrix,
     matrix_to_axis_angle,
     matrix_to_quaternion,
     matrix_to_rotation_6d,
     quaternion_to_matrix,
     rotation_6d_to_matrix,
-    save_cameras_json,
 )
 
 DTU = Path("/work/shared/data/dtu_scan24/cameras.npz")

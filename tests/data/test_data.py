@@ -2,22 +2,25 @@
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from sdf_scenes import dataset_from_sdf
 
 from taichi_dr.core.camera import Cameras
 from taichi_dr.data.datasets import (
     MultiViewDataset,
-    dataset_from_sdf,
     load_dataset,
     load_idr,
     load_nerf_synthetic,
     sample_rays,
     split_holdout,
+    validate_dataset,
     write_idr,
 )
 from taichi_dr.implicit.analytic import sphere_sdf
@@ -171,11 +174,101 @@ def test_nerf_synthetic_errors(tmp_path):
         load_nerf_synthetic(root)
     with pytest.raises(ValueError, match="transforms_val.json"):
         load_nerf_synthetic(root, split="val")
-    iio.imwrite(root / "train" / "r_0.png", np.zeros((16, 16, 3), np.uint8))
+    iio.imwrite(root / "train" / "r_0.png", np.zeros((16, 16, 2), np.uint8))
     doc["frames"] = doc["frames"][:1]
     (root / "transforms_train.json").write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match="r_0.png: expected an RGBA image"):
+    with pytest.raises(ValueError, match="r_0.png: expected an RGB or RGBA image"):
         load_nerf_synthetic(root)
+
+
+def test_nerf_synthetic_rgb_has_no_masks(tmp_path):
+    """RGB frames: no masks, the pixels as they are (no compositing); a split mixing RGB and RGBA is refused."""
+    root = tmp_path / "lego"
+    _nerf_fixture(root)
+    rgba = iio.imread(root / "train" / "r_1.png")
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[..., 1] = 90
+    rgb[4:12, 4:12, 0] = 200
+    iio.imwrite(root / "train" / "r_0.png", rgb)
+    with pytest.raises(ValueError, match="r_1.png: has 4 channels but r_0.png has 3"):
+        load_nerf_synthetic(root, scene_radius=2.0)
+    iio.imwrite(root / "train" / "r_1.png", rgb)
+    ds = load_nerf_synthetic(root, scene_radius=2.0, background=1.0)
+    assert ds.masks is None and not ds.has_masks and len(ds) == 2
+    assert torch.allclose(ds.images[0, 0, 0], torch.tensor([0, 90 / 255, 0]))   # background as photographed
+    assert torch.allclose(ds.images[1, 8, 8], torch.tensor([200 / 255, 90 / 255, 0]))
+    batch = sample_rays(ds, 16, torch.Generator().manual_seed(0))
+    assert batch.mask is None and batch.rgb.shape == (16, 3)
+    with pytest.raises(ValueError, match="IDR's mask loss needs object masks, but .*lego has none"):
+        ds.require_masks("IDR's mask loss")
+    assert len(ds.subset([1])) == 1 and ds.subset([1]).masks is None
+    # the RGBA split still gives masks
+    iio.imwrite(root / "train" / "r_1.png", rgba)
+    iio.imwrite(root / "train" / "r_0.png", rgba)
+    assert load_nerf_synthetic(root, scene_radius=2.0).masks.shape == (2, 16, 16)
+
+
+def test_idr_without_masks(tmp_path):
+    root, cams, ref, s = _fixture(tmp_path)
+    for f in (root / "mask").iterdir():
+        f.unlink()
+    (root / "mask").rmdir()
+    ds = load_idr(root)
+    assert ds.masks is None and len(ds) == 4
+    assert (ds.images - ref.images).abs().max() <= 0.5 / 255 + 1e-6
+    assert torch.equal(ds.require_masks("x") if ds.has_masks else ref.masks, ref.masks)
+    # written back without masks: no mask folder, and it reads the same
+    write_idr(tmp_path / "again", ds.images, None, cams, s)
+    assert not (tmp_path / "again" / "mask").exists()
+    assert torch.equal(load_idr(tmp_path / "again").images, ds.images)
+
+
+def test_validate_without_masks_needs_views_of_the_sphere():
+    """Without masks the check is that each view sees the bounding sphere at all."""
+    ds = dataset_from_sdf(lambda x: sphere_sdf(x, 0.5), _cameras(2, (8, 8)).to(dtype=torch.float32), masks=False)
+    validate_dataset(ds)
+    away = Cameras.look_at([[0.0, 0.0, 3.0]], at=[[0.0, 0.0, 6.0]], fov=20, image_size=(8, 8))
+    cams = Cameras(torch.cat([ds.cameras.K[:1], away.K]), torch.cat([ds.cameras.R[:1], away.R]),
+                   torch.cat([ds.cameras.t[:1], away.t]), (8, 8))
+    bad = MultiViewDataset(ds.images, None, cams, ds.scale_mat, ds.names)
+    with pytest.raises(ValueError, match=r"no ray of view 1 \(sdf_001\) meets the bounding sphere"):
+        validate_dataset(bad)
+
+
+def test_data_layer_imports_no_renderer():
+    code = ("import sys, taichi_dr.data, taichi_dr.data.images, taichi_dr.data.targets, taichi_dr.data.shapes; "
+            "print(sorted(m for m in sys.modules if m.startswith(('taichi_dr.raster', 'taichi_dr.implicit'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"  # (after Taichi's banner)
+
+
+def test_one_image_reader_for_datasets_and_targets(tmp_path):
+    """Datasets and targets accept the same suffixes (any case) and decode pixels the same way."""
+    from taichi_dr.data.images import IMAGE_SUFFIXES, list_images, read_image
+    from taichi_dr.data.targets import load_targets
+
+    assert {".png", ".jpg", ".jpeg"} == set(IMAGE_SUFFIXES)
+    mask = np.zeros((6, 5), np.uint8)
+    mask[1:4, 2:4] = 255
+    iio.imwrite(tmp_path / "b.PNG", mask)
+    iio.imwrite(tmp_path / "a.png", mask)
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert [p.name for p in list_images(tmp_path)] == ["a.png", "b.PNG"]
+    t = load_targets(tmp_path)
+    assert t.names == ("a.png", "b.PNG") and torch.equal(t.silhouettes[1], torch.from_numpy(mask / 255.0).float())
+    img16 = np.full((2, 3), 65535, np.uint16)
+    img16[0, 0] = 0
+    img16[0, 1] = 32768
+    iio.imwrite(tmp_path / "deep.png", img16)
+    d = read_image(tmp_path / "deep.png")
+    assert d.dtype == np.float32 and d.shape == (2, 3, 1)
+    assert d[0, 0, 0] == 0 and d[1, 2, 0] == 1 and abs(d[0, 1, 0] - 32768 / 65535) < 1e-7
+    assert read_image(tmp_path / "a.png").shape == (6, 5, 1)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png: not a readable image"):
+        read_image(tmp_path / "broken.png")
 
 
 def test_holdout_and_subset(tmp_path):

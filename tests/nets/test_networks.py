@@ -7,6 +7,8 @@ import torch
 
 from taichi_dr.implicit.sphere_tracing import sphere_trace
 from taichi_dr.losses.implicit import alpha_schedule, eikonal_loss, mask_loss, rgb_loss
+from taichi_dr.nets import encodings, rendering
+from taichi_dr.nets.encodings import FrequencyEncoding
 from taichi_dr.nets.fields import GeometryNetwork, PositionalEncoding, RenderingNetwork
 
 
@@ -18,6 +20,83 @@ def test_positional_encoding():
     want = torch.cat([x, torch.sin(x), torch.cos(x), torch.sin(2 * x), torch.cos(2 * x)], dim=-1)
     assert torch.allclose(y, want)
     assert torch.equal(PositionalEncoding(3, 0)(x), x)
+
+
+# Outputs of the networks before encodings became components (the committed nets/fields.py of the layout
+# move, commit ad58294), for torch.manual_seed(0) and the inputs of _fixed_inputs(): float64, CPU.
+OLD_GEOMETRY = [
+    [0.6086518971890003, 0.6086578122760233, 0.6086051507987076, 0.6085250556894648, 0.6087223759659475],
+    [-0.1283988517332043, -0.12839103373087274, -0.12840356295930194, -0.1284364766792433, -0.12835557208413395],
+    [-0.1098933011585963, -0.10988064789255092, -0.10987774021633007, -0.10984503477879481, -0.10979950167224517],
+    [0.933994486993426, 0.9340703808706134, 0.9340581275591013, 0.9341146558893159, 0.9342643433753759]]
+OLD_RENDERING = [[0.5232275586608218, 0.5350921235496277, 0.4680739649585931],
+                 [0.5152552874606066, 0.5419177052459863, 0.44444116244918963],
+                 [0.49686883638406454, 0.5458621722985325, 0.4644509638386334],
+                 [0.4909991342595057, 0.5597392880092127, 0.47176983572898906]]
+
+
+def _fixed_inputs():
+    x = torch.linspace(-0.9, 0.8, 12, dtype=torch.float64).reshape(4, 3)
+    n = torch.nn.functional.normalize(x.flip(0), dim=-1)
+    v = torch.nn.functional.normalize(x + 0.3, dim=-1)
+    return x, n, v
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_same_numbers_as_before_the_split(explicit):
+    """Same seed, same networks: the default encodings (or the same ones given as components) reproduce the
+    values of the networks before the split, and the state_dict keys (checkpoints) are unchanged."""
+    torch.manual_seed(0)
+    if explicit:
+        geo = GeometryNetwork(feature_dim=4, depth=4, width=32, skip_in=(2,), encoding=FrequencyEncoding(3, 3))
+        ren = RenderingNetwork(feature_dim=4, depth=2, width=16, view_encoding=FrequencyEncoding(3, 4))
+    else:
+        geo = GeometryNetwork(feature_dim=4, depth=4, width=32, skip_in=(2,), n_frequencies=3)
+        ren = RenderingNetwork(feature_dim=4, depth=2, width=16, n_frequencies=4)
+    geo, ren = geo.double(), ren.double()
+    x, n, v = _fixed_inputs()
+    out = geo(x)
+    assert torch.equal(out, torch.tensor(OLD_GEOMETRY, dtype=torch.float64))
+    assert torch.equal(ren(x, n, v, out[:, 1:]), torch.tensor(OLD_RENDERING, dtype=torch.float64))
+    assert len(geo.state_dict()) == 15 and len(ren.state_dict()) == 9
+    assert not any("encoding" in k for k in [*geo.state_dict(), *ren.state_dict()])
+
+
+def test_encodings_are_components():
+    assert PositionalEncoding is FrequencyEncoding and rendering.RenderingNetwork is RenderingNetwork
+    assert GeometryNetwork().encoding.n_frequencies == 6 and RenderingNetwork().view_encoding.n_frequencies == 4
+
+    class Doubling(torch.nn.Module):
+        """[x, 2x]: an encoding that starts with the raw input."""
+        in_dim, out_dim, includes_input = 3, 6, True
+
+        def forward(self, x):
+            return torch.cat([x, 2 * x], -1)
+
+    torch.manual_seed(0)
+    net = GeometryNetwork(feature_dim=2, depth=2, width=16, skip_in=(1,), encoding=Doubling())
+    assert net.layers[0].weight.shape[1] == 6 and net(torch.zeros(5, 3)).shape == (5, 3)
+    w0 = net.layers[0].weight
+    assert w0.shape == (16 - 6, 6) and not w0[:, 3:].any() and w0[:, :3].all()  # geometric init: raw x only
+    ren = RenderingNetwork(feature_dim=2, depth=1, width=8, view_encoding=Doubling())
+    assert ren.layers[0].weight.shape[1] == 3 + 3 + 6 + 2
+    with pytest.raises(ValueError, match="give n_frequencies or encoding, not both"):
+        GeometryNetwork(n_frequencies=2, encoding=Doubling())
+    with pytest.raises(ValueError, match="give n_frequencies or view_encoding, not both"):
+        RenderingNetwork(n_frequencies=2, view_encoding=Doubling())
+    with pytest.raises(ValueError, match="encoding takes 2-d inputs, expected 3-d"):
+        GeometryNetwork(encoding=FrequencyEncoding(2, 1))
+    with pytest.raises(TypeError, match="encoding must be an nn.Module"):
+        RenderingNetwork(view_encoding=lambda v: v)
+
+    class NoRaw(Doubling):
+        includes_input = False
+
+    with pytest.raises(ValueError, match="geometric_init needs an encoding"):
+        GeometryNetwork(encoding=NoRaw())
+    assert GeometryNetwork(depth=2, width=16, skip_in=(), encoding=NoRaw(), geometric_init=False)
+    with pytest.raises(ValueError, match="n_frequencies must be >= 0"):
+        encodings.FrequencyEncoding(3, -1)
 
 
 @pytest.mark.parametrize("frequencies", [0, 6])

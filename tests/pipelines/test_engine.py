@@ -302,6 +302,16 @@ def test_resume_with_more_iterations_continues_the_same_run(tmp_path):
     assert_same_training(whole, longer)
 
 
+def test_resume_takes_the_optimizer_settings_of_this_run(tmp_path):
+    """The checkpoint holds Adam's moments; betas, eps and lr come from the configuration being resumed."""
+    Trainer(toy(), config(6, optimizer=OptimizerConfig(lr=0.05, betas=(0.9, 0.999))), out_dir=tmp_path).fit()
+    changed = OptimizerConfig(lr=0.01, betas=(0.5, 0.9), eps=1e-6)
+    resumed = Trainer(toy(), config(8, optimizer=changed), out_dir=tmp_path, resume=True)
+    for group in resumed.optimizer.param_groups:
+        assert group["betas"] == (0.5, 0.9) and group["eps"] == 1e-6
+    assert resumed.optimizer.state_dict()["state"], "the moments come back from the checkpoint"
+
+
 def test_second_sigint_stops_at_once_without_saving(tmp_path):
     def twice(state):
         os.kill(os.getpid(), signal.SIGINT)

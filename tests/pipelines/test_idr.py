@@ -1,21 +1,27 @@
-"""IDR training end to end on tiny synthetic data: convergence, checkpoints and resume, meshing,
-rendering."""
+"""IDR on the training engine, end to end on tiny synthetic data: convergence, interrupt and bitwise resume,
+checkpoints (weights_only, other methods refused), the non-finite policy, meshing, rendering."""
 
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
+from sdf_scenes import dataset_from_sdf
 
 from taichi_dr.core.camera import Cameras
 from taichi_dr.core.mesh import face_areas, face_normals, icosphere
 from taichi_dr.core.metrics import chamfer_distance
-from taichi_dr.data.datasets import dataset_from_sdf
 from taichi_dr.implicit.analytic import box_sdf, sphere_sdf
+from taichi_dr.implicit.meshing import extract_mesh
+from taichi_dr.pipelines import Callback, CheckpointError, Interrupted, NonFiniteError, Trainer
+from taichi_dr.pipelines.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
+from taichi_dr.pipelines.engine import lr_factor
 from taichi_dr.pipelines.idr import (
     IDRConfig,
+    IDRMethod,
     IDRModel,
-    extract_mesh,
     image_metrics,
     load_model,
     render_views,
@@ -45,10 +51,49 @@ def _true_sphere():
     return m
 
 
+def assert_bitwise(a, b, what: str = "state") -> None:
+    """Nested dicts/lists of tensors and numbers are identical, bit for bit."""
+    assert type(a) is type(b), what
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for k in a:
+            assert_bitwise(a[k], b[k], f"{what}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_bitwise(x, y, f"{what}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), what
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), what
+    else:
+        assert a == b, f"{what}: {a!r} != {b!r}"
+
+
+def _run_state(path) -> dict:
+    """What must match between an uninterrupted and a resumed run: the checkpoint without timings."""
+    ckpt = torch.load(path / "checkpoint.pt", weights_only=True)
+    history = [{k: v for k, v in row.items() if k != "time_s"} for row in ckpt["history"]]
+    return dict(iteration=ckpt["iteration"], method_state=ckpt["method_state"], optimizer=ckpt["optimizer"],
+                rng=ckpt["rng"], history=history, nonfinite=ckpt["nonfinite"])
+
+
+class _SignalAt(Callback):
+    """Send this process ``signum`` after iteration ``at`` (what Ctrl-C or a batch system's kill delivers)."""
+
+    def __init__(self, at: int, signum: int = signal.SIGINT):
+        self.at, self.signum = at, signum
+
+    def on_step(self, state):
+        if state.iteration == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
 def test_reconstruction_of_a_sphere_converges():
     ds = _sphere_dataset()
-    model, history = train_idr(ds, IDRConfig(iterations=100, **TINY))
-    assert len(history) == 100
+    model, history = train_idr(ds, IDRConfig(iterations=100, **TINY), progress="none")
+    assert len(history) == 100 and [h["iteration"] for h in history] == list(range(1, 101))
+    assert sum(h["skipped"] for h in history) == 0
     before = chamfer_distance(extract_mesh(IDRModel(IDRConfig(**TINY)).sdf, 40), _true_sphere(), 4000)
     after = chamfer_distance(extract_mesh(model.sdf, 40), _true_sphere(), 4000)
     assert before > 0.1
@@ -58,30 +103,124 @@ def test_reconstruction_of_a_sphere_converges():
     assert image_metrics(views, ds.images[:3], ds.masks[:3])["mask_iou"] > 0.9   # (~0.45 at initialisation)
 
 
-def test_checkpoint_resume_matches_uninterrupted_run(tmp_path):
+def test_lr_schedule_is_idrs_multistep():
+    """IDRConfig's learning-rate steps through the engine give what torch's MultiStepLR gave the old loop."""
+    cfg = IDRConfig(iterations=16, lr=0.01, lr_milestones=(0.5, 0.75), lr_gamma=0.5)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[8, 12], gamma=0.5)
+    train = cfg.train_config()
+    for i in range(cfg.iterations):
+        assert cfg.lr * lr_factor(train.optimizer, i, train.iterations) == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert (train.iterations, train.seed, train.checkpoint_every) == (16, 0, 500)
+
+
+@pytest.mark.parametrize("learn_cameras", [False, True])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_then_resume_is_bitwise_identical(tmp_path, learn_cameras, signum):
     ds = _sphere_dataset()
-    cfg = IDRConfig(iterations=6, **TINY)
-    straight, _ = train_idr(ds, cfg, tmp_path / "a")
+    cfg = IDRConfig(iterations=6, **{**TINY, "learn_cameras": learn_cameras, "camera_lr": 1e-3})
+    straight, _ = train_idr(ds, cfg, tmp_path / "a", progress="none")
 
-    def interrupt(it, total, stats):
-        if it == 5:
-            raise KeyboardInterrupt
+    with pytest.raises(Interrupted) as stop:
+        train_idr(ds, cfg, tmp_path / "b", progress="none", callbacks=[_SignalAt(4, signum)])
+    assert stop.value.signum == signum and stop.value.iteration == 4
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["iteration"] == 4
+    resumed, history = train_idr(ds, cfg, tmp_path / "b", resume=True, progress="none")
+    assert [h["iteration"] for h in history] == list(range(1, 7))
+    assert_bitwise(_run_state(tmp_path / "b"), _run_state(tmp_path / "a"), "resumed IDR run")
+    if learn_cameras:   # the cameras were refined (and restored): their state is in the compared checkpoint
+        rot = _run_state(tmp_path / "a")["method_state"]["cameras"]["rot"]
+        assert float(rot.abs().max()) > 0
+    x = torch.randn(10, 3) * 0.5
+    assert torch.equal(resumed.sdf(x), straight.sdf(x))
 
-    cfg_b = IDRConfig(iterations=6, **{**TINY, "checkpoint_every": 3})
-    with pytest.raises(KeyboardInterrupt):
-        train_idr(ds, cfg_b, tmp_path / "b", progress=interrupt)       # killed after the checkpoint at 3
-    resumed, history = train_idr(ds, cfg_b, tmp_path / "b", resume=True)
-    assert len(history) == 6
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.allclose(a, b, atol=1e-6), name
+
+def test_checkpoint_loads_weights_only_and_refuses_others(tmp_path):
+    ds = _sphere_dataset()
+    cfg = IDRConfig(iterations=3, **TINY)
+    model, _ = train_idr(ds, cfg, tmp_path / "a", progress="none")
+    payload = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)   # plain types only
+    assert payload["method"] == "idr" and payload["iteration"] == 3
+    assert payload["config"]["method_config"] == cfg.to_dict()
     loaded, loaded_cfg = load_model(tmp_path / "a")
     assert loaded_cfg == cfg
     x = torch.randn(10, 3) * 0.5
-    assert torch.equal(loaded.sdf(x), straight.sdf(x))
-    with pytest.raises(ValueError, match="geometry_width=48"):
-        train_idr(ds, IDRConfig(iterations=8, **{**TINY, "geometry_width": 32}), tmp_path / "b", resume=True)
-    with pytest.raises(FileNotFoundError):
-        train_idr(ds, cfg, tmp_path / "c", resume=True)
+    assert torch.equal(loaded.sdf(x), model.sdf(x))
+
+    # a checkpoint of another method, or of another IDR state version: one line naming the file
+    other = tmp_path / "other" / "checkpoint.pt"
+    for method, version, needle in (("mesh-fit", 1, "method 'mesh-fit', not 'idr'"), ("idr", 2, "version 2")):
+        save_checkpoint(other, {"format": FORMAT, "format_version": FORMAT_VERSION, "method": method,
+                                "method_version": version, "iteration": 1, "method_state": {}, "config": {}})
+        for attempt in (lambda: load_model(other),
+                        lambda: train_idr(ds, cfg, other.parent, resume=True, progress="none")):
+            with pytest.raises(CheckpointError, match=needle) as e:
+                attempt()
+            assert str(other) in str(e.value) and "\n" not in str(e.value)
+    # the loop before the engine saved arbitrary objects with weights_only=False: refused, not unpickled
+    torch.save({"config": cfg.to_dict(), "model": model.state_dict(), "iteration": 3}, other)
+    with pytest.raises(CheckpointError, match="not a taichi-dr checkpoint"):
+        load_model(other)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_model(tmp_path / "missing")
+
+    # other network sizes cannot continue: one line naming the setting and both values
+    with pytest.raises(ValueError, match=r"geometry_width=48, this run has geometry_width=32") as e:
+        train_idr(ds, IDRConfig(iterations=8, **{**TINY, "geometry_width": 32}), tmp_path / "a", resume=True,
+                  progress="none")
+    assert "\n" not in str(e.value)
+    # while iterations (and so the schedules) may be raised
+    _, history = train_idr(ds, IDRConfig(iterations=5, **TINY), tmp_path / "a", resume=True, progress="none")
+    assert len(history) == 5
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    """The engine's policy reaches IDR: a step with a NaN loss changes nothing and is counted; a run of them
+    stops with NonFiniteError and leaves the last good checkpoint as it was."""
+    import taichi_dr.pipelines.idr as idr
+
+    ds = _sphere_dataset()
+    cfg = IDRConfig(iterations=5, **TINY)
+    torch.manual_seed(cfg.seed)
+    method = IDRMethod(ds, cfg)
+    snapshots = []
+
+    class Snapshot(Callback):
+        def on_step(self, state):
+            snapshots.append({k: v.clone() for k, v in state.method.model.state_dict().items()})
+
+    real_step = idr.training_step
+
+    def nan_at_iteration_2(model, *args, **kwargs):
+        loss, stats = real_step(model, *args, **kwargs)
+        poisoned = len(snapshots) == 2
+        return (loss * math.nan if poisoned else loss), stats
+
+    monkeypatch.setattr(idr, "training_step", nan_at_iteration_2)
+    result = Trainer(method, cfg.train_config(progress="none"), callbacks=[Snapshot()]).fit()
+    assert [row["skipped"] for row in result.history] == [0, 0, 1, 0, 0] and result.skipped == 1
+    assert result.history[2]["loss"] is None       # NaN written as null in the metrics row
+    assert_bitwise(snapshots[2], snapshots[1], "parameters after the skipped step")
+    assert any(not torch.equal(snapshots[3][k], snapshots[2][k]) for k in snapshots[3])   # then it trains on
+
+    # every step non-finite (a poisoned colour network): stop after max_nonfinite, keep the good checkpoint
+    monkeypatch.setattr(idr, "training_step", real_step)
+    train_idr(ds, IDRConfig(iterations=2, **TINY), tmp_path / "run", progress="none")
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    torch.manual_seed(0)
+    method = IDRMethod(ds, IDRConfig(iterations=20, **TINY))
+    trainer = Trainer(method, IDRConfig(iterations=20, **TINY).train_config(progress="none", max_nonfinite=3,
+                                                                              checkpoint_every=1),
+                      out_dir=tmp_path / "run", resume=True)
+    with torch.no_grad():
+        for p in method.model.rendering.parameters():
+            p.fill_(math.nan)
+    with pytest.raises(NonFiniteError, match="3 consecutive") as e:
+        trainer.fit()
+    assert e.value.iterations == (3, 5) and "\n" not in str(e.value)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
 def test_extract_mesh_of_analytic_sdfs():
@@ -114,7 +253,8 @@ def test_render_views_and_metrics():
             self.geometry.sdf = lambda x: sphere_sdf(x, 0.4, CENTER)
 
     ds = _sphere_dataset()
-    out = render_views(Analytic(), ds.cameras[:2])
+    analytic = Analytic()
+    out = render_views(analytic, ds.cameras[:2])
     assert out["rgb"].shape == (2, 24, 24, 3) and out["depth"].shape == (2, 24, 24)
     assert out["mask"].sum() > 0
     m = image_metrics(out, ds.images[:2], ds.masks[:2])
@@ -125,3 +265,11 @@ def test_render_views_and_metrics():
     perfect = dict(out, rgb=ds.images[:2])
     assert image_metrics(perfect, ds.images[:2], ds.masks[:2])["psnr"] == float("inf")
     assert np.isfinite(m["psnr"])
+
+    # the method's render (what validation callbacks and a viewer call): the same images, mask as alpha
+    method = IDRMethod(ds, IDRConfig(**TINY))
+    method.model = analytic
+    images = method.render(ds.cameras[:2])
+    assert set(images) == {"rgb", "alpha", "normals", "depth"}
+    assert torch.equal(images["alpha"], out["mask"].float()) and torch.equal(images["rgb"], out["rgb"])
+    assert image_metrics(images, ds.images[:2], ds.masks[:2]) == m

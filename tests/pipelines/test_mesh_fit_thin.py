@@ -18,7 +18,7 @@ import taichi_dr as tdr
 from taichi_dr.core.mesh import icosphere
 from taichi_dr.data.shapes import SHAPES, make_shape
 from taichi_dr.losses.mesh import laplacian_loss, scale_free_laplacian_loss
-from taichi_dr.pipelines.mesh_fit import FitSettings, MeshDeformer, MeshFitter, estimate_bounding_sphere
+from taichi_dr.pipelines.mesh_fit import FitSettings, MeshDeformer, MeshFitMethod, fit_mesh
 
 _spec = importlib.util.spec_from_file_location(
     "fit_thin", Path(__file__).resolve().parents[2] / "benchmarks" / "fit_thin.py")
@@ -32,13 +32,8 @@ def _problem(shape: str, views: int, size: int, scale: float = 1.0):
 
 
 def _fit(sil, cams, template, settings, seed=0):
-    centre, radius = estimate_bounding_sphere(sil, cams)
-    model = MeshDeformer(template, centre, radius, parameterization=settings.parameterization)
-    fitter = MeshFitter(model, sil, cams, settings=settings, seed=seed)
-    initial = fitter.current_mesh()
-    for _ in range(settings.iters):
-        fitter.step()
-    return initial, fitter.current_mesh()
+    result = fit_mesh(sil, cams, template, settings, seed=seed, progress="none")
+    return result.initial_mesh, result.mesh
 
 
 def _np_iou(mesh, cams, sil) -> np.ndarray:
@@ -174,7 +169,7 @@ def test_sigma_schedule_and_settings_errors():
         FitSettings(parameterization="softplus")
     model = MeshDeformer(icosphere(level=1), torch.zeros(3), 1.0, parameterization="sigmoid")
     with pytest.raises(ValueError, match="parameterization"):
-        MeshFitter(model, torch.zeros(1, 8, 8), tdr.Cameras.from_spherical(2.7, 30.0, 0.0, 30.0, (8, 8)))
+        MeshFitMethod(model, torch.zeros(1, 8, 8), tdr.Cameras.from_spherical(2.7, 30.0, 0.0, 30.0, (8, 8)))
 
 
 def test_scale_free_laplacian_values_gradients_and_degenerate_input():

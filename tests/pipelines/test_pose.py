@@ -13,7 +13,8 @@ import torch
 
 from taichi_dr.core.camera import Cameras, axis_angle_to_matrix, intrinsics_from_fov
 from taichi_dr.core.mesh import Mesh, asset_path, icosphere, load_mesh
-from taichi_dr.pipelines.pose.refine import (
+from taichi_dr.pipelines.engine import NonFiniteError
+from taichi_dr.pipelines.pose import (
     DisplacementField,
     PixelGradientField,
     Pose,
@@ -158,7 +159,7 @@ def test_pose_parameters_start_at_base_and_move_as_documented(parameterization, 
     # At half the size, rows 0 and 1 of K halve (pixel coordinates start at the image corner).
     assert torch.allclose(params.intrinsics((15, 20)), K * torch.tensor([[0.5], [0.5], [1.0]], dtype=dt))
     with torch.no_grad():
-        params.phi[:3] = torch.tensor([0.1, -0.2, 0.05], dtype=dt)
+        params.rot[:] = torch.tensor([0.1, -0.2, 0.05], dtype=dt)
     R, t = params.object_to_camera()
     assert rotation_error_deg(R, p.R) > 5
     if parameterization == "object_to_camera":  # rotation about the object's centre: it stays put
@@ -166,9 +167,9 @@ def test_pose_parameters_start_at_base_and_move_as_documented(parameterization, 
     else:  # rotation about the camera centre: it stays put
         assert torch.allclose(-(R.T @ t), -(p.R.T @ p.t), atol=1e-12)
     with torch.no_grad():
-        params.phi.zero_()
-        params.phi[6] = math.log(2.0)  # focal x2 about the principal point
-        params.phi[7:9] = torch.tensor([0.1, -0.05], dtype=dt)  # principal point, in half-widths
+        params.reset()
+        params.log_focal_scale[0] = math.log(2.0)  # focal x2 about the principal point
+        params.principal_point[:] = torch.tensor([0.1, -0.05], dtype=dt)  # principal point, in half-widths
     K2 = params.intrinsics().detach()
     want = K.clone()
     want[0, 0], want[1, 1], want[0, 2], want[1, 2] = 2 * K[0, 0], 2 * K[1, 1], K[0, 2] + 2.0, K[1, 2] - 1.0
@@ -177,9 +178,58 @@ def test_pose_parameters_start_at_base_and_move_as_documented(parameterization, 
     before = params.cameras()
     params.bake()
     after = params.cameras()
-    assert float(params.phi.detach().abs().max()) == 0
+    assert float(params.coordinates().detach().abs().max()) == 0
     for a, b in ((before.R, after.R), (before.t, after.t), (before.K, after.K)):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("parameterization", ["object_to_camera", "camera_to_object"])
+def test_a_batch_of_pose_parameters_moves_each_camera_as_a_single_pose(parameterization):
+    """One parameterisation for poses and cameras: camera b of a batch (with a pivot per camera) moves as a
+    single PoseParameters of camera b given the same coordinates; CameraParameters (IDR's learn_cameras) is
+    the batch with the pivot at the world origin (``R = D R0, t = t0 + dt``), and state dicts saved before the
+    whitening matrix existed still load."""
+    from taichi_dr.core.transforms import CameraParameters, PoseParameters
+
+    dt = torch.float64
+    g = torch.Generator().manual_seed(3)
+    B = 3
+    R0 = axis_angle_to_matrix(torch.randn(B, 3, generator=g, dtype=dt))
+    t0 = torch.randn(B, 3, generator=g, dtype=dt) + torch.tensor([0.0, 0.0, 4.0], dtype=dt)
+    K0 = intrinsics_from_fov(35.0, (20, 30), dt).expand(B, 3, 3).clone()
+    pivot = torch.randn(B, 3, generator=g, dtype=dt)
+    rot, dtr = 0.3 * torch.randn(B, 3, generator=g, dtype=dt), torch.randn(B, 3, generator=g, dtype=dt)
+    focal, pp = 0.2 * torch.randn(B, generator=g, dtype=dt), 0.1 * torch.randn(B, 2, generator=g, dtype=dt)
+    batch = PoseParameters(R0, t0, K0, (20, 30), pivot, "quaternion", parameterization, True, True,
+                           shared_focal=False)
+    with torch.no_grad():
+        batch.rot.copy_(rot), batch.dt.copy_(dtr), batch.log_focal_scale.copy_(focal)
+        batch.principal_point.copy_(pp)
+    cams = batch.cameras((10, 15))
+    for b in range(B):
+        one = PoseParameters(R0[b], t0[b], K0[b], (20, 30), pivot[b], "quaternion", parameterization, True, True)
+        with torch.no_grad():
+            one.rot.copy_(rot[b]), one.dt.copy_(dtr[b]), one.log_focal_scale.fill_(float(focal[b]))
+            one.principal_point.copy_(pp[b])
+        ref = one.cameras((10, 15))
+        for x, y in ((cams.R[b], ref.R[0]), (cams.t[b], ref.t[0]), (cams.K[b], ref.K[0])):
+            torch.testing.assert_close(x, y, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="single pose"):
+        batch.whiten(torch.zeros(10, 3, dtype=dt))
+
+    base = Cameras(K0, R0, t0, (20, 30))
+    params = CameraParameters(base, learn_focal=True)
+    assert isinstance(params, PoseParameters)
+    with torch.no_grad():
+        params.rot.copy_(rot), params.dt.copy_(dtr)
+    out = params()
+    torch.testing.assert_close(out.R, axis_angle_to_matrix(rot) @ R0, atol=1e-12, rtol=0)
+    torch.testing.assert_close(out.t, t0 + dtr, atol=1e-12, rtol=0)
+    old_state = {k: v for k, v in params.state_dict().items() if k != "mix"}
+    loaded = CameraParameters(base, learn_focal=True)
+    loaded.load_state_dict(old_state)
+    for x, y in ((loaded().R, out.R), (loaded().t, out.t), (loaded().K, out.K)):
+        assert torch.equal(x, y)
 
 
 def test_whitening_makes_unit_steps_move_points_one_pixel_independently():
@@ -282,11 +332,11 @@ def test_distance_transform_loss_attracts_from_far_away():
     out = render_mesh(mesh, params.cameras(), None, RasterSettings(sigma=1e-4), outputs=())
     assert float((out.alpha.detach() * target.mask).sum()) == 0  # no overlap
     distance_transform_loss(out, target).backward()
-    assert float(params.phi.grad[3]) > 0  # descent decreases t_x: towards the target
-    params.phi.grad = None
+    assert float(params.dt.grad[0]) > 0  # descent decreases t_x: towards the target
+    params.zero_grad(set_to_none=True)
     out = render_mesh(mesh, params.cameras(), None, RasterSettings(sigma=1e-4), outputs=())
     silhouette_iou_loss(out, target, match_edges=False).backward()
-    assert float(params.phi.grad.abs().max()) < 1e-6
+    assert float(torch.cat([params.rot.grad, params.dt.grad]).abs().max()) < 1e-6
 
 
 @pytest.mark.parametrize("shape", [(17, 23), (40, 31), (1, 9)])
@@ -295,7 +345,7 @@ def test_squared_distance_transform_matches_scipy(shape):
     Euclidean distance transform, bit for bit; a mask without False pixels is inf everywhere."""
     from scipy.ndimage import distance_transform_edt
 
-    from taichi_dr.pipelines.pose.refine import _squared_edt_torch, squared_distance_transform
+    from taichi_dr.pipelines.pose.targets import _squared_edt_torch, squared_distance_transform
 
     g = torch.Generator().manual_seed(shape[0])
     for density in (0.05, 0.5, 0.95):
@@ -327,10 +377,10 @@ def test_matched_mask_matches_the_host_reference(device_path, monkeypatch):
     """The device implementation (fixed-size tensor operations; with ``device_path`` the GPU's torch distance
     transform, run here on the CPU) gives the host reference's values, at several offsets and sigmas; an
     empty render falls back to the raw mask."""
-    import taichi_dr.pipelines.pose.refine as pose_module
+    import taichi_dr.pipelines.pose.targets as targets_module
 
     if device_path:
-        monkeypatch.setattr(pose_module, "squared_distance_transform", pose_module._squared_edt_torch)
+        monkeypatch.setattr(targets_module, "squared_distance_transform", targets_module._squared_edt_torch)
     mesh = _blob()
     camera = Cameras(intrinsics_from_fov(30.0, (36, 44)), torch.eye(3), torch.zeros(3), (36, 44))
     true = _pose(t=(0.0, 0.0, 4.0))
@@ -383,7 +433,8 @@ def test_distance_transform_loss_values_and_scipy_once_per_target(monkeypatch):
 
 def test_non_finite_steps_are_skipped_on_the_device_and_a_non_finite_loss_raises():
     """A finite loss with an infinite gradient: every step is skipped (the pose does not move) without
-    reading the gradient on the host; a loss that is NaN still stops the refinement with its stage/step."""
+    reading the gradient on the host. A NaN loss follows the engine's policy: skipped and counted, and
+    ``max_nonfinite`` in a row stop the refinement with NonFiniteError (a FloatingPointError) naming them."""
     mesh = _blob()
     camera = _camera(24)
     init = _pose(t=(0.0, 0.0, 4.0))
@@ -401,8 +452,13 @@ def test_non_finite_steps_are_skipped_on_the_device_and_a_non_finite_loss_raises
     def nan_loss(rendered, target, cam):
         return rendered.alpha.mean() * float("nan")
 
-    with pytest.raises(FloatingPointError, match="stage 0, step 0"):
-        refine_pose(mesh, target, camera, init, loss=nan_loss, settings=settings)
+    res = refine_pose(mesh, target, camera, init, loss=nan_loss, settings=settings)
+    assert res.extra["skipped_steps"] == 3 and all(math.isnan(v) for v in res.history)
+    assert torch.allclose(res.pose.R, init.R, atol=1e-6) and torch.allclose(res.pose.t, init.t, atol=1e-6)
+    with pytest.raises(NonFiniteError, match=r"2 consecutive .* \(iterations 1-2\)") as error:
+        refine_pose(mesh, target, camera, init, loss=nan_loss,
+                    settings=PoseSettings(stages=settings.stages, max_nonfinite=2))
+    assert isinstance(error.value, FloatingPointError)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -703,7 +759,7 @@ def test_app_bad_inputs_give_one_line_errors(tmp_path):
 
 
 def test_lights_are_attached_to_the_camera():
-    from taichi_dr.pipelines.pose.refine import _lights_in_object
+    from taichi_dr.pipelines.pose.method import _lights_in_object
     from taichi_dr.raster.shading import Lights
 
     R = axis_angle_to_matrix(torch.tensor([0.3, -0.2, 0.5]))
@@ -717,7 +773,7 @@ def test_lights_are_attached_to_the_camera():
 def test_feature_loss_compares_in_feature_space_and_refines():
     import torch.nn.functional as F
 
-    from taichi_dr.pipelines.pose.refine import feature_loss
+    from taichi_dr.pipelines.pose import feature_loss
 
     mesh = _blob()
     size = 32
@@ -754,3 +810,144 @@ def test_loss_optimizers_reduce_the_loss(optimizer):
                       settings=PoseSettings(stages=(Stage(None, 1e-3, 12),), optimizer=optimizer))
     assert res.history[-1] < 0.7 * res.history[0], res.history
     assert res.extra["skipped_steps"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# On the training engine: interrupt and resume bitwise
+
+
+def _resume_problem(optimizer="steepest"):
+    mesh = _blob()
+    camera = _camera(24)
+    true = _pose(t=(0.0, 0.0, 4.0))
+    out = _render(mesh, camera, true, sigma=1e-5, outputs=("rgb",))
+    target = torch.cat([out.rgb[0], _render(mesh, camera, true, mode="hard").alpha[0][..., None]], -1)
+    init = _perturbed(true, _pivot(mesh), (0.06, -0.04, 0.03), (0.05, 0.02, 0.1))
+    # Two starts of 3 steps (iterations 0-5), then the best start's second stage (iterations 6-8).
+    settings = PoseSettings(stages=(Stage(16, 3e-3, 3), Stage(None, 1e-3, 3, 0.5)), multi_start=2,
+                            multi_start_angle=20.0, optimizer=optimizer, refine_focal=optimizer == "adam")
+    return mesh, target, camera, init, settings
+
+
+def _assert_same_result(a, b):
+    for x, y in ((a.pose.R, b.pose.R), (a.pose.t, b.pose.t), (a.K, b.K), (a.silhouette, b.silhouette)):
+        assert torch.equal(x, y)
+    assert a.history == b.history and a.history_stage == b.history_stage
+    assert a.start == b.start and a.start_losses == b.start_losses
+    assert a.extra["skipped_steps"] == b.extra["skipped_steps"]
+
+
+@pytest.mark.parametrize("optimizer, stop_at", [("steepest", 2), ("steepest", 3), ("steepest", 6), ("steepest", 7),
+                                                ("adam", 5)])
+def test_pose_method_resumes_bitwise_after_an_interrupt(tmp_path, optimizer, stop_at):
+    """SIGINT after iteration ``stop_at`` (inside a start's first stage, at the boundary between the two
+    starts, at the switch to the best start's remaining stages, inside those; Adam's moments with a learnt
+    focal length): the engine saves, stops with Interrupted, and a resumed run ends with the same pose,
+    intrinsics, history and chosen start, bit for bit, as an uninterrupted refine_pose."""
+    import os
+    import signal
+
+    from taichi_dr.pipelines.callbacks import Callback
+    from taichi_dr.pipelines.engine import Interrupted, TrainConfig, Trainer
+    from taichi_dr.pipelines.pose import PoseMethod
+
+    mesh, target, camera, init, settings = _resume_problem(optimizer)
+    straight = refine_pose(mesh, target, camera, init, loss="rgb", settings=settings)
+    assert len(straight.start_losses) == 2 and len(straight.history) == 6
+
+    class SigintAt(Callback):
+        def on_step(self, state):
+            if state.iteration == stop_at:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    method = PoseMethod(mesh, target, camera, init, loss="rgb", settings=settings)
+    config = TrainConfig(iterations=method.iterations, checkpoint_every=0, progress="none")
+    assert method.iterations == 9
+    with pytest.raises(Interrupted) as stopped:
+        Trainer(method, config, out_dir=tmp_path, callbacks=[SigintAt()]).fit()
+    assert stopped.value.iteration == stop_at and stopped.value.checkpoint == tmp_path / "checkpoint.pt"
+    resumed = PoseMethod(mesh, target, camera, init, loss="rgb", settings=settings)
+    trainer = Trainer(resumed, config, out_dir=tmp_path, resume=True)
+    assert trainer.state.iteration == stop_at
+    trainer.fit()
+    resumed.finish()
+    _assert_same_result(resumed.result(), straight)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(1, 10))
+    assert [r["loss"] for r in rows[6:]] == straight.history[3:]   # the best start's second stage
+    # A checkpoint of other settings is refused in one line naming the setting.
+    other = PoseMethod(mesh, target, camera, init, loss="rgb",
+                       settings=PoseSettings(stages=settings.stages, multi_start=3, optimizer=optimizer))
+    with pytest.raises(ValueError, match="settings.multi_start: the checkpoint has 2, this run 3"):
+        Trainer(other, TrainConfig(iterations=other.iterations), out_dir=tmp_path, resume=True)
+
+
+def test_pose_method_renders_the_live_pose_and_refine_pose_reports_steps():
+    """The method renders the current pose from any camera (what a viewer or a validation callback draws):
+    at the start, from the refinement's camera, it is the initial pose's render; the callback gets one
+    PoseStep per step with the start, stage and step within the start as before the engine."""
+    from taichi_dr.pipelines.pose import PoseMethod
+
+    mesh, target, camera, init, settings = _resume_problem()
+    method = PoseMethod(mesh, target, camera, init, loss="rgb", settings=settings)
+    images = method.render(camera, sigma=1e-4)
+    expected = _render(mesh, camera, init, sigma=1e-4)
+    assert images["rgb"].shape == (1, 24, 24, 3)
+    torch.testing.assert_close(images["alpha"], expected.alpha, atol=1e-5, rtol=0)
+    steps = []
+    res = refine_pose(mesh, target, camera, init, loss="rgb", settings=settings, callback=steps.append)
+    assert [(s.start, s.stage, s.iteration) for s in steps] == \
+        [(0, 0, 0), (0, 0, 1), (0, 0, 2), (1, 0, 0), (1, 0, 1), (1, 0, 2)] + \
+        [(res.start, 1, 3), (res.start, 1, 4), (res.start, 1, 5)]
+    assert all(s.total == 6 for s in steps) and [s.loss for s in steps[-3:]] == res.history[3:]
+    # The result is baked once more at the end (re-orthonormalised), so equal to the last step's within rounding.
+    torch.testing.assert_close(steps[-1].pose.R, res.pose.R, atol=1e-6, rtol=0)
+
+
+def test_app_interrupt_saves_and_resume_continues_bitwise(tmp_path, monkeypatch):
+    """tdr pose: SIGINT during a step saves a checkpoint, prints the resume command and exits 130; running
+    that command finishes with the same pose as an uninterrupted run; the folder has metrics.jsonl (one row
+    per step) and config.json."""
+    import os
+    import shlex
+    import signal
+
+    from taichi_dr.pipelines.pose import PoseMethod
+
+    mesh_path, true, init = _app_problem(tmp_path)
+    args = [mesh_path, tmp_path / "photo.png", "--camera", tmp_path / "camera.json", "--init", tmp_path / "init.json",
+            "--stages", "16:3e-3:4,0:1e-3:3:0.5", "--multi-start", "2", "--multi-start-angle", "20"]
+    r = _invoke(*args, "--out", tmp_path / "straight")
+    assert r.exit_code == 0, r.output
+    step = PoseMethod.step
+
+    def step_then_interrupt(self, batch, index):
+        result = step(self, batch, index)
+        if index + 1 == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(PoseMethod, "step", step_then_interrupt)
+    out = tmp_path / "resumed"
+    r = _invoke(*args, "--out", out)
+    assert r.exit_code == 130, r.output
+    assert "Interrupted at iteration 5/11" in r.stderr and (out / "checkpoint.pt").is_file()
+    hint = [line for line in r.stderr.splitlines() if line.startswith("Resume with: ")]
+    assert len(hint) == 1
+    words = shlex.split(hint[0][len("Resume with: "):])
+    assert words[:2] == ["tdr", "pose"] and words[-1] == "--resume"
+    monkeypatch.setattr(PoseMethod, "step", step)
+    r = _invoke(*words[2:])
+    assert r.exit_code == 0, r.output
+    a, b = (json.loads((tmp_path / d / "pose.json").read_text()) for d in ("straight", "resumed"))
+    assert a["R"] == b["R"] and a["t"] == b["t"] and a["K"] == b["K"] and a["start"] == b["start"]
+    assert (out / "loss.csv").read_text() == (tmp_path / "straight" / "loss.csv").read_text()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows] == list(range(1, 12))
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "pose" and config["method_config"]["settings"]["multi_start"] == 2
+    # --resume without a checkpoint, or with other settings, is one clean error.
+    r = _invoke(*args, "--out", tmp_path / "fresh", "--resume")
+    _clean_error(r, "nothing to continue")
+    r = _invoke(*args[:-2], "--multi-start-angle", "30", "--out", out, "--resume")
+    _clean_error(r, "multi_start_angle")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
+import signal
 
 import pytest
 import torch
@@ -71,8 +73,10 @@ def fit_mesh(inputs, out, iters: int, *extra):
 
 
 def fit_state(out) -> dict:
-    state = torch.load(out / "checkpoint.pt", weights_only=True)["fitter"]
-    return {k: state[k] for k in ("model", "optimizer", "generator", "iteration")}
+    """What a fit-mesh checkpoint holds that must not depend on how the run got there (not its timings)."""
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    return {"model": state["method_state"]["model"], "optimizer": state["optimizer"], "rng": state["rng"],
+            "iteration": state["iteration"]}
 
 
 def test_fit_mesh_twice_with_one_seed(fit_inputs, tmp_path):
@@ -86,7 +90,7 @@ def test_fit_mesh_twice_with_one_seed(fit_inputs, tmp_path):
 def test_fit_mesh_interrupted_and_resumed(fit_inputs, tmp_path, monkeypatch):
     """Ctrl-C after step 3 of 6 (the run stops after that step and saves), then --resume: the same as 6 steps
     without a break."""
-    from taichi_dr.pipelines.mesh_fit import MeshFitter
+    from taichi_dr.pipelines.mesh_fit import MeshFitMethod
 
     res = fit_mesh(fit_inputs, tmp_path / "straight", 6)
     assert res.exit_code == 0, res.output
@@ -95,7 +99,7 @@ def test_fit_mesh_interrupted_and_resumed(fit_inputs, tmp_path, monkeypatch):
     res = fit_mesh(fit_inputs, tmp_path / "resumed", 6)
     assert res.exit_code == 130, res.output
     assert fit_state(tmp_path / "resumed")["iteration"] == 3
-    monkeypatch.setattr(MeshFitter, "step", step)
+    monkeypatch.setattr(MeshFitMethod, "step", step)
     res = fit_mesh(fit_inputs, tmp_path / "resumed", 6, "--resume")
     assert res.exit_code == 0, res.output
     assert_same_state(fit_state(tmp_path / "resumed"), fit_state(tmp_path / "straight"), "resumed fit-mesh")
@@ -126,10 +130,11 @@ def reconstruct(data, out, iterations: int, *extra):
 
 
 def idr_state(out) -> dict:
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
-    history = [{k: v for k, v in h.items() if k != "rays_per_s"} for h in state["history"]]  # (a timing)
-    return dict(iteration=state["iteration"], model=state["model"], optimizer=state["optimizer"],
-                scheduler=state["scheduler"], generator=state["generator"], history=history)
+    """An IDR checkpoint's contents that must not depend on how the run got there (not its timings)."""
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    history = [{k: v for k, v in row.items() if k != "time_s"} for row in state["history"]]
+    return dict(iteration=state["iteration"], method_state=state["method_state"], optimizer=state["optimizer"],
+                rng=state["rng"], nonfinite=state["nonfinite"], history=history)
 
 
 def test_reconstruct_twice_with_one_seed(idr_dataset, tmp_path):
@@ -142,31 +147,37 @@ def test_reconstruct_twice_with_one_seed(idr_dataset, tmp_path):
     assert (tmp_path / "a" / "mesh.ply").read_bytes() == (tmp_path / "b" / "mesh.ply").read_bytes()
 
 
-def test_reconstruct_interrupted_and_resumed(idr_dataset, tmp_path, monkeypatch):
-    """A run of 6 iterations (checkpoint every 3) interrupted inside iteration 4, then --resume: the same as
-    6 iterations without a break (the checkpoint holds the model, optimiser, schedule and random state)."""
-    import taichi_dr.pipelines.idr as train_module
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_reconstruct_interrupted_and_resumed(idr_dataset, tmp_path, monkeypatch, signum):
+    """A run of 6 iterations (checkpoint every 5) that gets SIGINT/SIGTERM during iteration 4 saves at 4 and
+    prints the resume command; that command ends exactly where 6 iterations without a break do (the
+    checkpoint holds the model, optimiser, random states and counters)."""
+    from taichi_dr.pipelines.idr import IDRMethod
 
-    res = reconstruct(idr_dataset, tmp_path / "straight", 6, "--checkpoint-every", 3)
+    res = reconstruct(idr_dataset, tmp_path / "straight", 6, "--checkpoint-every", 5)
     assert res.exit_code == 0, res.output
 
-    step = train_module.training_step
-    calls = []
+    step = IDRMethod.step
 
-    def interrupted_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:   # after iteration 4's rays were drawn, before its update
-            raise KeyboardInterrupt
-        return step(*args, **kwargs)
+    def step_then_signal(self, batch, iteration):
+        result = step(self, batch, iteration)
+        if iteration == 3:   # 0-based: the engine finishes this step, saves at iteration 4 and stops
+            os.kill(os.getpid(), signum)
+        return result
 
-    monkeypatch.setattr(train_module, "training_step", interrupted_step)
-    res = reconstruct(idr_dataset, tmp_path / "resumed", 6, "--checkpoint-every", 3)
-    assert res.exit_code != 0 and len(calls) == 4
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["iteration"] == 3
-    monkeypatch.setattr(train_module, "training_step", step)
-    res = reconstruct(idr_dataset, tmp_path / "resumed", 6, "--checkpoint-every", 3, "--resume")
+    monkeypatch.setattr(IDRMethod, "step", step_then_signal)
+    res = reconstruct(idr_dataset, tmp_path / "resumed", 6, "--checkpoint-every", 5)
+    assert res.exit_code == 128 + signum, res.output
+    assert "Interrupted at iteration 4/6" in res.stderr and "Traceback" not in res.output
+    hint = res.stderr.split("Resume with: ", 1)[1].strip()
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["iteration"] == 4
+    monkeypatch.setattr(IDRMethod, "step", step)
+    args = shlex.split(hint)
+    assert args[:2] == ["tdr", "reconstruct"] and args[-1] == "--resume"
+    res = invoke(*args[1:])   # the printed command, as the user would paste it
     assert res.exit_code == 0, res.output
     assert_same_state(idr_state(tmp_path / "resumed"), idr_state(tmp_path / "straight"), "resumed reconstruct")
+    assert (tmp_path / "resumed" / "mesh.ply").read_bytes() == (tmp_path / "straight" / "mesh.ply").read_bytes()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,18 +186,16 @@ def test_reconstruct_interrupted_and_resumed(idr_dataset, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("loss", ["silhouette_iou", "distance_transform"])
 def test_refine_pose_twice(loss):
-    from taichi_dr.pipelines.pose.refine import Pose, PoseSettings, Stage, refine_pose
+    from taichi_dr.core.transforms import axis_angle_to_matrix
+    from taichi_dr.pipelines.pose import Pose, PoseSettings, Stage, refine_pose
+    from taichi_dr.pipelines.pose.overlay import _hard_silhouette
 
     mesh = icosphere(level=2)
     mesh = mesh.with_verts(mesh.verts * torch.tensor([1.0, 0.55, 0.7]))
     cam = Cameras.look_at([0.0, 0.0, 0.0], at=[0.0, 0.0, 1.0], up=[0.0, -1.0, 0.0], fov=40.0, image_size=(32, 32))
     truth = Pose(torch.eye(3), torch.tensor([0.0, 0.0, 4.0]))
-    from taichi_dr.pipelines.pose.refine import _hard_silhouette
-
     target = _hard_silhouette(mesh, cam.K[0], truth, (32, 32)).float()
     aa = torch.tensor([0.1, -0.15, 0.05])
-    from taichi_dr.core.camera import axis_angle_to_matrix
-
     init = Pose(axis_angle_to_matrix(aa), torch.tensor([0.1, -0.05, 4.2]))
     settings = PoseSettings(stages=(Stage(size=16, sigma=3e-3, iters=4), Stage(size=None, sigma=1e-3, iters=4)))
     runs = [refine_pose(mesh, target, cam, init, loss=loss, settings=settings) for _ in range(2)]

@@ -170,3 +170,28 @@ def test_mesh_renderer_and_bad_inputs():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         render_mesh(mesh.with_verts(bad), cams)
+
+
+def test_one_background_parser():
+    """render_mesh, the rasterizer and the reference read RasterSettings.background with one parser."""
+    import numpy as np
+
+    from taichi_dr.raster.reference import soft_rasterize_reference
+    from taichi_dr.raster.settings import background_values
+
+    mesh, cams = small_scene(torch.float32)
+    out = render_mesh(mesh, cams, settings=RasterSettings(background=(0.25, 0.5, 0.75)))
+    empty = out.alpha == 0
+    assert empty.any() and torch.equal(out.rgb[empty], torch.tensor([0.25, 0.5, 0.75]).expand(int(empty.sum()), 3))
+    grey = render_mesh(mesh, cams, settings=RasterSettings(background=np.float32(0.5))).rgb
+    assert torch.equal(grey[empty], torch.full((int(empty.sum()), 3), 0.5))
+    assert background_values((2.0,), 4) == [2.0] * 4 and background_values(1, 2) == [1.0, 1.0]
+    fv = torch.tensor([[[[2.0, 2.0, 1.0], [6.0, 2.0, 1.0], [2.0, 6.0, 1.0]]]], dtype=D)
+    attrs = torch.zeros(1, 1, 3, 3, dtype=D)
+    for bad, message in (((0.1, 0.2), "RasterSettings.background has 2 values but the image has 3 channels"),
+                         ("0.5", "RasterSettings.background: expected a float or a tuple of floats"),
+                         (True, "RasterSettings.background: expected a float or a tuple of floats")):
+        with pytest.raises(ValueError, match=message):
+            render_mesh(mesh, cams, settings=RasterSettings(background=bad))
+        with pytest.raises(ValueError, match=message):
+            soft_rasterize_reference(fv, (8, 8), attrs, RasterSettings(background=bad))
