@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import math
 import shlex
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,35 +57,28 @@ LOSS_NAMES = ("auto", "silhouette_iou", "silhouette_mse", "rgb", "distance_trans
 
 def read_image(path: Path, mask_path: Path | None):
     """The target (a PoseTarget) from IMAGE and an optional separate mask."""
-    import imageio.v3 as iio
-
+    from taichi_dr.data.images import read_image as decode
     from taichi_dr.pipelines.pose import PoseTarget
 
     with option_errors("IMAGE"):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: image not found")
-        try:
-            with warnings.catch_warnings():  # imageio warns about its plugins while it tries them
-                warnings.simplefilter("ignore")
-                img = np.asarray(iio.imread(path))
-        except Exception as e:  # imageio raises many types for unreadable files
-            raise ValueError(f"{path}: not a readable image ({e})") from None
-        if img.ndim == 3 and img.shape[-1] == 2:  # grey + alpha
+        img = decode(path)  # (H, W, C) float in [0, 1], C = 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA
+        if img.shape[-1] == 2:  # grey + alpha
             img = np.concatenate([np.repeat(img[..., :1], 3, -1), img[..., 1:]], -1)
-        if img.ndim == 3 and img.shape[-1] == 3 and np.array_equal(img[..., 0], img[..., 1]) \
+        elif img.shape[-1] == 1:
+            img = img[..., 0]
+        elif img.shape[-1] == 3 and np.array_equal(img[..., 0], img[..., 1]) \
                 and np.array_equal(img[..., 0], img[..., 2]) and mask_path is None \
-                and set(np.unique(img[..., 0]).tolist()) <= {0, 255}:
+                and set(np.unique(img[..., 0]).tolist()) <= {0.0, 1.0}:
             img = img[..., 0]  # a black-and-white mask saved as RGB
-        if img.dtype == np.uint16:
-            img = (img / 65535.0).astype(np.float32)
         target = PoseTarget.from_image(img, name=str(path))
     if mask_path is not None:
         with option_errors("--mask"):
             if not mask_path.is_file():
                 raise FileNotFoundError(f"{mask_path}: mask not found")
-            m = np.asarray(iio.imread(mask_path))
-            if m.ndim == 3:
-                m = m[..., -1] if m.shape[-1] in (2, 4) else m[..., 0]
+            m = decode(mask_path)
+            m = m[..., -1] if m.shape[-1] in (2, 4) else m[..., 0]  # the alpha channel, else the first
             mask = PoseTarget.from_image(m, name=str(mask_path)).mask
             if tuple(mask.shape) != target.image_size:
                 raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but the image is "

@@ -8,6 +8,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from bitwise import assert_bitwise
 from sdf_scenes import dataset_from_sdf
 
 from taichi_dr.core.camera import Cameras
@@ -49,25 +50,6 @@ def _true_sphere():
     m = icosphere(4, 0.4)
     m.verts += torch.tensor(CENTER)
     return m
-
-
-def assert_bitwise(a, b, what: str = "state") -> None:
-    """Nested dicts/lists of tensors and numbers are identical, bit for bit."""
-    assert type(a) is type(b), what
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), what
-        for k in a:
-            assert_bitwise(a[k], b[k], f"{what}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), what
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_bitwise(x, y, f"{what}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), what
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b), what
-    else:
-        assert a == b, f"{what}: {a!r} != {b!r}"
 
 
 def _run_state(path) -> dict:

@@ -28,6 +28,7 @@ from taichi_dr.pipelines import Callback, CheckpointError, Interrupted, TrainCon
 from taichi_dr.pipelines.mesh_fit import FitSettings, MeshFitMethod, ResumeMismatch, fit_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bitwise import assert_bitwise
 from engine_subprocess_toy import NoisyLinearRegression  # noqa: E402
 
 SETTINGS = FitSettings(iters=8, views_per_step=3)  # 3 of 6 views per step: the view sampler's state matters
@@ -134,25 +135,9 @@ def test_interrupted_and_resumed_fit_is_bitwise_the_uninterrupted_one(problem, t
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     for key in ("iteration", "method_state", "optimizer", "rng"):
-        _assert_same(a[key], b[key], key)
+        assert_bitwise(a[key], b[key], key)
     assert len(a["optimizer"]["param_groups"]) == 2  # geometry and colours
     assert _without_time(_rows(tmp_path / "cut")) == _without_time(_rows(tmp_path / "straight"))
-
-
-def _assert_same(a, b, what: str) -> None:
-    assert type(a) is type(b), what
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), what
-        for k in a:
-            _assert_same(a[k], b[k], f"{what}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), what
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{what}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), what
-    else:
-        assert a == b, (what, a, b)
 
 
 def test_resume_refuses_other_inputs_and_other_methods(problem, tmp_path):
@@ -264,7 +249,7 @@ def test_cli_interrupt_resume_and_plain_progress(files, tmp_path, monkeypatch):
     a = torch.load(straight / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     for key in ("iteration", "method_state", "optimizer", "rng"):
-        _assert_same(a[key], b[key], key)
+        assert_bitwise(a[key], b[key], key)
     assert _without_time(_rows(tmp_path / "cut")) == _without_time(_rows(straight))
     assert (tmp_path / "cut" / "mesh.obj").read_text() == (straight / "mesh.obj").read_text()
     assert res.stdout.splitlines()[0] == straight_ious  # "Silhouette IoU ... hard a -> b, soft c -> d ..."

@@ -6,7 +6,6 @@ All runs are tiny (a few iterations on images of 16-32 pixels); what they check 
 
 from __future__ import annotations
 
-import math
 import os
 import shlex
 import signal
@@ -14,6 +13,7 @@ import signal
 import pytest
 import torch
 from app_helpers import interrupt_fit_after
+from bitwise import assert_bitwise
 from typer.testing import CliRunner
 
 from apps.main import app
@@ -25,27 +25,6 @@ runner = CliRunner()
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], env=dict(os.environ, COLUMNS="200"))
-
-
-def assert_same_state(a: dict, b: dict, what: str) -> None:
-    """Two state dicts (nested dicts/lists of tensors and numbers) are identical, bit for bit."""
-    assert type(a) is type(b), what
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), what
-        for k in a:
-            assert_same_state(a[k], b[k], f"{what}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), what
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same_state(x, y, f"{what}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, what
-        diff = "" if torch.equal(a, b) else f"max difference {float((a.double() - b.double()).abs().max()):.3g}"
-        assert not diff, f"{what}: {diff}"
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b), what
-    else:
-        assert a == b, f"{what}: {a!r} != {b!r}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -84,7 +63,7 @@ def test_fit_mesh_twice_with_one_seed(fit_inputs, tmp_path):
         res = fit_mesh(fit_inputs, tmp_path / name, 6)
         assert res.exit_code == 0, res.output
     assert (tmp_path / "a" / "mesh.obj").read_text() == (tmp_path / "b" / "mesh.obj").read_text()
-    assert_same_state(fit_state(tmp_path / "a"), fit_state(tmp_path / "b"), "fit-mesh checkpoint")
+    assert_bitwise(fit_state(tmp_path / "a"), fit_state(tmp_path / "b"), "fit-mesh checkpoint")
 
 
 def test_fit_mesh_interrupted_and_resumed(fit_inputs, tmp_path, monkeypatch):
@@ -102,7 +81,7 @@ def test_fit_mesh_interrupted_and_resumed(fit_inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(MeshFitMethod, "step", step)
     res = fit_mesh(fit_inputs, tmp_path / "resumed", 6, "--resume")
     assert res.exit_code == 0, res.output
-    assert_same_state(fit_state(tmp_path / "resumed"), fit_state(tmp_path / "straight"), "resumed fit-mesh")
+    assert_bitwise(fit_state(tmp_path / "resumed"), fit_state(tmp_path / "straight"), "resumed fit-mesh")
     assert (tmp_path / "resumed" / "mesh.obj").read_text() == (tmp_path / "straight" / "mesh.obj").read_text()
 
 
@@ -143,7 +122,7 @@ def test_reconstruct_twice_with_one_seed(idr_dataset, tmp_path):
         assert res.exit_code == 0, res.output
     a, b = idr_state(tmp_path / "a"), idr_state(tmp_path / "b")
     assert a["history"][-1]["iou"] > 0   # the tracer found the surface: the RGB and surface terms took part
-    assert_same_state(a, b, "reconstruct checkpoint")
+    assert_bitwise(a, b, "reconstruct checkpoint")
     assert (tmp_path / "a" / "mesh.ply").read_bytes() == (tmp_path / "b" / "mesh.ply").read_bytes()
 
 
@@ -176,7 +155,7 @@ def test_reconstruct_interrupted_and_resumed(idr_dataset, tmp_path, monkeypatch,
     assert args[:2] == ["tdr", "reconstruct"] and args[-1] == "--resume"
     res = invoke(*args[1:])   # the printed command, as the user would paste it
     assert res.exit_code == 0, res.output
-    assert_same_state(idr_state(tmp_path / "resumed"), idr_state(tmp_path / "straight"), "resumed reconstruct")
+    assert_bitwise(idr_state(tmp_path / "resumed"), idr_state(tmp_path / "straight"), "resumed reconstruct")
     assert (tmp_path / "resumed" / "mesh.ply").read_bytes() == (tmp_path / "straight" / "mesh.ply").read_bytes()
 
 
