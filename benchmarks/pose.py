@@ -39,8 +39,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from taichi_dr.core import runtime  # noqa: E402
-from taichi_dr.core.camera import Cameras, axis_angle_to_matrix  # noqa: E402
+from taichi_dr.core.camera import Cameras  # noqa: E402
 from taichi_dr.core.mesh import asset_path, load_mesh  # noqa: E402
+from taichi_dr.core.transforms import axis_angle_to_matrix  # noqa: E402
 from taichi_dr.pipelines.pose.refine import (  # noqa: E402
     DisplacementField,
     Pose,

@@ -11,8 +11,8 @@ written with a negative ``fx`` in ``K``: the rotation stays a rotation (so rotat
 pose refinement work unchanged) and the mirror lives in the image axis. ``Cameras.mirrored`` tells which.
 
 Everything is plain torch and differentiable, so gradients reach the camera from any loss on projected
-points or rays. The rotation helpers (axis-angle, 6D, quaternions) and :class:`CameraParameters` (learnable
-corrections of a Cameras batch) live in :mod:`taichi_dr.core.transforms` and are re-exported here.
+points or rays. The rotation maps (axis-angle, 6D, quaternions) and :class:`CameraParameters` (learnable
+corrections of a Cameras batch) live in :mod:`taichi_dr.core.transforms`.
 """
 
 from __future__ import annotations
@@ -26,33 +26,12 @@ import numpy as np
 import torch
 
 from taichi_dr.core.rays import pixel_centres, pixel_directions
-
-# The rotation maps and the learnable camera update live in core.transforms (rigid transforms); imported
-# here because Cameras uses them and `from taichi_dr.core.camera import CameraParameters` keeps working.
-from taichi_dr.core.transforms import (  # noqa: F401
-    CameraParameters,
-    _normalize,
-    _rotation_errors,
-    _skew,
-    axis_angle_to_matrix,
-    matrix_to_axis_angle,
-    matrix_to_quaternion,
-    matrix_to_rotation_6d,
-    quaternion_to_matrix,
-    rotation_6d_to_matrix,
-)
+from taichi_dr.core.transforms import _normalize, _rotation_errors
 
 __all__ = [
     "Cameras",
-    "CameraParameters",
     "project_points",
     "intrinsics_from_fov",
-    "axis_angle_to_matrix",
-    "matrix_to_axis_angle",
-    "rotation_6d_to_matrix",
-    "matrix_to_rotation_6d",
-    "quaternion_to_matrix",
-    "matrix_to_quaternion",
     "is_rotation",
     "load_cameras",
     "SPHERICAL_CONVENTIONS",

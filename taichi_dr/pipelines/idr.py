@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from taichi_dr.core import runtime
-from taichi_dr.core.camera import CameraParameters, Cameras
+from taichi_dr.core.camera import Cameras
+from taichi_dr.core.transforms import CameraParameters
 from taichi_dr.data.datasets import MultiViewDataset, RayBatch, rays_for_pixels, sample_rays
 from taichi_dr.implicit.sphere_tracing import TracerSettings, differentiable_intersection, sphere_trace
 from taichi_dr.losses.implicit import alpha_schedule, eikonal_loss, mask_loss, rgb_loss

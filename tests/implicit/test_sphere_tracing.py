@@ -9,7 +9,8 @@ import pytest
 import torch
 from vulkan_subprocess import run_on_vulkan
 
-from taichi_dr.core.camera import Cameras, axis_angle_to_matrix
+from taichi_dr.core.camera import Cameras
+from taichi_dr.core.transforms import axis_angle_to_matrix
 from taichi_dr.implicit.analytic import box_sdf, sphere_sdf, torus_sdf
 from taichi_dr.implicit.sphere_tracing import (
     TracerSettings,

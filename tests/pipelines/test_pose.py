@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from taichi_dr.core.camera import Cameras, axis_angle_to_matrix, intrinsics_from_fov
+from taichi_dr.core.camera import Cameras, intrinsics_from_fov
 from taichi_dr.core.mesh import Mesh, asset_path, icosphere, load_mesh
+from taichi_dr.core.transforms import axis_angle_to_matrix
 from taichi_dr.pipelines.engine import NonFiniteError
 from taichi_dr.pipelines.pose import (
     DisplacementField,

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from taichi_dr.core.camera import CameraParameters, Cameras
+from taichi_dr.core.camera import Cameras
 from taichi_dr.core.mesh import Mesh, icosphere
+from taichi_dr.core.transforms import CameraParameters
 from taichi_dr.raster import RasterSettings
 from taichi_dr.raster.renderer import MeshRenderer, render_mesh
 from taichi_dr.raster.shading import Lights
