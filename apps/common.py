@@ -135,6 +135,27 @@ def command_options(command: Callable) -> dict[str, str]:
     return options
 
 
+def resume_command(words: Sequence[str], command: Callable, options: dict[str, object]) -> str:
+    """The command line that continues a run: ``words`` (program, command, arguments), then each of
+    ``options`` ({parameter name: value}) that differs from ``command``'s default, then ``--resume``. The
+    options that shape the run must all be there: a resumed run is bitwise the uninterrupted one only with
+    the same settings."""
+    import inspect
+    import shlex
+
+    names = command_options(command)
+    defaults = {name: getattr(p.default, "default", None) for name, p in inspect.signature(command).parameters.items()}
+    line = [str(w) for w in words]
+    for name, value in options.items():
+        if value is None or value == defaults.get(name):
+            continue
+        if isinstance(value, bool):
+            line.append(names[name] if value else "--no-" + names[name][2:])
+        else:
+            line += [names[name], str(value)]
+    return shlex.join(line + ["--resume"])
+
+
 def choice(option: str, value: str, choices: Sequence[str]) -> str:
     """``value`` as one of ``choices``, accepting '-' for '_' and any case (``axis-angle`` is ``axis_angle``);
     returns the library's spelling, or raises CLIError listing the choices."""

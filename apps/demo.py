@@ -29,6 +29,7 @@ from apps.common import (
     hstack,
     init_runtime,
     prepare_out_dir,
+    resume_command,
     save_png,
     settings_error,
     stderr_console,
@@ -39,10 +40,10 @@ from apps.common import (
     write_gif,
 )
 from apps.fit_mesh import (
+    fit_mesh_command,
     load_problem,
     load_template,
     print_metrics,
-    resume_command_line,
     run_fit,
 )
 from apps.render import auto_distance, render_views, turntable_cameras, write_views
@@ -131,8 +132,9 @@ def demo_command(
         settings = FitSettings(iters=iters, views_per_step=views_per_step or None)
     except (ValueError, TypeError) as e:
         raise settings_error(e, "FitSettings", command_options(demo_command)) from None
-    hint = resume_command_line(targets_dir, targets_dir / "cameras.json", fit_dir, iters=iters,
-                               views_per_step=views_per_step)
+    hint = resume_command(["tdr", "fit-mesh", "--targets", targets_dir, "--cameras", targets_dir / "cameras.json",
+                           "--out", fit_dir], fit_mesh_command,
+                          dict(iters=iters, views_per_step=views_per_step, seed=seed, log_every=max(1, iters // 15)))
     sources = {"targets": str(targets_dir), "cameras": str(targets_dir / "cameras.json"), "template": label}
     # checkpoint_every=0: one checkpoint, at the end (or on Ctrl-C), as the demo is short.
     result = run_fit(fit_dir, silhouettes=tgt.silhouettes, cameras=cams, template=template, settings=settings,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +29,7 @@ from apps.common import (
     init_runtime,
     option_errors,
     prepare_out_dir,
+    resume_command,
     run_training,
     save_png,
     settings_error,
@@ -223,28 +223,6 @@ def load_template(template: Path | None):
     return type(mesh)(verts=mesh.verts, faces=mesh.faces, name=mesh.name), str(template)
 
 
-def resume_command_line(targets, cameras, out, *, template=None, template_scale=1.0, rgb=False, fov=30.0,
-                        iters=300, views_per_step=0, camera_convention="softras",
-                        parameterization="tanh") -> str:
-    """The ``tdr fit-mesh ... --resume`` command line that continues a run."""
-    hint = ["tdr", "fit-mesh", "--targets", str(targets), "--cameras", str(cameras), "--out", str(out)]
-    if template is not None:
-        hint += ["--template", str(template)]
-    if template_scale != 1.0:
-        hint += ["--template-scale", str(template_scale)]
-    if rgb:
-        hint += ["--rgb"]
-    if fov != 30.0:
-        hint += ["--fov", str(fov)]
-    if camera_convention != "softras":
-        hint += ["--camera-convention", camera_convention]
-    if views_per_step:
-        hint += ["--views-per-step", str(views_per_step)]
-    if parameterization != "tanh":
-        hint += ["--parameterization", parameterization]
-    return shlex.join(hint + ["--iters", str(iters), "--resume"])
-
-
 def print_metrics(result: FitResult) -> None:
     i, f = result.initial, result.final
     typer.echo(f"Silhouette IoU (mean over views): hard {i['iou_hard']:.4f} -> {f['iou_hard']:.4f}, "
@@ -290,6 +268,8 @@ def fit_mesh_command(
     seed: int = typer.Option(0, help="Random seed (view sampling)."),
     log_every: int = typer.Option(25, help="Write a progress image every N iterations."),
     checkpoint_every: int = typer.Option(100, help="Save a checkpoint every N iterations."),
+    grad_clip: float = typer.Option(0.0, help="Clip the global gradient norm to this; 0 = no clipping (as "
+                                    "SoftRas)."),
     arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan."),
 ) -> None:
     """Deform a template mesh to match target silhouettes seen by known cameras (SoftRas style)."""
@@ -311,7 +291,8 @@ def fit_mesh_command(
                                sigma_final=sigma_final or None,
                                laplacian_weight=laplacian_weight, flatten_weight=flatten_weight,
                                rgb_weight=rgb_weight,
-                               views_per_step=views_per_step or None, parameterization=parameterization)
+                               views_per_step=views_per_step or None, parameterization=parameterization,
+                               grad_clip=grad_clip or None)
     except ValueError as e:
         raise settings_error(e, "FitSettings", command_options(fit_mesh_command)) from None
 
@@ -328,9 +309,16 @@ def fit_mesh_command(
     prepare_out_dir(out, overwrite=overwrite, resume=resume, stale=STALE)
     init_runtime(arch)
 
-    hint = resume_command_line(targets, cameras, out, template=template, template_scale=template_scale,
-                               rgb=rgb, fov=fov, iters=iters, views_per_step=views_per_step,
-                               camera_convention=camera_convention, parameterization=parameterization)
+    # Every option that shapes the run, so the printed command continues it bit for bit.
+    hint = resume_command(["tdr", "fit-mesh", "--targets", targets, "--cameras", cameras, "--out", out],
+                          fit_mesh_command, dict(
+                              template=template, template_scale=template_scale, iters=iters, lr=lr,
+                              color_lr=color_lr, fov=fov, camera_convention=camera_convention, sigma=sigma,
+                              sigma_final=sigma_final, gamma=gamma, rgb=rgb, rgb_weight=rgb_weight,
+                              laplacian_weight=laplacian_weight, flatten_weight=flatten_weight,
+                              views_per_step=views_per_step, parameterization=parameterization, seed=seed,
+                              log_every=log_every, checkpoint_every=checkpoint_every, grad_clip=grad_clip,
+                              arch=arch))
     sources = {"targets": str(targets), "cameras": str(cameras), "template": template_label}
     result = run_fit(out, silhouettes=tgt.silhouettes, cameras=cams, template=template_mesh,
                      settings=settings, sources=sources, rgb=tgt.rgb, learn_rgb=rgb,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import math
-import shlex
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from apps.common import (
     init_runtime,
     option_errors,
     prepare_out_dir,
+    resume_command,
     run_training,
     save_png,
     settings_error,
@@ -315,12 +315,11 @@ def pose_command(
             raise CLIError(f"--resume: {e}") from None
         except ValueError as e:  # PoseMethod.check_resume: other arguments than the interrupted run's
             raise CLIError(f"--resume: {out / 'checkpoint.pt'} was made with other arguments ({e})") from None
-        hint = resume_command_line(mesh=mesh, image=image, camera=camera, fov=fov, camera_index=camera_index,
-                                   init=init, out=out, mask=mask, loss=loss, stages=stages, multi_start=multi_start,
-                                   multi_start_angle=multi_start_angle, parameterization=parameterization,
-                                   rotation=rotation, refine_focal=refine_focal,
-                                   refine_principal_point=refine_principal_point,
-                                   checkpoint_every=checkpoint_every, arch=arch)
+        hint = resume_command(["tdr", "pose", mesh, image], pose_command, dict(
+            camera=camera, fov=fov, camera_index=camera_index, init=init, out=out, mask=mask, loss=loss,
+            stages=stages, multi_start=multi_start, multi_start_angle=multi_start_angle,
+            parameterization=parameterization, rotation=rotation, refine_focal=refine_focal,
+            refine_principal_point=refine_principal_point, checkpoint_every=checkpoint_every, arch=arch))
         run_training(trainer, resume_hint=hint)
         seconds = trainer.state.elapsed_s
     else:
@@ -348,19 +347,6 @@ def pose_command(
                f"{float((result.pose.t.double() - init_pose.t.double()).norm()):.4g} in {result.seconds:.1f} s")
     typer.echo(f"Wrote {out / 'pose.json'}, {out / 'before.png'}, {out / 'after.png'}, {out / 'loss.csv'} and "
                f"{out / 'loss.svg'}")
-
-
-def resume_command_line(**args) -> str:
-    """The ``tdr pose ... --resume`` command that continues this run (printed on Ctrl-C/SIGTERM)."""
-    words = ["tdr", "pose", str(args.pop("mesh")), str(args.pop("image"))]
-    defaults = {"camera_index": 0, "multi_start": 1, "multi_start_angle": 45.0, "parameterization": "object_to_camera",
-                "rotation": "axis_angle", "checkpoint_every": 50}
-    for name, value in args.items():
-        if value is None or value is False or defaults.get(name, object()) == value:
-            continue
-        option = "--" + name.replace("_", "-")
-        words += [option] if value is True else [option, str(value)]
-    return shlex.join(words + ["--resume"])
 
 
 def _u8(img) -> np.ndarray:

@@ -119,7 +119,7 @@ IDR_OPTIONS = {"iterations": "--iterations", "rays_per_batch": "--rays", "lr": "
                "geometry_depth": "--depth", "geometry_width": "--width", "geometry_frequencies": "--frequencies",
                "feature_dim": "--feature-dim", "rendering_depth": "--render-depth",
                "rendering_width": "--render-width", "checkpoint_every": "--checkpoint-every",
-               "validate_every": "--validate-every", "seed": "--seed"}
+               "validate_every": "--validate-every", "seed": "--seed", "grad_clip": "--grad-clip"}
 # Surface samples per mesh for evaluate: ~150 bytes each with the KD-trees, so 10 M is ~3 GB for two meshes.
 MAX_POINTS = 10_000_000
 # Memory of one training ray, per unit of network size (geometry depth x width + colour depth x width +
@@ -171,25 +171,11 @@ def read_idr_checkpoint(path: Path, option: str) -> dict:
 
 
 def resume_command_line(data: Path, out: Path, options: dict[str, object]) -> str:
-    """The ``tdr reconstruct ... --resume`` command that continues a run: ``options`` ({parameter name:
-    value}) are written when they differ from the command's defaults."""
-    import inspect
-    import shlex
+    """The ``tdr reconstruct ... --resume`` command that continues a run (options that differ from the
+    defaults)."""
+    from apps.common import resume_command
 
-    from apps.common import command_options
-
-    names = command_options(reconstruct_command)
-    defaults = {name: getattr(p.default, "default", None)
-                for name, p in inspect.signature(reconstruct_command).parameters.items()}
-    hint = ["tdr", "reconstruct", str(data), "--out", str(out)]
-    for name, value in options.items():
-        if value is None or value == defaults.get(name):
-            continue
-        if isinstance(value, bool):
-            hint.append(names[name] if value else "--no-" + names[name][2:])
-        else:
-            hint += [names[name], str(value)]
-    return shlex.join(hint + ["--resume"])
+    return resume_command(["tdr", "reconstruct", data, "--out", out], reconstruct_command, options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,6 +205,7 @@ def reconstruct_command(
     validate_every: int = typer.Option(0, help="Render the first held-out view every N iterations "
                                        "into validation/ (0: never)."),
     checkpoint_every: int = typer.Option(250, help="Write checkpoint.pt every N iterations."),
+    grad_clip: float = typer.Option(0.0, help="Clip the global gradient norm to this; 0 = no clipping (as IDR)."),
     scene_radius: float = typer.Option(1.5, help="NeRF-synthetic only: radius holding the object."),
     seed: int = typer.Option(0, help="Random seed."),
     resume: bool = typer.Option(False, help="Continue from DIR/checkpoint.pt."),
@@ -283,7 +270,7 @@ def reconstruct_command(
                            geometry_width=width, geometry_frequencies=frequencies, geometry_skip_in=skip,
                            feature_dim=feature_dim, rendering_depth=render_depth, rendering_width=render_width,
                            learn_cameras=learn_cameras, checkpoint_every=checkpoint_every,
-                           validate_every=validate_every, seed=seed)
+                           validate_every=validate_every, seed=seed, grad_clip=grad_clip or None)
     except (ValueError, TypeError) as e:
         raise settings_error(e, "IDRConfig", IDR_OPTIONS) from None
     if saved_config is not None:
@@ -302,7 +289,7 @@ def reconstruct_command(
         feature_dim=feature_dim, render_depth=render_depth, render_width=render_width, learn_cameras=learn_cameras,
         holdout_every=holdout_every, resolution=resolution, render_scale=render_scale,
         validate_every=validate_every, checkpoint_every=checkpoint_every, scene_radius=scene_radius, seed=seed,
-        arch=arch))
+        grad_clip=grad_clip, arch=arch))
     callbacks = []
     if validate_every and test is not None:
         callbacks.append(validation_callback(test.subset([0]), validate_every, render_scale, out / "validation"))

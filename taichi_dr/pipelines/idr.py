@@ -74,6 +74,7 @@ class IDRConfig:
     init_radius: radius of the initial sphere (IDR: 0.6 of the unit sphere).
     learn_cameras / camera_lr: refine the camera poses too (IDR's "trainable cameras").
     tracer: sphere-tracing settings (the bounding sphere is also the eikonal sampling region).
+    grad_clip: clip the global gradient norm to this (None: no clipping, as IDR).
     checkpoint_every, validate_every: in iterations (0 = never; the engine always checkpoints at the end and
         on an interrupt when there is an output folder).
     seed: for initialisation (torch's global RNG) and ray sampling (the engine's generator).
@@ -104,6 +105,7 @@ class IDRConfig:
     learn_cameras: bool = False
     camera_lr: float = 1e-4
     tracer: TracerSettings = field(default_factory=TracerSettings)
+    grad_clip: float | None = None
     checkpoint_every: int = 500
     validate_every: int = 0
     seed: int = 0
@@ -124,6 +126,7 @@ class IDRConfig:
              "loss weights must be >= 0"),
             (0 < self.init_radius < self.tracer.bounding_radius,
              "init_radius must lie in (0, tracer.bounding_radius)"),
+            (self.grad_clip is None or positive(self.grad_clip), "grad_clip must be > 0 (or None)"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.validate_every >= 0, "validate_every must be >= 0"),
             (self.seed >= 0, "seed must be >= 0"),
@@ -154,10 +157,10 @@ class IDRConfig:
 
     def train_config(self, **overrides) -> TrainConfig:
         """The engine's settings for this run: Adam at ``lr`` with IDR's steps (``lr_gamma`` at each of
-        ``lr_milestones``), ``iterations``, ``seed`` and ``checkpoint_every``; ``overrides`` (e.g. progress,
-        max_nonfinite) go to :class:`TrainConfig`."""
+        ``lr_milestones``), clipping at ``grad_clip``, ``iterations``, ``seed`` and ``checkpoint_every``;
+        ``overrides`` (e.g. progress, max_nonfinite) go to :class:`TrainConfig`."""
         optimizer = OptimizerConfig(lr=self.lr, schedule="multistep", milestones=tuple(sorted(set(self.lr_milestones))),
-                                    gamma=self.lr_gamma)
+                                    gamma=self.lr_gamma, grad_clip=self.grad_clip)
         settings = dict(iterations=self.iterations, seed=self.seed, optimizer=optimizer,
                         checkpoint_every=self.checkpoint_every)
         return TrainConfig(**{**settings, **overrides})

@@ -76,6 +76,7 @@ class FitSettings:
     parameterization: the displacement map of :class:`MeshDeformer`, "tanh" or "sigmoid" (SoftRas's).
     rgb_weight: weight of the L1 colour loss when colours are learned.
     views_per_step: views rendered per step (a random subset), 0 or None = all.
+    grad_clip: clip the global gradient norm to this (None: no clipping, SoftRas's choice).
     """
 
     iters: int = 600
@@ -90,6 +91,7 @@ class FitSettings:
     rgb_weight: float = 1.0
     views_per_step: int | None = 40
     parameterization: str = "tanh"
+    grad_clip: float | None = None
 
     def __post_init__(self):
         if not (isinstance(self.iters, int) and self.iters >= 0):
@@ -107,6 +109,8 @@ class FitSettings:
         if self.sigma_final is not None and not (math.isfinite(self.sigma_final) and self.sigma_final > 0):
             raise ValueError(f"FitSettings: sigma_final must be finite and > 0 (or None), got "
                              f"{self.sigma_final!r}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"FitSettings: grad_clip must be finite and > 0 (or None), got {self.grad_clip!r}")
         if self.parameterization not in MeshDeformer.PARAMETERIZATIONS:
             raise ValueError(f"FitSettings: parameterization must be one of {MeshDeformer.PARAMETERIZATIONS}, "
                              f"got {self.parameterization!r}")
@@ -121,8 +125,8 @@ class FitSettings:
 
     def optimizer_config(self) -> OptimizerConfig:
         """The engine's optimiser for this fit: Adam with ``lr`` (the geometry's; the colours' group carries
-        ``color_lr``) and ``betas``, constant learning rate, no clipping."""
-        return OptimizerConfig(name="adam", lr=self.lr, betas=self.betas)
+        ``color_lr``) and ``betas``, constant learning rate, clipping at ``grad_clip``."""
+        return OptimizerConfig(name="adam", lr=self.lr, betas=self.betas, grad_clip=self.grad_clip)
 
     def to_dict(self) -> dict:
         d = asdict(self)

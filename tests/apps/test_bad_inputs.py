@@ -362,7 +362,7 @@ def test_settings_errors_name_the_option(files, ellipsoid_dir=None, tmp_path=Non
     # fit-mesh and demo: FitSettings fields -> their options (not "FitSettings: views_per_step")
     views = files / "views"
     for args, needle in (((), "--views-per-step"), (("--laplacian-weight", "nan"), "--laplacian-weight"),
-                         (("--color-lr", "0"), "--color-lr")):
+                         (("--color-lr", "0"), "--color-lr"), (("--grad-clip", "-1"), "--grad-clip")):
         extra = args or ("--views-per-step", "-1")
         assert_clean_error(invoke("fit-mesh", "--targets", views, "--cameras", views / "cameras.json", "--out",
                                   files / "nofit", *extra), needle, absent=("FitSettings", "_"))
@@ -373,7 +373,8 @@ def test_settings_errors_name_the_option(files, ellipsoid_dir=None, tmp_path=Non
     for args, needle in ((("--lr", "-1"), "--lr"), (("--lr", "inf"), "--lr"), (("--frequencies", "-1"),
                                                                                 "--frequencies"),
                          (("--holdout-every", "1"), "--holdout-every"), (("--checkpoint-every", "-1"),
-                                                                         "--checkpoint-every")):
+                                                                         "--checkpoint-every"),
+                         (("--grad-clip", "nan"), "--grad-clip")):
         assert_clean_error(invoke("reconstruct", files / "data", "--out", files / "norec", *args), needle,
                            absent=("IDRConfig", "PositionalEncoding"))
     assert not (files / "norec").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 from dataclasses import replace
@@ -240,11 +241,13 @@ def test_cli_interrupt_resume_and_plain_progress(files, tmp_path, monkeypatch):
         assert res.exit_code == code, res.output
         assert f"Interrupted at iteration {stop}/8" in res.stderr and "Traceback" not in res.output
         resume_line = [line for line in res.stderr.splitlines() if line.startswith("Resume with: ")]
-        assert len(resume_line) == 1 and resume_line[0].endswith("--iters 8 --resume"), res.stderr
+        assert len(resume_line) == 1 and resume_line[0].endswith(" --resume"), res.stderr
+        printed = shlex.split(resume_line[0][len("Resume with: "):])
+        assert printed[:2] == ["tdr", "fit-mesh"] and "8" == printed[printed.index("--iters") + 1], printed
         assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["iteration"] == stop
         assert not (tmp_path / "cut" / "mesh.obj").exists()
 
-    res = fit_cli(files, tmp_path / "cut", 8, "--resume")
+    res = invoke(*printed[1:])  # the printed command, as given
     assert res.exit_code == 0, res.output
     a = torch.load(straight / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
