@@ -296,9 +296,8 @@ def reconstruct_command(
     torch.manual_seed(config.seed)   # the networks' initial weights (a resumed run then loads its own)
     idr = IDRMethod(train, config)
     trainer = Trainer(idr, config.train_config(), out_dir=out, callbacks=callbacks, resume=resume)
-    t0 = time.perf_counter()
     result = run_training(trainer, resume_hint=hint)
-    train_time = time.perf_counter() - t0
+    train_time = trainer.state.elapsed_s   # training seconds over every run of it (resumed ones too)
     model, history = idr.model.eval(), result.history
     metrics = dict(method="idr", data=str(data), arch=used, iterations=iterations, train_seconds=train_time,
                    train_views=len(train), heldout_views=len(test) if test else 0, config=config.to_dict(),
