@@ -38,3 +38,16 @@ def interrupt_fit_after(monkeypatch, iteration: int, signum: int = signal.SIGINT
 
     monkeypatch.setattr(MeshFitMethod, "step", step_then_interrupt)
     return step
+
+
+def signal_at(iteration: int, signum: int = signal.SIGINT):
+    """A training-engine callback that sends this process ``signum`` once ``iteration`` steps are done (what
+    Ctrl-C or `kill` delivers)."""
+    from taichi_dr.pipelines import Callback
+
+    class SignalAt(Callback):
+        def on_step(self, state):
+            if state.iteration == iteration:
+                os.kill(os.getpid(), signum)
+
+    return SignalAt()

@@ -2,12 +2,12 @@
 checkpoints (weights_only, other methods refused), the non-finite policy, meshing, rendering."""
 
 import math
-import os
 import signal
 
 import numpy as np
 import pytest
 import torch
+from app_helpers import signal_at
 from bitwise import assert_bitwise
 from sdf_scenes import dataset_from_sdf
 
@@ -60,17 +60,6 @@ def _run_state(path) -> dict:
                 rng=ckpt["rng"], history=history, nonfinite=ckpt["nonfinite"])
 
 
-class _SignalAt(Callback):
-    """Send this process ``signum`` after iteration ``at`` (what Ctrl-C or a batch system's kill delivers)."""
-
-    def __init__(self, at: int, signum: int = signal.SIGINT):
-        self.at, self.signum = at, signum
-
-    def on_step(self, state):
-        if state.iteration == self.at:
-            os.kill(os.getpid(), self.signum)
-
-
 def test_reconstruction_of_a_sphere_converges():
     ds = _sphere_dataset()
     model, history = train_idr(ds, IDRConfig(iterations=100, **TINY), progress="none")
@@ -106,7 +95,7 @@ def test_interrupt_then_resume_is_bitwise_identical(tmp_path, learn_cameras, sig
     straight, _ = train_idr(ds, cfg, tmp_path / "a", progress="none")
 
     with pytest.raises(Interrupted) as stop:
-        train_idr(ds, cfg, tmp_path / "b", progress="none", callbacks=[_SignalAt(4, signum)])
+        train_idr(ds, cfg, tmp_path / "b", progress="none", callbacks=[signal_at(4, signum)])
     assert stop.value.signum == signum and stop.value.iteration == 4
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["iteration"] == 4
     resumed, history = train_idr(ds, cfg, tmp_path / "b", resume=True, progress="none")

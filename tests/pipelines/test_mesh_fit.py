@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from app_helpers import assert_clean_error, interrupt_fit_after
+from app_helpers import assert_clean_error, interrupt_fit_after, signal_at
 from typer.testing import CliRunner
 
 import taichi_dr as tdr
 from apps.main import app
 from taichi_dr.core.mesh import icosphere, save_mesh
-from taichi_dr.pipelines import Callback, CheckpointError, Interrupted, TrainConfig, Trainer
+from taichi_dr.pipelines import CheckpointError, Interrupted, TrainConfig, Trainer
 from taichi_dr.pipelines.mesh_fit import FitSettings, MeshFitMethod, ResumeMismatch, fit_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,17 +68,6 @@ def _rows(out_dir: Path) -> list[dict]:
 
 def _without_time(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
-
-
-class SignalAt(Callback):
-    """Send this process ``signum`` once ``iteration`` steps are done (as Ctrl-C or `kill` would)."""
-
-    def __init__(self, iteration: int, signum: int = signal.SIGINT):
-        self.iteration, self.signum = iteration, signum
-
-    def on_step(self, state):
-        if state.iteration == self.iteration:
-            os.kill(os.getpid(), self.signum)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -124,7 +113,7 @@ def test_fit_mesh_library_writes_the_run_and_improves(problem, tmp_path):
 def test_interrupted_and_resumed_fit_is_bitwise_the_uninterrupted_one(problem, tmp_path, signum):
     straight = _fit(problem, tmp_path / "straight")
     with pytest.raises(Interrupted) as info:
-        _fit(problem, tmp_path / "cut", callbacks=[SignalAt(3, signum)])
+        _fit(problem, tmp_path / "cut", callbacks=[signal_at(3, signum)])
     assert info.value.signum == signum and info.value.iteration == 3
     assert not (tmp_path / "cut" / "mesh.obj").exists()
     resumed = _fit(problem, tmp_path / "cut", resume=True)

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from app_helpers import signal_at
 
 from taichi_dr.core.camera import Cameras, intrinsics_from_fov
 from taichi_dr.core.mesh import Mesh, asset_path, icosphere, load_mesh
@@ -845,10 +846,7 @@ def test_pose_method_resumes_bitwise_after_an_interrupt(tmp_path, optimizer, sto
     starts, at the switch to the best start's remaining stages, inside those; Adam's moments with a learnt
     focal length): the engine saves, stops with Interrupted, and a resumed run ends with the same pose,
     intrinsics, history and chosen start, bit for bit, as an uninterrupted refine_pose."""
-    import os
-    import signal
 
-    from taichi_dr.pipelines.callbacks import Callback
     from taichi_dr.pipelines.engine import Interrupted, TrainConfig, Trainer
     from taichi_dr.pipelines.pose import PoseMethod
 
@@ -856,16 +854,11 @@ def test_pose_method_resumes_bitwise_after_an_interrupt(tmp_path, optimizer, sto
     straight = refine_pose(mesh, target, camera, init, loss="rgb", settings=settings)
     assert len(straight.start_losses) == 2 and len(straight.history) == 6
 
-    class SigintAt(Callback):
-        def on_step(self, state):
-            if state.iteration == stop_at:
-                os.kill(os.getpid(), signal.SIGINT)
-
     method = PoseMethod(mesh, target, camera, init, loss="rgb", settings=settings)
     config = TrainConfig(iterations=method.iterations, checkpoint_every=0, progress="none")
     assert method.iterations == 9
     with pytest.raises(Interrupted) as stopped:
-        Trainer(method, config, out_dir=tmp_path, callbacks=[SigintAt()]).fit()
+        Trainer(method, config, out_dir=tmp_path, callbacks=[signal_at(stop_at)]).fit()
     assert stopped.value.iteration == stop_at and stopped.value.checkpoint == tmp_path / "checkpoint.pt"
     resumed = PoseMethod(mesh, target, camera, init, loss="rgb", settings=settings)
     trainer = Trainer(resumed, config, out_dir=tmp_path, resume=True)
