@@ -12,6 +12,11 @@ import os
 import signal
 import sys
 
+# Before anything imports torch: OpenMP workers that spin after each torch op steal the cores Taichi's kernels
+# run on, so taichi_dr asks for passive waiting; set here, since the commands import torch before taichi_dr
+# (otherwise taichi_dr.init falls back to one torch thread, halving the networks' speed; see taichi_dr/__init__).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 

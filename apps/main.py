@@ -1,4 +1,4 @@
-"""The ``tdr`` command line: render, fit-mesh, demo, reconstruct, evaluate, make-dataset, pose.
+"""The ``tdr`` command line: render, fit-mesh, demo, reconstruct, evaluate, make-dataset, pose, mesh.
 
 Installed as the console script ``tdr`` (``apps.main:app``) and runnable as ``python -m apps``. Each command
 lives in its own module; this one only assembles them. Bad input gives a one-line ``Error: ...`` on stderr
@@ -11,6 +11,7 @@ import typer
 
 from apps.demo import demo_command
 from apps.fit_mesh import fit_mesh_command
+from apps.mesh import mesh_command
 from apps.pose import pose_command
 from apps.reconstruct import evaluate_command, make_dataset_command, reconstruct_command
 from apps.render import render_command
@@ -29,6 +30,7 @@ app.command("reconstruct")(reconstruct_command)
 app.command("evaluate")(evaluate_command)
 app.command("make-dataset")(make_dataset_command)
 app.command("pose")(pose_command)
+app.command("mesh")(mesh_command)
 
 
 if __name__ == "__main__":

@@ -303,9 +303,11 @@ def reconstruct_command(
                    train_views=len(train), heldout_views=len(test) if test else 0, config=config.to_dict(),
                    skipped_steps=result.skipped, final=dict(history[-1]) if history else {})
     t1 = time.perf_counter()
-    mesh = extract_mesh(model.sdf, resolution, config.tracer.bounding_radius, scale_mat=train.scale_mat)
+    mesh, meshing = extract_mesh(model.sdf, resolution, config.tracer.bounding_radius, scale_mat=train.scale_mat,
+                                 progress=lambda line: typer.echo(line, err=True), return_stats=True)
     save_mesh(mesh, out / "mesh.ply")
     metrics["mesh"] = dict(verts=mesh.num_verts, faces=mesh.num_faces, resolution=resolution,
+                           points_evaluated=meshing["points_evaluated"], dense_points=meshing["dense_points"],
                            seconds=time.perf_counter() - t1)
     if test is not None:
         t2 = time.perf_counter()

@@ -323,8 +323,11 @@ class IDRMethod(Method):
                 "depth": out["depth"]}
 
     def state_dict(self) -> dict:
+        # scale_mat (normalised -> world) is not needed to continue, but lets `tdr mesh` put a mesh of the saved
+        # field in the dataset's world coordinates without the dataset.
         return {"model": self.model.state_dict(),
-                "cameras": self.camera_params.state_dict() if self.camera_params is not None else None}
+                "cameras": self.camera_params.state_dict() if self.camera_params is not None else None,
+                "scale_mat": torch.as_tensor(self.data.scale_mat, dtype=torch.float64).cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

@@ -69,6 +69,11 @@ def test_reconstruction_of_a_sphere_converges():
     after = chamfer_distance(extract_mesh(model.sdf, 40), _true_sphere(), 4000)
     assert before > 0.1
     assert after < 0.03, (before, after)
+    # A trained network is meshed sparsely as densely (its slope is about 1, within the default bound).
+    dense = extract_mesh(model.sdf, 65, dense=True)
+    sparse, stats = extract_mesh(model.sdf, 65, coarse=8, return_stats=True)
+    assert torch.equal(dense.verts, sparse.verts) and torch.equal(dense.faces, sparse.faces)
+    assert stats["points_evaluated"] < 0.5 * 65 ** 3
     assert np.mean([h["psnr"] for h in history[-10:]]) > 20
     views = render_views(model, ds.cameras[:3], IDRConfig().tracer)
     assert image_metrics(views, ds.images[:3], ds.masks[:3])["mask_iou"] > 0.9   # (~0.45 at initialisation)
