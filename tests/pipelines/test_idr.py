@@ -65,14 +65,17 @@ def test_reconstruction_of_a_sphere_converges():
     model, history = train_idr(ds, IDRConfig(iterations=100, **TINY), progress="none")
     assert len(history) == 100 and [h["iteration"] for h in history] == list(range(1, 101))
     assert sum(h["skipped"] for h in history) == 0
+    torch.manual_seed(0)   # the untrained network: a small one is a sphere only on average over seeds
     before = chamfer_distance(extract_mesh(IDRModel(IDRConfig(**TINY)).sdf, 40), _true_sphere(), 4000)
     after = chamfer_distance(extract_mesh(model.sdf, 40), _true_sphere(), 4000)
     assert before > 0.1
     assert after < 0.03, (before, after)
-    # A trained network is meshed sparsely as densely (its slope is about 1, within the default bound).
+    # A trained network is meshed sparsely as densely (its slope is about 1, within the default bound). Not
+    # bit for bit: a network's value at a point can differ in the last bits with the batch it is evaluated in.
     dense = extract_mesh(model.sdf, 65, dense=True)
     sparse, stats = extract_mesh(model.sdf, 65, coarse=8, return_stats=True)
-    assert torch.equal(dense.verts, sparse.verts) and torch.equal(dense.faces, sparse.faces)
+    assert torch.equal(dense.faces, sparse.faces)
+    torch.testing.assert_close(sparse.verts, dense.verts, rtol=0, atol=1e-5)   # the grid spacing is 0.031
     assert stats["points_evaluated"] < 0.5 * 65 ** 3
     assert np.mean([h["psnr"] for h in history[-10:]]) > 20
     views = render_views(model, ds.cameras[:3], IDRConfig().tracer)
@@ -216,7 +219,7 @@ def test_extract_mesh_of_analytic_sdfs():
     lo, hi = world.verts.min(0).values, world.verts.max(0).values
     assert torch.allclose(lo, torch.tensor([-2.0, 0.0, 2.0]), atol=0.05)
     assert torch.allclose(hi, torch.tensor([4.0, 4.0, 4.0]), atol=0.05)
-    with pytest.raises(ValueError, match="no zero crossing"):
+    with pytest.raises(ValueError, match="does not cross level 0"):
         extract_mesh(lambda x: sphere_sdf(x, 5.0), resolution=8)
 
 
