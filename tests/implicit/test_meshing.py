@@ -36,8 +36,13 @@ def assert_same_mesh(a, b):
     assert torch.equal(a.verts, b.verts) and torch.equal(a.faces, b.faces)
 
 
+def density(x):  # a NeRF-like density, 0 outside radius 0.5 and rising inwards; its 5.0 set has radius 0.25
+    return 20.0 * torch.relu(-sphere(x))
+
+
 @pytest.mark.parametrize("field, options", [
     (sphere, {}), (thin_torus, {}), (thin_plate, {}), (occupancy, dict(level=0.5, inside="above")),
+    (density, dict(level=5.0, inside="above")),
 ])
 def test_sparse_equals_dense_with_far_fewer_points(field, options):
     dense, d = extract_mesh(field, 121, dense=True, return_stats=True, **options)
@@ -69,13 +74,14 @@ def test_occupancy_without_a_slope_bound_may_miss_what_no_coarse_corner_sees():
 
 def test_closed_outward_and_in_world_coordinates():
     trimesh = pytest.importorskip("trimesh")
-    for field, options in ((sphere, {}), (occupancy, dict(level=0.5, inside="above"))):
+    for field, options, radius in ((sphere, {}, 0.5), (occupancy, dict(level=0.5, inside="above"), 0.5),
+                                   (density, dict(level=5.0, inside="above"), 0.25)):
         mesh = extract_mesh(field, 96, **options)
         assert trimesh.Trimesh(mesh.verts.numpy(), mesh.faces.numpy(), process=True).is_watertight
         centres = mesh.verts[mesh.faces].mean(1) - torch.tensor(CENTER)
         assert ((face_normals(mesh.verts, mesh.faces) * centres).sum(-1) > 0).float().mean() > 0.99
         radii = (mesh.verts - torch.tensor(CENTER)).norm(dim=-1)
-        assert float((radii - 0.5).abs().max()) < 0.01
+        assert float((radii - radius).abs().max()) < 0.01
     s = torch.eye(4, dtype=torch.float64) * 10
     s[3, 3] = 1
     s[:3, 3] = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
