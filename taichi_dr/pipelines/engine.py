@@ -287,7 +287,8 @@ def lr_factor(optimizer: OptimizerConfig, iteration: int, iterations: int) -> fl
     :class:`OptimizerConfig`). Pure, so resuming needs no scheduler state."""
     progress = min(max(iteration / iterations, 0.0), 1.0)
     if optimizer.schedule == "multistep":
-        passed = sum(iteration >= int(m * iterations) for m in optimizer.milestones)
+        # A milestone never falls on the first step (as torch's MultiStepLR, which counts from step 1).
+        passed = sum(iteration >= max(1, int(m * iterations)) for m in optimizer.milestones)
         factor = optimizer.gamma ** passed
     elif optimizer.schedule == "exponential":
         factor = optimizer.gamma ** progress

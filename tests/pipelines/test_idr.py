@@ -82,17 +82,20 @@ def test_reconstruction_of_a_sphere_converges():
     assert image_metrics(views, ds.images[:3], ds.masks[:3])["mask_iou"] > 0.9   # (~0.45 at initialisation)
 
 
-def test_lr_schedule_is_idrs_multistep():
-    """IDRConfig's learning-rate steps through the engine give what torch's MultiStepLR gave the old loop."""
-    cfg = IDRConfig(iterations=16, lr=0.01, lr_milestones=(0.5, 0.75), lr_gamma=0.5)
+@pytest.mark.parametrize("iterations", [1, 3, 16])
+def test_lr_schedule_is_idrs_multistep(iterations):
+    """IDRConfig's learning-rate steps through the engine give what torch's MultiStepLR gave the old loop (with
+    its milestones at max(1, int(fraction * iterations)), so very short runs too)."""
+    cfg = IDRConfig(iterations=iterations, lr=0.01, lr_milestones=(0.5, 0.75), lr_gamma=0.5)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[8, 12], gamma=0.5)
+    milestones = sorted({max(1, int(m * iterations)) for m in cfg.lr_milestones})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.5)
     train = cfg.train_config()
     for i in range(cfg.iterations):
         assert cfg.lr * lr_factor(train.optimizer, i, train.iterations) == pytest.approx(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert (train.iterations, train.seed, train.checkpoint_every) == (16, 0, 500)
+    assert (train.iterations, train.seed, train.checkpoint_every) == (iterations, 0, 500)
 
 
 @pytest.mark.parametrize("learn_cameras", [False, True])
