@@ -51,3 +51,20 @@ def signal_at(iteration: int, signum: int = signal.SIGINT):
                 os.kill(os.getpid(), signum)
 
     return SignalAt()
+
+
+def ball_dataset(root, views: int, size: int):
+    """A tiny IDR dataset made by ``tdr make-dataset``: a ball of radius 2 at (5, 5, 5), away from the origin so
+    the dataset's scale_mat matters. Returns ``root / "data"`` (the mesh is ``root / "ball.ply"``)."""
+    from typer.testing import CliRunner
+
+    from apps.main import app
+    from taichi_dr.core.mesh import icosphere, save_mesh
+
+    ball = icosphere(2, 2.0)
+    ball.verts += 5.0
+    save_mesh(ball, root / "ball.ply")
+    r = CliRunner().invoke(app, ["make-dataset", str(root / "ball.ply"), "--views", str(views), "--size", str(size),
+                                 "--out", str(root / "data")])
+    assert r.exit_code == 0, r.output
+    return root / "data"

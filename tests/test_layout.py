@@ -20,7 +20,7 @@ ALLOWED = {
     "data": {"core"},
     "pipelines": {"core", "raster", "implicit", "nets", "losses", "data"},
 }
-ENGINE = ("engine.py", "checkpoint.py", "callbacks.py")
+ENGINE = ("engine.py", "config.py", "checkpoint.py", "callbacks.py")
 
 
 def imports_of(path: Path) -> set[str]:

@@ -48,7 +48,8 @@ from taichi_dr.losses.implicit import alpha_schedule, eikonal_loss, mask_loss, r
 from taichi_dr.nets.fields import GeometryNetwork, RenderingNetwork
 from taichi_dr.pipelines.callbacks import Callback, Validation
 from taichi_dr.pipelines.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from taichi_dr.pipelines.engine import Method, OptimizerConfig, TrainConfig, Trainer
+from taichi_dr.pipelines.config import OptimizerConfig, TrainConfig
+from taichi_dr.pipelines.engine import Method, Trainer
 
 __all__ = ["IDRBatch", "IDRConfig", "IDRMethod", "IDRModel", "check_network_settings", "image_metrics",
            "load_model", "render_rays", "render_views", "resize_views", "scale_cameras", "train_idr",

@@ -51,7 +51,8 @@ from taichi_dr.core.camera import Cameras
 from taichi_dr.core.mesh import Mesh
 from taichi_dr.losses import MeshTopology, flatten_loss, neg_iou_loss, scale_free_laplacian_loss, silhouette_iou
 from taichi_dr.pipelines.callbacks import Callback
-from taichi_dr.pipelines.engine import Method, OptimizerConfig, TrainConfig, Trainer, TrainResult
+from taichi_dr.pipelines.config import OptimizerConfig, TrainConfig
+from taichi_dr.pipelines.engine import Method, Trainer, TrainResult
 from taichi_dr.raster import RasterSettings
 
 __all__ = ["FitResult", "FitSettings", "MeshDeformer", "MeshFitMethod", "ResumeMismatch", "estimate_bounding_sphere",

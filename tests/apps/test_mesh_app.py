@@ -9,11 +9,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from app_helpers import assert_clean_error
+from app_helpers import assert_clean_error, ball_dataset
 from typer.testing import CliRunner
 
 from apps.main import app
-from taichi_dr.core.mesh import icosphere, load_mesh, save_mesh
+from taichi_dr.core.mesh import load_mesh
 
 runner = CliRunner()
 # The tiny run of test_reconstruct_app (a 2 x 32 network, 4 iterations), no held-out views (not needed here).
@@ -32,11 +32,7 @@ def run(tmp_path_factory):
     """A tiny IDR dataset of a ball of radius 2 at (5, 5, 5) (so the scale_mat matters) and a tiny
     ``tdr reconstruct`` run on it whose mesh.ply is at --resolution 32."""
     root = tmp_path_factory.mktemp("mesh_app")
-    ball = icosphere(2, 2.0)
-    ball.verts += 5.0
-    save_mesh(ball, root / "ball.ply")
-    r = invoke("make-dataset", root / "ball.ply", "--views", 8, "--size", 24, "--out", root / "data")
-    assert r.exit_code == 0, r.output
+    ball_dataset(root, views=8, size=24)
     r = invoke("reconstruct", root / "data", "--out", root / "rec", *TINY, "--resolution", RESOLUTION)
     assert r.exit_code == 0, r.output
     return root

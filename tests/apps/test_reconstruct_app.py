@@ -5,11 +5,11 @@ import math
 import re
 
 import pytest
-from app_helpers import assert_clean_error
+from app_helpers import assert_clean_error, ball_dataset
 from typer.testing import CliRunner
 
 from apps.reconstruct import app, mesh_metrics
-from taichi_dr.core.mesh import icosphere, save_mesh
+from taichi_dr.core.mesh import icosphere
 
 runner = CliRunner()
 TINY = ["--iterations", "4", "--rays", "64", "--depth", "2", "--width", "32", "--frequencies", "2",
@@ -20,12 +20,7 @@ TINY = ["--iterations", "4", "--rays", "64", "--depth", "2", "--width", "32", "-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
-    mesh = icosphere(2, 2.0)
-    mesh.verts += 5.0                      # world units away from the origin: scale_mat must undo it
-    save_mesh(mesh, root / "ball.ply")
-    r = runner.invoke(app, ["make-dataset", str(root / "ball.ply"), "--views", "8", "--size", "24",
-                            "--out", str(root / "data")])
-    assert r.exit_code == 0, r.output
+    ball_dataset(root, views=8, size=24)   # away from the origin: scale_mat must undo it
     return root
 
 

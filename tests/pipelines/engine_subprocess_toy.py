@@ -14,7 +14,8 @@ import time
 import torch
 
 from taichi_dr.pipelines.callbacks import Callback
-from taichi_dr.pipelines.engine import Interrupted, Method, TrainConfig, Trainer
+from taichi_dr.pipelines.config import TrainConfig
+from taichi_dr.pipelines.engine import Interrupted, Method, Trainer
 
 
 class NoisyLinearRegression(Method):

@@ -20,15 +20,8 @@ import torch
 from taichi_dr.pipelines import checkpoint as checkpoint_module
 from taichi_dr.pipelines.callbacks import Callback, MetricsLog, ProgressCallback, Validation, format_duration
 from taichi_dr.pipelines.checkpoint import CheckpointError, load_checkpoint
-from taichi_dr.pipelines.engine import (
-    Interrupted,
-    NonFiniteError,
-    OptimizerConfig,
-    TrainConfig,
-    Trainer,
-    clip_gradients,
-    lr_factor,
-)
+from taichi_dr.pipelines.config import OptimizerConfig, TrainConfig, lr_factor
+from taichi_dr.pipelines.engine import Interrupted, NonFiniteError, Trainer, clip_gradients
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -18,7 +18,7 @@ from taichi_dr.implicit.analytic import box_sdf, sphere_sdf
 from taichi_dr.implicit.meshing import extract_mesh
 from taichi_dr.pipelines import Callback, CheckpointError, Interrupted, NonFiniteError, Trainer
 from taichi_dr.pipelines.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
-from taichi_dr.pipelines.engine import lr_factor
+from taichi_dr.pipelines.config import lr_factor
 from taichi_dr.pipelines.idr import (
     IDRConfig,
     IDRMethod,

@@ -847,7 +847,7 @@ def test_pose_method_resumes_bitwise_after_an_interrupt(tmp_path, optimizer, sto
     focal length): the engine saves, stops with Interrupted, and a resumed run ends with the same pose,
     intrinsics, history and chosen start, bit for bit, as an uninterrupted refine_pose."""
 
-    from taichi_dr.pipelines.engine import Interrupted, TrainConfig, Trainer
+    from taichi_dr.pipelines import Interrupted, TrainConfig, Trainer
     from taichi_dr.pipelines.pose import PoseMethod
 
     mesh, target, camera, init, settings = _resume_problem(optimizer)

@@ -12,7 +12,7 @@ import signal
 
 import pytest
 import torch
-from app_helpers import interrupt_fit_after
+from app_helpers import ball_dataset, interrupt_fit_after
 from bitwise import assert_bitwise
 from typer.testing import CliRunner
 
@@ -95,13 +95,7 @@ TINY_IDR = ["--rays", "64", "--depth", "2", "--width", "32", "--frequencies", "2
 
 @pytest.fixture(scope="module")
 def idr_dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("idr")
-    mesh = icosphere(2, 2.0)
-    mesh.verts += 5.0
-    save_mesh(mesh, root / "ball.ply")
-    res = invoke("make-dataset", root / "ball.ply", "--views", 6, "--size", 16, "--out", root / "data")
-    assert res.exit_code == 0, res.output
-    return root / "data"
+    return ball_dataset(tmp_path_factory.mktemp("idr"), views=6, size=16)
 
 
 def reconstruct(data, out, iterations: int, *extra):

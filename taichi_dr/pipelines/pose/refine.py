@@ -57,7 +57,8 @@ from taichi_dr.core.camera import Cameras
 from taichi_dr.core.mesh import Mesh
 from taichi_dr.core.transforms import CONVENTIONS, Pose, PoseParameters
 from taichi_dr.pipelines.callbacks import Callback
-from taichi_dr.pipelines.engine import TrainConfig, Trainer
+from taichi_dr.pipelines.config import TrainConfig
+from taichi_dr.pipelines.engine import Trainer
 from taichi_dr.pipelines.pose.fields import (
     DisplacementField,
     PixelGradientField,
