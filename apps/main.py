@@ -11,9 +11,10 @@ import typer
 
 from apps.demo import demo_command
 from apps.fit_mesh import fit_mesh_command
+from apps.make_dataset import make_dataset_command
 from apps.mesh import mesh_command
 from apps.pose import pose_command
-from apps.reconstruct import evaluate_command, make_dataset_command, reconstruct_command
+from apps.reconstruct import evaluate_command, reconstruct_command
 from apps.render import render_command
 
 app = typer.Typer(

@@ -2,8 +2,9 @@
 
 ``tdr mesh RUN --out mesh.ply --resolution 512`` reads the field from a run folder (or its ``checkpoint.pt``)
 and runs marching cubes on it (:func:`taichi_dr.implicit.meshing.extract_mesh`: sparse, multiresolution
-unless ``--dense``). The fields saved today are the SDFs of ``tdr reconstruct`` (IDR); checkpoints of the
-methods that hold no field (``tdr fit-mesh``, ``tdr pose``) are refused.
+unless ``--dense``). The fields are those of ``tdr reconstruct``: IDR's SDF (level 0), UNISURF's occupancy
+(0.5) and NeRF's density (its ``--density-level``), each meshed on the side its method calls inside;
+checkpoints of the methods that hold no field (``tdr fit-mesh``, ``tdr pose``) are refused.
 
 Coordinates: a checkpoint holds the field in the normalised frame (the object inside the unit sphere), not
 the dataset's ``scale_mat`` that maps it back to world units. That comes from ``--data DATASET`` or, failing
@@ -27,7 +28,8 @@ import typer
 from apps.common import CLIError, available_memory_bytes, handle_errors, init_runtime, option_errors
 
 # Checkpoints of fields this command can mesh: method name -> the command that writes them.
-FIELD_METHODS = {"idr": "tdr reconstruct"}
+FIELD_METHODS = {"idr": "tdr reconstruct", "unisurf": "tdr reconstruct --method unisurf",
+                 "nerf": "tdr reconstruct --method nerf"}
 # Checkpoints of the other methods, named in the refusal: method name -> (command, what it holds).
 NOT_FIELDS = {"mesh-fit": ("tdr fit-mesh", "a mesh (its run folder has mesh.obj)"),
               "pose": ("tdr pose", "a pose")}
@@ -179,7 +181,8 @@ def mesh_command(
     resolution: int = typer.Option(256, help="Points per axis of the finest marching-cubes grid."),
     bound: float = typer.Option(None, help="Half-size of the meshed cube [-B, B]^3 in the normalised frame "
                                 "(default: the run's bounding sphere radius)."),
-    level: float = typer.Option(0.0, help="Level set to mesh (0 for an SDF)."),
+    level: float = typer.Option(None, help="Level set to mesh (default: the method's: 0 for IDR's SDF, 0.5 for "
+                                "UNISURF's occupancy, the run's --density-level for NeRF)."),
     dense: bool = typer.Option(False, help="Evaluate every grid point (the reference; slow at high resolution)."),
     coarse: int = typer.Option(None, help="Cells per axis of the first grid of the sparse extraction (default: "
                                "extract_mesh's); raise it if thin parts go missing."),
@@ -192,13 +195,13 @@ def mesh_command(
     """Extract a mesh from a saved neural field (a tdr reconstruct run) without training."""
     from taichi_dr.implicit.meshing import extract_mesh
     from taichi_dr.pipelines.checkpoint import CheckpointError
-    from taichi_dr.pipelines.idr import load_model
+    from taichi_dr.pipelines.reconstruction import load_trained
 
     if resolution < 8:
         raise CLIError(f"--resolution: must be >= 8, got {resolution}")
     if bound is not None and not (math.isfinite(bound) and bound > 0):
         raise CLIError(f"--bound: must be a number > 0, got {bound}")
-    if not math.isfinite(level):
+    if level is not None and not math.isfinite(level):
         raise CLIError(f"--level: must be a finite number, got {level}")
     if coarse is not None and dense:
         raise CLIError("--coarse sets the first grid of the sparse extraction; --dense has none: give one of them")
@@ -211,17 +214,18 @@ def mesh_command(
                        f"{int((free / GRID_BYTES_PER_POINT) ** (1 / 3))}")
     check_out(out, overwrite)
     ckpt = checkpoint_file(checkpoint)
-    payload = field_method(ckpt)             # only 'idr' today
+    payload = field_method(ckpt)
     saved = payload["method_state"].get("scale_mat") if isinstance(payload.get("method_state"), dict) else None
     saved = saved.numpy() if isinstance(saved, torch.Tensor) and tuple(saved.shape) == (4, 4) else None
     scale_mat, coordinates, note = world_frame(ckpt, data, scene_radius, saved)
 
     init_runtime(arch)
     try:
-        model, config = load_model(ckpt)
+        target = load_trained(ckpt).mesh_field()
     except CheckpointError as e:            # e.g. weights that do not fit the networks its config describes
         raise CLIError(f"CHECKPOINT: {e}") from None
-    bound = config.tracer.bounding_radius if bound is None else bound
+    bound = target["bound"] if bound is None else bound
+    level = target["level"] if level is None else level
     options = {"coarse": coarse} if coarse is not None else {}
 
     def progress(line: str) -> None:
@@ -230,7 +234,8 @@ def mesh_command(
     progress(f"Meshing {ckpt} at {resolution}^3 over [-{bound:g}, {bound:g}]^3 "
              f"({'dense' if dense else 'sparse'}), in {coordinates}" + (f" ({note})" if note else ""))
     try:
-        mesh, stats = extract_mesh(model.sdf, resolution, bound, level=level, inside="below", dense=dense,
+        mesh, stats = extract_mesh(target["field"], resolution, bound, level=level, inside=target["inside"],
+                                   dense=dense,
                                    scale_mat=None if scale_mat is None else torch.from_numpy(scale_mat),
                                    progress=progress, return_stats=True, **options)
     except ValueError as e:                  # no crossing of the level in the cube, non-finite values

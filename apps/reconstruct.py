@@ -1,16 +1,19 @@
-"""``tdr reconstruct``, ``tdr evaluate``, ``tdr make-dataset``: multi-view surface reconstruction (IDR).
+"""``tdr reconstruct``, ``tdr evaluate``: multi-view surface reconstruction (IDR, UNISURF, NeRF).
 
-* ``reconstruct DATA --out DIR``: trains a neural SDF + colour network by sphere tracing (IDR) on a dataset
-  folder (IDR/NeuS layout or NeRF-synthetic), then writes ``mesh.ply`` (marching cubes, in the dataset's
-  world coordinates), renders of the held-out views (colour and normals) and ``metrics.json``. Training runs
-  on the shared engine (:mod:`taichi_dr.pipelines.engine`): ``checkpoint.pt`` every ``--checkpoint-every``
-  iterations, ``metrics.jsonl`` (one row per iteration) and ``config.json`` in the run folder; Ctrl-C or
-  SIGTERM saves at the current iteration and prints the ``--resume`` command (exit 130/143), and ``--resume``
-  continues bitwise; progress is a bar on a terminal and plain lines otherwise.
+* ``reconstruct DATA --out DIR [--method idr|unisurf|nerf]``: trains a neural field on a dataset folder (IDR/NeuS
+  layout or NeRF-synthetic): IDR (neural SDF by sphere tracing; needs masks), UNISURF (occupancy as alpha) or
+  NeRF (volume rendering), the latter two from RGB alone (``--masks`` adds an opacity loss). Then it writes
+  ``mesh.ply`` (marching cubes of the method's surface, in the dataset's world coordinates), renders of the
+  held-out views (colour, normals, depth) and ``metrics.json``. Training runs on the shared engine
+  (:mod:`taichi_dr.pipelines.engine`): ``checkpoint.pt`` every ``--checkpoint-every`` iterations,
+  ``metrics.jsonl`` (one row per iteration) and ``config.json`` in the run folder; Ctrl-C or SIGTERM saves at
+  the current iteration and prints the ``--resume`` command (exit 130/143), and ``--resume`` continues
+  bitwise; progress is a bar on a terminal and plain lines otherwise. Options that only some methods have
+  default to None here, so each method's own default applies, and are refused for the other methods.
 * ``evaluate MESH --gt GT``: Chamfer distance, normal consistency and F-score between two meshes; with
-  ``--data`` (and ``--checkpoint``), PSNR and mask IoU on the held-out views.
-* ``make-dataset MESH --out DIR``: renders a mesh with this engine into the IDR layout, for tests with known
-  geometry.
+  ``--data`` (and ``--checkpoint`` of any of the three methods), PSNR and mask IoU on the held-out views.
+
+(``tdr make-dataset``, which renders datasets with known geometry, lives in :mod:`apps.make_dataset`.)
 
 The commands are plain functions registered on ``app`` here; ``apps.main`` registers them on ``tdr``.
 """
@@ -29,6 +32,7 @@ import typer
 from apps.common import (
     CLIError,
     available_memory_bytes,
+    choice,
     handle_errors,
     hstack,
     init_runtime,
@@ -93,13 +97,25 @@ def _normals_image(normals: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     return to_uint8(img)
 
 
+def _depth_image(depth: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """Ray distances (H, W) where ``mask`` -> grey uint8, near white to far dark over the view's own range,
+    black where there is no surface."""
+    img = torch.zeros_like(depth)
+    if bool(mask.any()):
+        near, far = float(depth[mask].min()), float(depth[mask].max())
+        img = torch.where(mask, 1.0 - 0.8 * (depth - near) / max(far - near, 1e-8), img)
+    return to_uint8(img[..., None].expand(*img.shape, 3))
+
+
 def _write_views(folder: Path, rendered: dict, images: torch.Tensor, names) -> None:
-    """Per view: ``<name>_rgb.png`` (render | ground truth) and ``<name>_normals.png``."""
+    """Per view: ``<name>_rgb.png`` (render | ground truth), ``<name>_normals.png`` and ``<name>_depth.png``
+    (of the surface the method finds: IDR's and UNISURF's surface, NeRF's expected depth where opaque)."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
         stem = Path(name).stem
         save_png(folder / f"{stem}_rgb.png", hstack([to_uint8(rendered["rgb"][i]), to_uint8(images[i])]))
         save_png(folder / f"{stem}_normals.png", _normals_image(rendered["normals"][i], rendered["mask"][i]))
+        save_png(folder / f"{stem}_depth.png", _depth_image(rendered["depth"][i], rendered["mask"][i]))
 
 
 def _load_data(data: Path, holdout_every: int, scene_radius: float):
@@ -114,18 +130,26 @@ def _load_data(data: Path, holdout_every: int, scene_radius: float):
     return split_holdout(load_dataset(data, **kwargs), holdout_every)
 
 
-# The IDR options each config field comes from, for error messages.
-IDR_OPTIONS = {"iterations": "--iterations", "rays_per_batch": "--rays", "lr": "--lr",
-               "geometry_depth": "--depth", "geometry_width": "--width", "geometry_frequencies": "--frequencies",
-               "feature_dim": "--feature-dim", "rendering_depth": "--render-depth",
-               "rendering_width": "--render-width", "checkpoint_every": "--checkpoint-every",
-               "validate_every": "--validate-every", "seed": "--seed", "grad_clip": "--grad-clip"}
 # Surface samples per mesh for evaluate: ~150 bytes each with the KD-trees, so 10 M is ~3 GB for two meshes.
 MAX_POINTS = 10_000_000
 # Memory of one training ray, per unit of network size (geometry depth x width + colour depth x width +
 # feature size): measured 75 KB per ray at the default sizes on CPU (peak RSS at --rays 256 vs 2048), i.e.
 # ~17 bytes per unit; 20 leaves some room.
 RAY_BYTES_PER_UNIT = 20
+
+
+def ray_units(config) -> int:
+    """Network size times points per ray that keep a graph for the backward pass, the unit of a ray's memory:
+    IDR differentiates about one surface point per ray; UNISURF every sample (with its normal's graph); NeRF
+    every coarse and fine sample (no second derivative, counted at a third)."""
+    if hasattr(config, "n_coarse"):      # NeRF
+        per_sample = 2 * config.depth * config.width + 2 * config.colour_width
+        return max(1, (2 * config.n_coarse + config.n_fine) * per_sample // 3)
+    units = (config.geometry_depth * config.geometry_width + config.rendering_depth * config.rendering_width
+             + config.feature_dim)
+    if hasattr(config, "interval"):      # UNISURF
+        return units * (config.interval.n_interval + config.interval.n_free)
+    return units
 
 
 def check_rays(rays: int, train, config, device: torch.device) -> None:
@@ -136,8 +160,7 @@ def check_rays(rays: int, train, config, device: torch.device) -> None:
     if rays > pixels:
         raise CLIError(f"--rays {rays}: more than the {pixels} pixels of the {n} training views "
                        f"({w}x{h}); use at most {pixels}")
-    units = (config.geometry_depth * config.geometry_width + config.rendering_depth * config.rendering_width
-             + config.feature_dim)
+    units = ray_units(config)
     need = rays * units * RAY_BYTES_PER_UNIT
     free = available_memory_bytes(device)
     if free is not None and need > free:
@@ -146,25 +169,34 @@ def check_rays(rays: int, train, config, device: torch.device) -> None:
                        f"{free / 2**30:.1f} GiB is free on {device.type}; use at most about {most}")
 
 
-def read_idr_checkpoint(path: Path, option: str) -> dict:
+def read_field_checkpoint(path: Path, option: str, method: str | None = None) -> dict:
     """The engine checkpoint ``tdr reconstruct`` wrote at ``path`` (a file or its folder), read with
-    ``weights_only=True`` and checked to be an IDR one.
+    ``weights_only=True`` and checked to be one of a reconstruction method (``method`` when given: the run
+    being resumed must be of the method asked for).
 
     Anything else (a text file, a corrupt or truncated save, a checkpoint of another method such as
     ``tdr fit-mesh``'s, one of another format version) gives a one-line CLIError naming ``option`` and the file.
     """
     from taichi_dr.pipelines.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-    from taichi_dr.pipelines.idr import IDRConfig, IDRMethod
+    from taichi_dr.pipelines.reconstruction import FIELD_METHODS
 
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     try:
-        payload = load_checkpoint(path, IDRMethod)
+        payload = load_checkpoint(path)
     except CheckpointError as e:
         raise CLIError(f"{option}: {e}") from None
+    saved = payload.get("method")
+    if saved not in FIELD_METHODS:
+        raise CLIError(f"{option}: {str(path)!r} is a checkpoint of {saved!r}, not of tdr reconstruct "
+                       f"({', '.join(FIELD_METHODS)})")
+    if method is not None and saved != method:
+        raise CLIError(f"{option}: {str(path)!r} is a checkpoint of --method {saved}, not {method}; give "
+                       f"--method {saved} to continue it")
+    module = method_module(saved)
     try:
-        IDRConfig.from_dict(payload["config"]["method_config"])
+        getattr(module, METHOD_CLASSES[saved][1]).from_dict(payload["config"]["method_config"])
     except (KeyError, ValueError, TypeError) as e:
         raise CLIError(f"{option}: {str(path)!r} holds settings this version cannot read ({e})") from None
     return payload
@@ -182,23 +214,133 @@ def resume_command_line(data: Path, out: Path, options: dict[str, object]) -> st
 # commands
 
 
+# The options of each method, by config field, for error messages (the library's field names -> options).
+IDR_OPTIONS = {"iterations": "--iterations", "rays_per_batch": "--rays", "lr": "--lr",
+               "geometry_depth": "--depth", "geometry_width": "--width", "geometry_frequencies": "--frequencies",
+               "feature_dim": "--feature-dim", "rendering_depth": "--render-depth",
+               "rendering_width": "--render-width", "checkpoint_every": "--checkpoint-every",
+               "validate_every": "--validate-every", "seed": "--seed", "grad_clip": "--grad-clip"}
+UNISURF_OPTIONS = {**IDR_OPTIONS, "bound_radius": "--bound-radius", "background": "--background",
+                   "smooth_weight": "--smooth-weight", "n_interval": "--samples", "n_free": "--free-samples",
+                   "free_after": "--free-after", "start": "--interval-start", "end": "--interval-end",
+                   "decay": "--interval-decay", "n_steps": "--search-steps"}
+NERF_OPTIONS = {**{k: v for k, v in IDR_OPTIONS.items() if not k.startswith(("geometry_", "rendering_", "feature"))},
+                "depth": "--depth", "width": "--width", "frequencies": "--frequencies",
+                "colour_width": "--render-width", "n_coarse": "--coarse-samples", "n_fine": "--fine-samples",
+                "density_level": "--density-level", "bound_radius": "--bound-radius", "background": "--background"}
+METHODS = ("idr", "unisurf", "nerf")
+# Each method's engine Method and settings classes, in its module (taichi_dr.pipelines.<method>).
+METHOD_CLASSES = {"idr": ("IDRMethod", "IDRConfig"), "unisurf": ("UnisurfMethod", "UnisurfConfig"),
+                  "nerf": ("NeRFMethod", "NeRFConfig")}
+# Options that only some methods have: option parameter -> the methods that take it.
+METHOD_ONLY = {"learn_cameras": ("idr",), "feature_dim": ("idr", "unisurf"), "bound_radius": ("unisurf", "nerf"),
+               "background": ("unisurf", "nerf"), "samples": ("unisurf",), "free_samples": ("unisurf",),
+               "free_after": ("unisurf",), "search_steps": ("unisurf",), "interval_start": ("unisurf",),
+               "interval_end": ("unisurf",), "interval_decay": ("unisurf",), "smooth_weight": ("unisurf",),
+               "coarse_samples": ("nerf",), "fine_samples": ("nerf",), "density_level": ("nerf",)}
+
+
+def build_config(method: str, given: dict, *, masks: bool, background: float):
+    """The method's config from the command's options (``given``: parameter -> value, None where not given, so
+    the method's own default applies); CLIError naming the option for a bad value."""
+    from taichi_dr.implicit.occupancy import SurfaceSearchSettings
+    from taichi_dr.implicit.sampling import IntervalSettings
+    from taichi_dr.pipelines.idr import IDRConfig
+    from taichi_dr.pipelines.nerf import NeRFConfig
+    from taichi_dr.pipelines.unisurf import UnisurfConfig
+
+    def pick(**fields):
+        return {k: v for k, v in fields.items() if v is not None}
+
+    g = given
+    common = pick(iterations=g["iterations"], rays_per_batch=g["rays"], lr=g["lr"],
+                  checkpoint_every=g["checkpoint_every"], validate_every=g["validate_every"], seed=g["seed"],
+                  grad_clip=g["grad_clip"] or None)
+    depth, width, frequencies = g["depth"], g["width"], g["frequencies"]
+    if method == "nerf":
+        skip = None if depth is None else ((depth // 2,) if depth >= 2 else ())
+        fields = pick(depth=depth, width=width, frequencies=frequencies, skip_in=skip, colour_width=g["render_width"],
+                      n_coarse=g["coarse_samples"], n_fine=g["fine_samples"], density_level=g["density_level"],
+                      bound_radius=g["bound_radius"])
+        owner, options, cls = "NeRFConfig", NERF_OPTIONS, NeRFConfig
+        fields.update(background=background, use_masks=masks)
+    else:
+        d = 8 if depth is None else depth
+        w = 256 if width is None else width
+        f = 6 if frequencies is None else frequencies
+        skip = (d // 2,) if d >= 2 and w > 3 * (1 + 2 * f) else ()
+        fields = pick(geometry_depth=depth, geometry_width=width, geometry_frequencies=frequencies,
+                      feature_dim=g["feature_dim"], rendering_depth=g["render_depth"],
+                      rendering_width=g["render_width"])
+        fields["geometry_skip_in"] = skip
+        if method == "idr":
+            owner, options, cls = "IDRConfig", IDR_OPTIONS, IDRConfig
+            fields["learn_cameras"] = bool(g["learn_cameras"])
+        else:
+            owner, options, cls = "UnisurfConfig", UNISURF_OPTIONS, UnisurfConfig
+            try:
+                search = SurfaceSearchSettings(**pick(n_steps=g["search_steps"]))
+                interval = IntervalSettings(**pick(n_interval=g["samples"], n_free=g["free_samples"],
+                                                   free_after=g["free_after"], start=g["interval_start"],
+                                                   end=g["interval_end"], decay=g["interval_decay"]))
+            except (ValueError, TypeError) as e:
+                name = "SurfaceSearchSettings" if "SurfaceSearch" in str(e) else "IntervalSettings"
+                raise settings_error(e, name, UNISURF_OPTIONS) from None
+            fields.update(pick(bound_radius=g["bound_radius"], smooth_weight=g["smooth_weight"]), search=search,
+                          interval=interval, background=background, use_masks=masks)
+    try:
+        return cls(**common, **fields)
+    except (ValueError, TypeError) as e:
+        raise settings_error(e, owner, options) from None
+
+
+def method_module(method: str):
+    import importlib
+
+    from taichi_dr.pipelines.reconstruction import FIELD_METHODS
+
+    return importlib.import_module(FIELD_METHODS[method])
+
+
 @app.command("reconstruct")
 @handle_errors
 def reconstruct_command(
-    data: Path = typer.Argument(..., help="Dataset folder: IDR/NeuS layout (image/, mask/, cameras.npz) or "
+    data: Path = typer.Argument(..., help="Dataset folder: IDR/NeuS layout (image/, mask/ if any, cameras.npz) or "
                                 "NeRF-synthetic (transforms_train.json)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (empty or new, unless --resume)."),
-    method: str = typer.Option("idr", help="Reconstruction method (only 'idr')."),
+    method: str = typer.Option("idr", help="idr (neural SDF by sphere tracing; needs masks), unisurf (occupancy "
+                               "with occupancy as alpha; RGB alone) or nerf (volume rendering; RGB alone)."),
+    masks: bool = typer.Option(None, "--masks/--no-masks", help="Train with the object masks (default: only if "
+                               "the method needs them: idr). unisurf/nerf use them for an opacity loss."),
     iterations: int = typer.Option(2000, help="Training iterations."),
     rays: int = typer.Option(1024, "--rays", help="Rays per batch (drawn over all training views)."),
-    lr: float = typer.Option(5e-4, help="Adam learning rate (halved at 50% and 75% of training)."),
-    depth: int = typer.Option(8, help="Geometry MLP hidden layers (skip connection into depth // 2)."),
-    width: int = typer.Option(256, help="Geometry MLP width."),
-    frequencies: int = typer.Option(6, help="Positional-encoding frequencies of the geometry MLP."),
-    feature_dim: int = typer.Option(256, help="Geometry feature size passed to the colour network."),
-    render_depth: int = typer.Option(4, help="Colour MLP hidden layers."),
-    render_width: int = typer.Option(512, help="Colour MLP width."),
-    learn_cameras: bool = typer.Option(False, help="Refine the camera poses too."),
+    lr: float = typer.Option(None, help="Adam learning rate (default 5e-4; idr/unisurf: halved at 50% and 75% of "
+                             "training; nerf: decays to 0.1x)."),
+    depth: int = typer.Option(None, help="Geometry (nerf: trunk) MLP hidden layers (default 8; skip connection "
+                              "into depth // 2)."),
+    width: int = typer.Option(None, help="Geometry (nerf: trunk) MLP width (default 256)."),
+    frequencies: int = typer.Option(None, help="Positional-encoding frequencies of positions (default 6; nerf 10)."),
+    feature_dim: int = typer.Option(None, help="idr/unisurf: geometry feature size passed to the colour network "
+                                    "(default 256)."),
+    render_depth: int = typer.Option(None, help="idr/unisurf: colour MLP hidden layers (default 4)."),
+    render_width: int = typer.Option(None, help="Colour MLP width (default: idr 512, unisurf 256, nerf 128)."),
+    learn_cameras: bool = typer.Option(False, help="idr: refine the camera poses too."),
+    bound_radius: float = typer.Option(None, help="unisurf/nerf: radius of the sphere rays are rendered in; what "
+                                       "lies beyond is --background (default 4.0, UNISURF's)."),
+    background: float = typer.Option(None, help="unisurf/nerf: grey level beyond the bounding sphere, 0-1 "
+                                     "(default: 1 for NeRF-synthetic data, composited on white; else 0)."),
+    samples: int = typer.Option(None, help="unisurf: samples in the interval around the surface (default 64)."),
+    free_samples: int = typer.Option(None, help="unisurf: free-space samples in front of it (default 32)."),
+    free_after: int = typer.Option(None, help="unisurf: iteration from which free-space samples are added "
+                                   "(default 5000)."),
+    search_steps: int = typer.Option(None, help="unisurf: uniform steps of the surface search (default 256)."),
+    interval_start: float = typer.Option(None, help="unisurf: interval half-width at the start (default 2.0)."),
+    interval_end: float = typer.Option(None, help="unisurf: smallest interval half-width (default 0.1)."),
+    interval_decay: float = typer.Option(None, help="unisurf: half-width start*exp(-decay*it) (default 1.5e-5)."),
+    smooth_weight: float = typer.Option(None, help="unisurf: weight of the surface smoothness loss (default 0.005)."),
+    coarse_samples: int = typer.Option(None, help="nerf: stratified samples per ray (default 64)."),
+    fine_samples: int = typer.Option(None, help="nerf: importance samples per ray (default 128)."),
+    density_level: float = typer.Option(None, help="nerf: density of the meshed surface (default 50)."),
     holdout_every: int = typer.Option(8, help="Keep views 0, K, 2K, ... out of training (0: none)."),
     resolution: int = typer.Option(256, help="Marching-cubes grid resolution for mesh.ply."),
     render_scale: float = typer.Option(0.5, help="Size of the held-out renders relative to the images."),
@@ -212,34 +354,35 @@ def reconstruct_command(
     overwrite: bool = typer.Option(False, help="Write into a non-empty --out folder."),
     arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan."),
 ) -> None:
-    """Reconstruct a surface from posed images and masks (IDR: neural SDF by sphere tracing)."""
+    """Reconstruct a surface from posed images: IDR (masks), UNISURF or NeRF (RGB alone)."""
+    given = dict(locals())
     from taichi_dr.core.mesh import save_mesh
     from taichi_dr.implicit.meshing import extract_mesh
     from taichi_dr.pipelines import Trainer
-    from taichi_dr.pipelines.idr import (
-        IDRConfig,
-        IDRMethod,
-        check_network_settings,
-        image_metrics,
-        render_views,
-        resize_views,
-        scale_cameras,
-        validation_callback,
-    )
+    from taichi_dr.pipelines.views import image_metrics, resize_views, scale_cameras, validation_callback
 
-    if method != "idr":
-        raise CLIError(f"--method: only 'idr' is available, got {method!r}")
+    method = choice("--method", method, METHODS)
+    for name in METHOD_ONLY:
+        if given[name] not in (None, False) and method not in METHOD_ONLY[name]:
+            option = "--" + name.replace("_", "-")
+            raise CLIError(f"{option}: only for --method {' or '.join(METHOD_ONLY[name])}, not {method}")
+    use_masks = (method == "idr") if masks is None else masks
+    if method == "idr" and not use_masks:
+        raise CLIError("--no-masks: IDR needs object masks (its mask loss); use --method unisurf or nerf to "
+                       "reconstruct from RGB alone")
     for name, value, lo in (("--iterations", iterations, 1), ("--rays", rays, 1), ("--depth", depth, 1),
                             ("--width", width, 1), ("--resolution", resolution, 8),
                             ("--frequencies", frequencies, 0), ("--feature-dim", feature_dim, 1),
                             ("--render-depth", render_depth, 1), ("--render-width", render_width, 1),
                             ("--checkpoint-every", checkpoint_every, 0), ("--validate-every", validate_every, 0)):
-        if value < lo:
+        if value is not None and value < lo:
             raise CLIError(f"{name}: must be >= {lo}, got {value}")
-    if not (math.isfinite(lr) and lr > 0):
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise CLIError(f"--lr: must be a number > 0, got {lr}")
     if not (math.isfinite(scene_radius) and scene_radius > 0):
         raise CLIError(f"--scene-radius: must be a number > 0, got {scene_radius}")
+    if background is not None and not (math.isfinite(background) and 0 <= background <= 1):
+        raise CLIError(f"--background: expected a grey level in [0, 1], got {background}")
     # Marching cubes holds the float32 grid and its own copies (~4 x res^3 x 4 bytes): refuse it now, not
     # after hours of training.
     grid_bytes, free = 16 * resolution ** 3, available_memory_bytes(torch.device("cpu"))
@@ -250,86 +393,88 @@ def reconstruct_command(
         raise CLIError(f"--render-scale: must be in (0, 1], got {render_scale}")
     if resume and not (Path(out) / "checkpoint.pt").is_file():
         raise CLIError(f"--resume: no checkpoint.pt in {str(out)!r}")
+    nerf_synthetic = (Path(data) / "transforms_train.json").is_file()
+    background = (1.0 if nerf_synthetic else 0.0) if background is None else background
+    config = build_config(method, given, masks=use_masks, background=background)
     saved_config = None   # checked now, before the data is loaded; the Trainer loads the checkpoint itself
     if resume:
-        saved = read_idr_checkpoint(Path(out) / "checkpoint.pt", "--resume")
+        saved = read_field_checkpoint(Path(out) / "checkpoint.pt", "--resume", method)
         if saved["iteration"] > iterations:
             raise CLIError(f"--iterations {iterations}: the checkpoint in {str(out)!r} is already at iteration "
                            f"{saved['iteration']}; give at least that many")
         saved_config = saved["config"]["method_config"]
         del saved
+    module = method_module(method)
+    if saved_config is not None:
+        try:
+            module.check_network_settings(saved_config, config)
+        except ValueError as e:
+            raise CLIError(f"--resume: {e}") from None
     train, test = _load_data(data, holdout_every, scene_radius)
+    if use_masks and not train.has_masks:
+        raise CLIError(f"DATA {str(data)!r} has no object masks (IDR layout: a mask/ folder; NeRF-synthetic: RGBA "
+                       "images)" + ("; IDR needs them" if method == "idr" else "; drop --masks"))
     if test is not None and min(test.image_size) * render_scale < min(8, *test.image_size):
         h, w = test.image_size
         raise CLIError(f"--render-scale {render_scale}: the held-out renders of the {w}x{h} images would be "
                        f"{max(1, round(w * render_scale))}x{max(1, round(h * render_scale))} pixels; use at "
                        f"least {min(8, h, w) / min(h, w):.3g}")
-    skip = (depth // 2,) if depth >= 2 and width > 3 * (1 + 2 * frequencies) else ()
-    try:
-        config = IDRConfig(iterations=iterations, rays_per_batch=rays, lr=lr, geometry_depth=depth,
-                           geometry_width=width, geometry_frequencies=frequencies, geometry_skip_in=skip,
-                           feature_dim=feature_dim, rendering_depth=render_depth, rendering_width=render_width,
-                           learn_cameras=learn_cameras, checkpoint_every=checkpoint_every,
-                           validate_every=validate_every, seed=seed, grad_clip=grad_clip or None)
-    except (ValueError, TypeError) as e:
-        raise settings_error(e, "IDRConfig", IDR_OPTIONS) from None
-    if saved_config is not None:
-        try:
-            check_network_settings(saved_config, config)
-        except ValueError as e:
-            raise CLIError(f"--resume: {e}") from None
     used = init_runtime(arch)
     from taichi_dr.core import runtime
 
     check_rays(rays, train, config, runtime.device())
     prepare_out_dir(out, overwrite=overwrite, resume=resume, stale=STALE)
 
-    hint = resume_command_line(data, out, dict(
-        method=method, iterations=iterations, rays=rays, lr=lr, depth=depth, width=width, frequencies=frequencies,
-        feature_dim=feature_dim, render_depth=render_depth, render_width=render_width, learn_cameras=learn_cameras,
-        holdout_every=holdout_every, resolution=resolution, render_scale=render_scale,
-        validate_every=validate_every, checkpoint_every=checkpoint_every, scene_radius=scene_radius, seed=seed,
-        grad_clip=grad_clip, arch=arch))
+    hint = resume_command_line(data, out, {k: v for k, v in given.items() if k not in ("data", "out", "resume")})
     callbacks = []
     if validate_every and test is not None:
         callbacks.append(validation_callback(test.subset([0]), validate_every, render_scale, out / "validation"))
     torch.manual_seed(config.seed)   # the networks' initial weights (a resumed run then loads its own)
-    idr = IDRMethod(train, config)
-    trainer = Trainer(idr, config.train_config(), out_dir=out, callbacks=callbacks, resume=resume)
+    trained = getattr(module, METHOD_CLASSES[method][0])(train, config)
+    trainer = Trainer(trained, config.train_config(), out_dir=out, callbacks=callbacks, resume=resume)
     result = run_training(trainer, resume_hint=hint)
     train_time = trainer.state.elapsed_s   # training seconds over every run of it (resumed ones too)
-    model, history = idr.model.eval(), result.history
-    metrics = dict(method="idr", data=str(data), arch=used, iterations=iterations, train_seconds=train_time,
-                   train_views=len(train), heldout_views=len(test) if test else 0, config=config.to_dict(),
-                   skipped_steps=result.skipped, final=dict(history[-1]) if history else {})
+    model, history = trained.model.eval(), result.history
+    metrics = dict(method=method, data=str(data), arch=used, iterations=iterations, train_seconds=train_time,
+                   train_views=len(train), heldout_views=len(test) if test else 0, masks=use_masks,
+                   config=config.to_dict(), skipped_steps=result.skipped, final=dict(history[-1]) if history else {})
     t1 = time.perf_counter()
-    mesh, meshing = extract_mesh(model.sdf, resolution, config.tracer.bounding_radius, scale_mat=train.scale_mat,
-                                 progress=lambda line: typer.echo(line, err=True), return_stats=True)
-    save_mesh(mesh, out / "mesh.ply")
-    metrics["mesh"] = dict(verts=mesh.num_verts, faces=mesh.num_faces, resolution=resolution,
-                           points_evaluated=meshing["points_evaluated"], dense_points=meshing["dense_points"],
-                           seconds=time.perf_counter() - t1)
+    target = module.mesh_field(model, config)
+    try:
+        mesh, meshing = extract_mesh(target["field"], resolution, target["bound"], level=target["level"],
+                                     inside=target["inside"], scale_mat=train.scale_mat,
+                                     progress=lambda line: typer.echo(line, err=True), return_stats=True)
+    except ValueError as e:   # no surface in the cube: say so, keep the run's other outputs
+        mesh, meshing = None, None
+        typer.echo(f"Warning: no mesh written: {e}", err=True)
+    if mesh is not None:
+        save_mesh(mesh, out / "mesh.ply")
+        metrics["mesh"] = dict(verts=mesh.num_verts, faces=mesh.num_faces, resolution=resolution,
+                               points_evaluated=meshing["points_evaluated"], dense_points=meshing["dense_points"],
+                               seconds=time.perf_counter() - t1)
     if test is not None:
         t2 = time.perf_counter()
         cams = scale_cameras(test.cameras, render_scale)
-        rendered = render_views(model, cams, config.tracer)
-        images, masks = resize_views(test, cams.image_size)
+        rendered = module.render_trained(model, cams, config)
+        images, test_masks = resize_views(test, cams.image_size)
         _write_views(out / "heldout", rendered, images, test.names)
-        m = image_metrics(rendered, images, masks)
+        m = image_metrics(rendered, images, test_masks)
         metrics["heldout"] = dict(m, image_size=list(cams.image_size), seconds=time.perf_counter() - t2)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float) + "\n")
-    msg = (f"Wrote {out / 'mesh.ply'} ({mesh.num_faces} faces) after {iterations} iterations in "
-           f"{train_time:.0f} s")
+    msg = (f"Wrote {out / 'mesh.ply'} ({mesh.num_faces} faces)" if mesh is not None else "No mesh")
+    msg += f" after {iterations} iterations in {train_time:.0f} s"
     if "heldout" in metrics:
-        msg += (f"; held-out PSNR {metrics['heldout']['psnr']:.2f} dB, mask IoU "
-                f"{metrics['heldout']['mask_iou']:.3f}")
+        msg += f"; held-out PSNR {metrics['heldout']['psnr']:.2f} dB"
+        if "mask_iou" in metrics["heldout"]:
+            msg += f", mask IoU {metrics['heldout']['mask_iou']:.3f}"
     typer.echo(msg)
 
 
 @app.command("evaluate")
 @handle_errors
 def evaluate_command(
-    mesh: Path = typer.Argument(..., help="Reconstructed mesh."),
+    mesh: Path = typer.Argument(None, help="Reconstructed mesh (optional with --checkpoint and --data: the views "
+                                "are then rendered from the field alone)."),
     gt: Path = typer.Option(None, "--gt", help="Ground-truth mesh (same world units)."),
     data: Path = typer.Option(None, "--data", help="Dataset folder: also score the held-out views."),
     checkpoint: Path = typer.Option(None, help="IDR checkpoint (or its folder) for PSNR on --data; "
@@ -356,9 +501,12 @@ def evaluate_command(
     if checkpoint is not None and data is None:
         raise CLIError("--checkpoint scores the held-out views of --data; give --data DATASET too")
     if checkpoint is not None:
-        read_idr_checkpoint(checkpoint, "--checkpoint")
-    pred = load_mesh(mesh)
-    result: dict = {"mesh": str(mesh)}
+        read_field_checkpoint(checkpoint, "--checkpoint")
+    if mesh is None and (gt is not None or checkpoint is None):
+        raise CLIError("give MESH (the reconstructed mesh) for --gt, or --checkpoint RUN with --data to score the "
+                       "held-out views without a mesh")
+    pred = load_mesh(mesh) if mesh is not None else None
+    result: dict = {"mesh": str(mesh) if mesh is not None else None}
     if gt is not None:
         result.update(mesh_metrics(pred, load_mesh(gt), points, threshold))
     if data is not None:
@@ -375,17 +523,21 @@ def evaluate_command(
 
 def _score_views(mesh, test, checkpoint) -> dict:
     from taichi_dr.core import runtime
-    from taichi_dr.pipelines.idr import image_metrics, load_model, render_views
 
     if checkpoint is not None:
         from taichi_dr.pipelines.checkpoint import CheckpointError
+        from taichi_dr.pipelines.reconstruction import load_trained
+        from taichi_dr.pipelines.views import image_metrics
 
         try:
-            model, config = load_model(checkpoint)
+            trained = load_trained(checkpoint)
         except CheckpointError as e:  # e.g. weights that do not fit the networks its config describes
             raise CLIError(f"--checkpoint: {e}") from None
-        rendered = render_views(model, test.cameras.to(device=runtime.device()), config.tracer)
-        return image_metrics(rendered, test.images, test.masks)
+        rendered = trained.render(test.cameras.to(device=runtime.device()))
+        return dict(image_metrics(rendered, test.images, test.masks), method=trained.method)
+    if test.masks is None:
+        raise CLIError("--data: the held-out views have no masks, and without --checkpoint the mesh can only be "
+                       "scored by its mask IoU; give --checkpoint RUN for PSNR")
     # Mask IoU from the mesh itself: bring it into the normalised frame and rasterise it (hard mode).
     from taichi_dr.raster import RasterSettings
     from taichi_dr.raster.renderer import render_mesh
@@ -401,77 +553,3 @@ def _score_views(mesh, test, checkpoint) -> dict:
         ious.append(float((p & m).sum()) / max(1, int((p | m).sum())))
     return dict(mask_iou=float(np.mean(ious)), mask_iou_per_view=ious,
                 note="PSNR needs --checkpoint (the mesh has no colours)")
-
-
-@app.command("make-dataset")
-@handle_errors
-def make_dataset_command(
-    mesh: Path = typer.Argument(..., help="Mesh to render (.obj with texture, .ply, .glb, .off)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (IDR layout)."),
-    views: int = typer.Option(32, "--views", "-n", help="Number of views (spread over a sphere)."),
-    size: int = typer.Option(200, "--size", "-s", help="Image size in pixels (square)."),
-    fov: float = typer.Option(30.0, help="Full horizontal field of view in degrees."),
-    sigma: float = typer.Option(1e-6, help="Soft rasterizer sharpness (small = crisp edges)."),
-    overwrite: bool = typer.Option(False, help="Write into a non-empty --out folder."),
-    arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan."),
-) -> None:
-    """Render MESH into an IDR dataset (image/, mask/, cameras.npz) plus gt_mesh.ply, in the mesh's units."""
-    from dataclasses import replace
-
-    from taichi_dr.core.camera import Cameras
-    from taichi_dr.core.mesh import load_mesh, save_mesh
-    from taichi_dr.data.datasets import write_idr
-    from taichi_dr.raster import RasterSettings
-    from taichi_dr.raster.renderer import render_mesh
-    from taichi_dr.raster.shading import Lights
-
-    if views < 1 or not 16 <= size <= 4096:
-        raise CLIError(f"--views must be >= 1 and --size in [16, 4096], got {views} and {size}")
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise CLIError(f"--sigma: must be a number > 0, got {sigma}")
-    if not 0 < fov < 180:
-        raise CLIError(f"--fov: expected degrees in (0, 180), got {fov}")
-    # All views are held in memory (RGB float and mask) until they are written.
-    need, free = views * size * size * 13, available_memory_bytes(torch.device("cpu"))
-    if free is not None and need > free // 2:
-        raise CLIError(f"--views {views} at --size {size}: the images need about {need / 2**30:.1f} GiB but "
-                       f"{free / 2**30:.1f} GiB is free; use fewer or smaller views")
-    loaded = load_mesh(mesh)
-    prepare_out_dir(out, overwrite=overwrite,
-                    stale=("image/*.png", "mask/*.png", "cameras.npz", "gt_mesh.ply"))
-    init_runtime(arch)
-    # Normalised frame: the object fills a sphere of radius 0.8 (inside IDR's unit bounding sphere).
-    normalised, centre, scale = loaded.normalized()
-    radius = 0.8
-    normalised = normalised.with_verts(normalised.verts * radius)
-    s = np.eye(4)
-    s[:3, :3] *= 1.0 / (scale * radius)
-    s[:3, 3] = centre.double().cpu().numpy()
-    # Fibonacci sphere of view directions; distance so the object spans ~80% of the image.
-    i = np.arange(views) + 0.5
-    y = 1 - 2 * i / views
-    phi = i * math.pi * (3 - math.sqrt(5))
-    elevation = np.degrees(np.arcsin(y))
-    azimuth = np.degrees(phi) % 360
-    distance = radius / math.sin(math.atan(0.8 * math.tan(math.radians(fov) / 2)))
-    cams = Cameras.from_spherical(torch.full((views,), distance, dtype=torch.float64),
-                                  torch.from_numpy(elevation), torch.from_numpy(azimuth), fov=fov,
-                                  image_size=(size, size), convention="opencv").to(dtype=torch.float32)
-    from taichi_dr.core import runtime
-
-    dev = runtime.device()
-    settings = RasterSettings(sigma=sigma, far=1000.0)
-    images, masks = [], []
-    for start in range(0, views, 8):
-        r = render_mesh(normalised.to(device=dev), cams[start:start + 8].to(device=dev),
-                        Lights.default(device=dev), settings, outputs=("rgb",))
-        rgb = r.rgb if r.rgb is not None else r.alpha[..., None].expand(-1, -1, -1, 3)
-        images.append((rgb * r.alpha[..., None]).clamp(0, 1).cpu())
-        masks.append((r.alpha > 0.5).cpu())
-    masks = torch.cat(masks)
-    if not bool(masks.flatten(1).any(1).all()):
-        raise CLIError(f"MESH {str(mesh)!r}: some views see nothing (degenerate mesh?)")
-    write_idr(out, torch.cat(images), masks, cams, s, overwrite=True)
-    gt = replace(loaded, vert_colors=None, face_colors=None, uvs=None, face_uvs_idx=None, texture=None)
-    save_mesh(gt, out / "gt_mesh.ply")
-    typer.echo(f"Wrote {views} views ({size}x{size}), cameras.npz and gt_mesh.ply to {out}")

@@ -1,12 +1,32 @@
-"""Rendering of implicit fields (no training loop here): sphere tracing of SDFs with secant refinement,
-marching cubes of a field (meshing), analytic SDFs for tests, and (later) occupancy root finding, ray
-sampling and volume compositing.
+"""Rendering of implicit fields (no training loop here), importable piece by piece for users' own loops:
+
+* sphere tracing of SDFs with secant refinement (:mod:`~taichi_dr.implicit.sphere_tracing`, IDR);
+* occupancy surface search (:mod:`~taichi_dr.implicit.occupancy`, UNISURF) on the shared root finding
+  (:mod:`~taichi_dr.implicit.root_finding`: first sign change of a scan, secant refinement);
+* ray samplers producing packed :class:`~taichi_dr.implicit.samples.RaySamples`
+  (:mod:`~taichi_dr.implicit.sampling`: stratified, UNISURF's interval, NeRF's inverse-CDF importance sampling);
+* volume compositing of packed samples with occupancy as alpha or NeRF density, forward and backward Taichi
+  kernels (:mod:`~taichi_dr.implicit.compositing`);
+* marching cubes of a field (:mod:`~taichi_dr.implicit.meshing`) and analytic SDFs for tests.
 
 Importing this package does not initialise Taichi (kernels are compiled on first use).
 """
 
 from taichi_dr.implicit.analytic import box_sdf, sphere_sdf, torus_sdf
+from taichi_dr.implicit.compositing import Composite, composite, composite_background
 from taichi_dr.implicit.meshing import extract_mesh
+from taichi_dr.implicit.occupancy import SurfaceHits, SurfaceSearchSettings, find_surface
+from taichi_dr.implicit.root_finding import first_crossing, secant_refine
+from taichi_dr.implicit.samples import RaySamples, offsets_from_counts
+from taichi_dr.implicit.sampling import (
+    IntervalSettings,
+    importance_samples,
+    interval_width,
+    merge_samples,
+    segment_samples,
+    stratified_samples,
+    unisurf_samples,
+)
 from taichi_dr.implicit.sphere_tracing import (
     TraceResult,
     TracerSettings,
@@ -17,6 +37,9 @@ from taichi_dr.implicit.sphere_tracing import (
 )
 
 __all__ = [
-    "TraceResult", "TracerSettings", "box_sdf", "differentiable_intersection", "extract_mesh", "intersect_sphere",
-    "sdf_gradient", "sphere_sdf", "sphere_trace", "torus_sdf",
+    "Composite", "IntervalSettings", "RaySamples", "SurfaceHits", "SurfaceSearchSettings", "TraceResult",
+    "TracerSettings", "box_sdf", "composite", "composite_background", "differentiable_intersection",
+    "extract_mesh", "find_surface", "first_crossing", "importance_samples", "intersect_sphere", "interval_width",
+    "merge_samples", "offsets_from_counts", "sdf_gradient", "secant_refine", "segment_samples", "sphere_sdf",
+    "sphere_trace", "stratified_samples", "torus_sdf", "unisurf_samples",
 ]

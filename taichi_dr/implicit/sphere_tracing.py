@@ -10,10 +10,11 @@ The SDF is any torch callable ``sdf_fn(points (M, 3)) -> (M,)`` (a neural networ
    compacted index list each step, so the SDF cost follows the rays that are left, not all rays
    times all steps. A step that lands inside the surface (``f < 0``, an overshoot, which happens with an
    SDF that is not an exact distance) keeps the last outside point, and the two bracket the surface.
-3. Sampler (kernel ``_sample_scan``): rays that did not converge (and, for the mask loss, rays that exited)
-   get ``n_samples`` SDF samples along ``[t_near, t_far]``; the first sign change brackets the surface, and
-   a ray without one is a miss whose minimum-SDF sample is kept (IDR's mask loss is evaluated there).
-4. Secant refinement (kernel ``_secant_update``) of every bracket.
+3. Sampler (:func:`taichi_dr.implicit.root_finding.first_crossing`): rays that did not converge (and, for
+   the mask loss, rays that exited) get ``n_samples`` SDF samples along ``[t_near, t_far]``; the first sign
+   change brackets the surface, and a ray without one is a miss whose minimum-SDF sample is kept (IDR's
+   mask loss is evaluated there).
+4. Secant refinement (:func:`taichi_dr.implicit.root_finding.secant_refine`) of every bracket.
 
 The result (``t`` per ray, hit flags) carries no gradient. :func:`differentiable_intersection` then makes the
 surface point a differentiable function of the SDF's parameters and of the rays (hence the cameras) with
@@ -35,6 +36,7 @@ import torch
 from taichi_dr.core import runtime
 from taichi_dr.core.bridge import check_tensor, to_kernel
 from taichi_dr.core.rays import intersect_sphere
+from taichi_dr.implicit.root_finding import _evaluate, first_crossing, secant_refine
 
 __all__ = ["TraceResult", "TracerSettings", "differentiable_intersection", "intersect_sphere", "sdf_gradient",
            "sphere_trace"]
@@ -146,81 +148,7 @@ def _march_step(idx: ti.types.ndarray(), sdf: ti.types.ndarray(), t: ti.types.nd
         t_next[k] = tn
 
 
-@runtime.locked
-@ti.kernel
-def _sample_scan(sdf: ti.types.ndarray(), ts: ti.types.ndarray(), found: ti.types.ndarray(),
-                 t_lo: ti.types.ndarray(), f_lo: ti.types.ndarray(), t_hi: ti.types.ndarray()):
-    """Per sampled ray k (rows of ``sdf``/``ts (R, S)``): the first sign change (+ to -) brackets the surface
-    in ``(t_lo, t_hi)`` (``found = 1``); else ``found = 0`` and ``t_hi`` is the minimum-SDF sample."""
-    for k in range(sdf.shape[0]):
-        n = sdf.shape[1]
-        hit = 0
-        best = 0
-        for s in range(1, n):
-            if hit == 0:
-                if sdf[k, s - 1] > 0 and sdf[k, s] <= 0:
-                    hit = 1
-                    best = s
-                elif sdf[k, s] < sdf[k, best]:
-                    best = s
-        found[k] = hit
-        lo = ti.max(best - 1, 0)
-        t_lo[k] = ts[k, lo]
-        f_lo[k] = sdf[k, lo]
-        t_hi[k] = ts[k, best]
-
-
-@runtime.locked
-@ti.kernel
-def _secant_propose(t_lo: ti.types.ndarray(), f_lo: ti.types.ndarray(), t_hi: ti.types.ndarray(),
-                    f_hi: ti.types.ndarray(), t_mid: ti.types.ndarray()):
-    for k in range(t_lo.shape[0]):
-        denom = f_hi[k] - f_lo[k]
-        w = denom * 0.0 + 0.5   # (typed like the arrays: f32 or f64)
-        if ti.abs(denom) > 1e-12:
-            w = ti.min(ti.max(-f_lo[k] / denom, 0.0), 1.0)
-        t_mid[k] = t_lo[k] + w * (t_hi[k] - t_lo[k])
-
-
-@runtime.locked
-@ti.kernel
-def _secant_update(t_mid: ti.types.ndarray(), f_mid: ti.types.ndarray(), t_lo: ti.types.ndarray(),
-                   f_lo: ti.types.ndarray(), t_hi: ti.types.ndarray(), f_hi: ti.types.ndarray(),
-                   side: ti.types.ndarray()):
-    """Shrink the brackets (Illinois rule: when one end is kept twice in a row its SDF value is halved, so
-    plain regula falsi's one-sided, linear convergence on convex SDFs becomes superlinear)."""
-    for k in range(t_mid.shape[0]):
-        lo_t, lo_f, hi_t, hi_f, last = t_lo[k], f_lo[k], t_hi[k], f_hi[k], side[k]
-        if f_mid[k] > 0:
-            lo_t, lo_f = t_mid[k], f_mid[k]
-            if last == 1:
-                hi_f *= 0.5
-            last = 1
-        else:
-            hi_t, hi_f = t_mid[k], f_mid[k]
-            if last == -1:
-                lo_f *= 0.5
-            last = -1
-        t_lo[k], f_lo[k], t_hi[k], f_hi[k], side[k] = lo_t, lo_f, hi_t, hi_f, last
-
-
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _evaluate(sdf_fn: SdfFn, points: torch.Tensor, chunk: int) -> torch.Tensor:
-    """SDF values (M,) of points (M, 3) in chunks, without autograd, in the points' dtype."""
-    out = []
-    for start in range(0, points.shape[0], chunk):
-        f = sdf_fn(points[start:start + chunk])
-        if f.dim() == 2 and f.shape[1] >= 1:
-            f = f[:, 0]
-        if f.dim() != 1 or f.shape[0] != min(chunk, points.shape[0] - start):
-            raise ValueError(f"sdf_fn: expected values shaped (M,) or (M, C) for points (M, 3), got "
-                             f"{tuple(f.shape)} for M={min(chunk, points.shape[0] - start)}")
-        out.append(f.detach().to(points.dtype))
-    if not out:
-        return points.new_zeros(0)
-    return torch.cat(out).contiguous()
 
 
 def _check_rays(origins, dirs):
@@ -314,10 +242,7 @@ def sphere_trace(sdf_fn: SdfFn, origins: torch.Tensor, dirs: torch.Tensor,
         pts = o[rays, None, :] + ts[..., None] * d[rays, None, :]
         f = _evaluate(sdf_fn, pts.reshape(-1, 3), settings.chunk).reshape(-1, s).contiguous()
         sdf_evals += f.numel()
-        found = torch.empty(rays.numel(), dtype=torch.int32, device=dev)
-        t_lo, f_lo, t_hi = (torch.empty(rays.numel(), dtype=dtype, device=dev) for _ in range(3))
-        _sample_scan(f, ts, found, t_lo, f_lo, t_hi)
-        bracketed = found == 1
+        bracketed, t_lo, f_lo, t_hi, _ = first_crossing(f, ts)
         status[rays] = torch.where(bracketed, BRACKETED, EXITED).to(torch.int32)
         t[rays] = t_hi                      # the inside end of a bracket, or a miss's minimum-SDF sample
         t_prev[rays[bracketed]] = t_lo[bracketed]
@@ -329,14 +254,9 @@ def sphere_trace(sdf_fn: SdfFn, origins: torch.Tensor, dirs: torch.Tensor,
         t_lo, f_lo, t_hi = t_prev[bl].contiguous(), f_prev[bl].contiguous(), t[bl].contiguous()
         f_hi = _evaluate(sdf_fn, o[bl] + t_hi[:, None] * d[bl], settings.chunk)
         sdf_evals += bl.numel()
-        t_mid = torch.empty(bl.numel(), dtype=dtype, device=dev)
-        side = torch.zeros(bl.numel(), dtype=torch.int32, device=dev)
-        for _ in range(settings.n_secant):
-            _secant_propose(t_lo, f_lo, t_hi, f_hi, t_mid)
-            f_mid = _evaluate(sdf_fn, o[bl] + t_mid[:, None] * d[bl], settings.chunk)
-            sdf_evals += bl.numel()
-            _secant_update(t_mid, f_mid, t_lo, f_lo, t_hi, f_hi, side)
-        t[bl] = t_mid
+        t[bl], evaluations = secant_refine(sdf_fn, o[bl], d[bl], t_lo, f_lo, t_hi, f_hi, settings.n_secant,
+                                           settings.chunk)
+        sdf_evals += evaluations
     hit = (status == HIT) | (status == BRACKETED)
     points = o + t[:, None] * d
     return TraceResult(t=t, hit=hit, in_sphere=in_sphere, points=points, sdf_evals=sdf_evals, steps=steps)

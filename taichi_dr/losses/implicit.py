@@ -53,3 +53,24 @@ def alpha_schedule(iteration: int, total: int, alpha_init: float = 50.0, factor:
     step = total / (n_milestones + 3)
     k = min(n_milestones, int(iteration // step)) if step > 0 else 0
     return alpha_init * factor ** k
+
+
+def smoothness_loss(normals: torch.Tensor, neighbour_normals: torch.Tensor) -> torch.Tensor:
+    """UNISURF's surface smoothness: ``mean ‖n(x_s) - n(x_s + ε)‖`` over surface points ``x_s`` and their
+    jittered neighbours (UNISURF: ε ~ U(±0.005) per coordinate, weight 0.005); normals ``(M, 3)`` each, unit.
+    0 for M = 0."""
+    if normals.shape != neighbour_normals.shape:
+        raise ValueError(f"smoothness_loss: normals {tuple(normals.shape)} and neighbour_normals "
+                         f"{tuple(neighbour_normals.shape)} must have the same shape (M, 3)")
+    if normals.shape[0] == 0:
+        return normals.sum() * 0.0
+    return (normals - neighbour_normals).norm(dim=-1).mean()
+
+
+def mask_bce_loss(opacity: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean BCE(opacity, mask)`` (NeuS's mask loss, for volume renderers trained with masks); opacity ``(M,)``
+    in [0, 1] (clamped away from 0 and 1 so the log stays finite), target ``(M,)`` bool."""
+    if opacity.shape[0] == 0:
+        return opacity.sum() * 0.0
+    p = opacity.clamp(1e-4, 1 - 1e-4)
+    return F.binary_cross_entropy(p, target.to(p.dtype))

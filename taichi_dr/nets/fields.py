@@ -22,7 +22,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from taichi_dr.nets.encodings import FrequencyEncoding, PositionalEncoding, check_encoding
 from taichi_dr.nets.rendering import RenderingNetwork
 
-__all__ = ["GeometryNetwork", "PositionalEncoding", "RenderingNetwork"]
+__all__ = ["GeometryNetwork", "OccupancyNetwork", "PositionalEncoding", "RenderingNetwork"]
 
 
 class GeometryNetwork(nn.Module):
@@ -119,3 +119,40 @@ class GeometryNetwork(nn.Module):
             out = self.forward(x)
             (g,) = torch.autograd.grad(out[:, 0], x, torch.ones_like(out[:, 0]), create_graph=create_graph)
         return out, g
+
+
+class OccupancyNetwork(nn.Module):
+    """UNISURF's occupancy field (Oechsle et al. 2021): ``o(x) = sigmoid(-s f(x))`` on a geometry network ``f``.
+
+    ``f`` is a :class:`GeometryNetwork` (an SDF-like output and a feature vector z); with its geometric
+    initialisation ``f(x) ~ |x| - init_radius``, so the field starts as a soft ball that is occupied (o > 0.5)
+    inside. ``sharpness`` is UNISURF's ``s`` (its code: 10). Inside is where ``o`` is high, so meshes are taken
+    at ``o = 0.5`` with ``inside="above"``.
+    """
+
+    def __init__(self, geometry: GeometryNetwork, sharpness: float = 10.0):
+        super().__init__()
+        if not (math.isfinite(sharpness) and sharpness > 0):
+            raise ValueError(f"OccupancyNetwork: sharpness must be > 0, got {sharpness}")
+        self.geometry = geometry
+        self.sharpness = float(sharpness)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.geometry.feature_dim
+
+    def occupancy(self, x: torch.Tensor) -> torch.Tensor:
+        """``(M, 3) -> (M,)`` in (0, 1)."""
+        return torch.sigmoid(-self.sharpness * self.geometry.sdf(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(M, 3) -> (M, 1 + feature_dim)``: column 0 the occupancy, the rest the feature vector z."""
+        out = self.geometry(x)
+        return torch.cat([torch.sigmoid(-self.sharpness * out[:, :1]), out[:, 1:]], dim=-1)
+
+    def with_normals(self, x: torch.Tensor, create_graph: bool = True):
+        """Occupancy ``(M,)``, features ``(M, feature_dim)`` and unit outward normals ``(M, 3)`` (the direction
+        of ``-∇o``, i.e. of ``∇f``) at ``x (M, 3)``; with ``create_graph`` the normals train the network."""
+        out, g = self.geometry.gradient(x, create_graph=create_graph)
+        normals = g / g.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        return torch.sigmoid(-self.sharpness * out[:, 0]), out[:, 1:], normals

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -46,10 +45,12 @@ from taichi_dr.data.datasets import MultiViewDataset, RayBatch, rays_for_pixels,
 from taichi_dr.implicit.sphere_tracing import TracerSettings, differentiable_intersection, sphere_trace
 from taichi_dr.losses.implicit import alpha_schedule, eikonal_loss, mask_loss, rgb_loss
 from taichi_dr.nets.fields import GeometryNetwork, RenderingNetwork
-from taichi_dr.pipelines.callbacks import Callback, Validation
+from taichi_dr.pipelines.callbacks import Callback
 from taichi_dr.pipelines.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from taichi_dr.pipelines.config import OptimizerConfig, TrainConfig
+from taichi_dr.pipelines.config import TrainConfig
 from taichi_dr.pipelines.engine import Method, Trainer
+from taichi_dr.pipelines.reconstruction import check_same_networks, engine_config, multistep_optimizer
+from taichi_dr.pipelines.views import image_metrics, render_cameras, resize_views, scale_cameras, validation_callback
 
 __all__ = ["IDRBatch", "IDRConfig", "IDRMethod", "IDRModel", "check_network_settings", "image_metrics",
            "load_model", "render_rays", "render_views", "resize_views", "scale_cameras", "train_idr",
@@ -160,11 +161,7 @@ class IDRConfig:
         """The engine's settings for this run: Adam at ``lr`` with IDR's steps (``lr_gamma`` at each of
         ``lr_milestones``), clipping at ``grad_clip``, ``iterations``, ``seed`` and ``checkpoint_every``;
         ``overrides`` (e.g. progress, max_nonfinite) go to :class:`TrainConfig`."""
-        optimizer = OptimizerConfig(lr=self.lr, schedule="multistep", milestones=tuple(sorted(set(self.lr_milestones))),
-                                    gamma=self.lr_gamma, grad_clip=self.grad_clip)
-        settings = dict(iterations=self.iterations, seed=self.seed, optimizer=optimizer,
-                        checkpoint_every=self.checkpoint_every)
-        return TrainConfig(**{**settings, **overrides})
+        return engine_config(self, multistep_optimizer(self), **overrides)
 
 
 class IDRModel(nn.Module):
@@ -193,10 +190,6 @@ class IDRModel(nn.Module):
         normals = g / g.norm(dim=-1, keepdim=True).clamp(min=1e-8)
         rgb = self.rendering(points, normals, view_dirs, out[:, 1:])
         return rgb, normals, g
-
-
-def _psnr(mse: float) -> float:
-    return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
 
 
 def training_step(model: IDRModel, origins: torch.Tensor, dirs: torch.Tensor, target_rgb: torch.Tensor,
@@ -350,16 +343,7 @@ class IDRMethod(Method):
 def check_network_settings(saved_config: dict, config: IDRConfig) -> None:
     """Raise ValueError (one line naming the first differing setting and both values) when a checkpoint made
     with ``saved_config`` (``IDRConfig.to_dict()``) has networks of another shape than ``config``'s."""
-    saved = IDRConfig.from_dict(saved_config)
-    for name in NETWORK_SETTINGS:
-        then, now = getattr(saved, name), getattr(config, name)
-        if then != now:
-            raise ValueError(f"the checkpoint was trained with {name}={_show(then)}, this run has "
-                             f"{name}={_show(now)}; the networks must match to continue")
-
-
-def _show(value) -> str:
-    return str(list(value)) if isinstance(value, tuple) else str(value)
+    check_same_networks(IDRConfig.from_dict(saved_config), config, NETWORK_SETTINGS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -390,93 +374,12 @@ def render_rays(model: IDRModel, origins: torch.Tensor, dirs: torch.Tensor, trac
     return dict(rgb=rgb, mask=mask, normals=normals, depth=depth)
 
 
-def scale_cameras(cameras: Cameras, factor: float) -> Cameras:
-    """The same cameras for images ``factor`` times the size (K's first two rows scaled)."""
-    if factor == 1:
-        return cameras
-    h, w = cameras.image_size
-    size = (max(1, round(h * factor)), max(1, round(w * factor)))
-    s = torch.tensor([size[1] / w, size[0] / h, 1.0], dtype=cameras.dtype, device=cameras.device)
-    return Cameras(cameras.K * s[None, :, None], cameras.R, cameras.t, size)
-
-
 @torch.no_grad()
 def render_views(model: IDRModel, cameras: Cameras, tracer: TracerSettings = TracerSettings(),
                  chunk: int = 16384, background: float = 0.0) -> dict[str, torch.Tensor]:
     """Render whole views: ``rgb (B, H, W, 3)``, ``mask (B, H, W)``, ``normals (B, H, W, 3)`` and
     ``depth (B, H, W)``."""
-    h, w = cameras.image_size
-    outs = []
-    for i in range(len(cameras)):
-        o, d = cameras[i].detach().image_rays()
-        outs.append(render_rays(model, o.reshape(-1, 3), d.reshape(-1, 3), tracer, chunk, background))
-    return {k: torch.stack([o[k] for o in outs]).reshape(len(cameras), h, w, *outs[0][k].shape[1:])
-            for k in outs[0]}
-
-
-def image_metrics(rendered: dict[str, torch.Tensor], images: torch.Tensor, masks: torch.Tensor) -> dict:
-    """Held-out view metrics: PSNR on the object-mask pixels (the prediction there is the rendered colour
-    where the surface is hit and black elsewhere) and mask IoU, per view and their means.
-
-    rendered: ``rgb (B, H, W, 3)`` and ``mask (B, H, W)`` bool (:func:`render_views`) or ``alpha`` (as
-    :meth:`IDRMethod.render` gives it); images ``(B, H, W, 3)``, masks ``(B, H, W)`` bool."""
-    predicted = rendered["mask"] if "mask" in rendered else rendered["alpha"] > 0.5
-    rgb, images, masks, predicted = (t.cpu() for t in (rendered["rgb"], images, masks, predicted))
-    psnrs, ious = [], []
-    for i in range(images.shape[0]):
-        m = masks[i]
-        mse = float(((rgb[i][m] - images[i][m]) ** 2).mean()) if bool(m.any()) else 0.0
-        psnrs.append(_psnr(mse))
-        p = predicted[i]
-        union = int((p | m).sum())
-        ious.append(1.0 if union == 0 else int((p & m).sum()) / union)
-    return dict(psnr=float(np.mean(psnrs)), mask_iou=float(np.mean(ious)), psnr_per_view=psnrs,
-                mask_iou_per_view=ious)
-
-
-def resize_views(ds: MultiViewDataset, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images and masks resized (area / nearest) to ``size`` for comparison with small renders."""
-    import torch.nn.functional as F
-
-    if tuple(size) == ds.image_size:
-        return ds.images, ds.masks
-    img = F.interpolate(ds.images.permute(0, 3, 1, 2), size=size, mode="area").permute(0, 2, 3, 1)
-    msk = F.interpolate(ds.masks[:, None].float(), size=size, mode="area")[:, 0] > 0.5
-    return img, msk
-
-
-def _to_uint8(img: torch.Tensor) -> np.ndarray:
-    return (img.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
-
-
-def _validation_image(rendered: dict[str, torch.Tensor]) -> np.ndarray:
-    """One row per view: the colour render | its normals (n * 0.5 + 0.5 on white where missed)."""
-    hit = rendered["alpha"][..., None] > 0.5
-    normals = torch.where(hit, rendered["normals"] * 0.5 + 0.5, torch.ones_like(rendered["normals"]))
-    rows = torch.cat([rendered["rgb"], normals], dim=2)            # (B, H, 2W, 3)
-    return _to_uint8(rows.reshape(-1, *rows.shape[2:]))            # (B H, 2W, 3)
-
-
-def validation_callback(views: MultiViewDataset, every: int, scale: float = 0.25, folder=None) -> Validation:
-    """A :class:`~taichi_dr.pipelines.callbacks.Validation` that every ``every`` iterations renders ``views``
-    at ``scale`` of their size from the live method and adds ``val_psnr`` and ``val_mask_iou`` (see
-    :func:`image_metrics`) to the metrics row; with ``folder``, also writes ``folder/iter_NNNNNN.png`` (per
-    view a row: render | normals). Renders draw no random numbers, so resuming stays exact."""
-    cameras = scale_cameras(views.cameras, scale)
-    images, masks = resize_views(views, cameras.image_size)
-    folder = Path(folder) if folder is not None else None
-
-    def validate(state) -> dict[str, float]:
-        rendered = state.method.render(cameras)
-        if folder is not None:
-            import imageio.v3 as iio
-
-            folder.mkdir(parents=True, exist_ok=True)
-            iio.imwrite(folder / f"iter_{state.iteration:06d}.png", _validation_image(rendered))
-        metrics = image_metrics(rendered, images, masks)
-        return {"val_psnr": metrics["psnr"], "val_mask_iou": metrics["mask_iou"]}
-
-    return Validation(every, validate)
+    return render_cameras(cameras, lambda o, d: render_rays(model, o, d, tracer, chunk, background))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -533,3 +436,13 @@ def load_model(path, device=None) -> tuple[IDRModel, IDRConfig]:
         raise CheckpointError(f"{path}: IDR settings or weights that this version cannot use ({first[:200]})") \
             from None
     return model.to(device or runtime.device()).eval(), config
+
+
+def render_trained(model: IDRModel, cameras: Cameras, config: IDRConfig) -> dict[str, torch.Tensor]:
+    """:func:`render_views` with a run's settings (the interface every reconstruction method shares)."""
+    return render_views(model, cameras.to(device=next(model.parameters()).device), config.tracer)
+
+
+def mesh_field(model: IDRModel, config: IDRConfig) -> dict:
+    """The SDF's zero level set inside the bounding sphere's cube, for marching cubes."""
+    return dict(field=model.sdf, level=0.0, inside="below", bound=config.tracer.bounding_radius)

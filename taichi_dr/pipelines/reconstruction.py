@@ -1,0 +1,237 @@
+"""What the multi-view reconstruction methods (IDR, UNISURF, NeRF) share beyond the engine: their settings'
+round trip through a checkpoint, the check that a checkpoint's networks fit a run, loading a trained field
+back, and a registry so that commands (``tdr evaluate``, ``tdr mesh``) handle every method the same way.
+
+Each method module (:mod:`~taichi_dr.pipelines.idr`, :mod:`~taichi_dr.pipelines.unisurf`,
+:mod:`~taichi_dr.pipelines.nerf`) provides ``load_model(path, device) -> (model, config)``,
+``mesh_field(model, config)`` (the field, level, side and cube for marching cubes) and
+``render_trained(model, cameras, config) -> dict`` (``rgb``, ``mask``, ``normals``, ``depth``, each
+``(B, H, W, ...)``); :func:`load_trained` picks the module from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from taichi_dr.pipelines.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from taichi_dr.pipelines.engine import Method
+
+__all__ = ["FIELD_METHODS", "RayMethod", "TrainedField", "TrainingRays", "check_same_networks", "config_from_dict",
+           "config_to_dict", "engine_config", "load_trained", "multistep_optimizer", "read_field_checkpoint"]
+
+# Method name (as saved in checkpoints) -> the module that trains it.
+FIELD_METHODS = {"idr": "taichi_dr.pipelines.idr", "unisurf": "taichi_dr.pipelines.unisurf",
+                 "nerf": "taichi_dr.pipelines.nerf"}
+
+
+def config_to_dict(config) -> dict:
+    """A settings dataclass as JSON-able values (tuples become lists, nested dataclasses dicts)."""
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
+
+
+def config_from_dict(cls, d: dict, nested: dict[str, type] | None = None):
+    """The inverse of :func:`config_to_dict` for the dataclass ``cls``; ``nested`` maps field names to the
+    dataclass their dict holds. Lists become tuples. Unknown keys raise ValueError naming them."""
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown settings {sorted(unknown)}")
+    for key, sub in (nested or {}).items():
+        if isinstance(d.get(key), dict):
+            d[key] = sub(**d[key])
+    for key, value in d.items():
+        if isinstance(value, list):
+            d[key] = tuple(value)
+    return cls(**d)
+
+
+def check_same_networks(saved, config, names) -> None:
+    """Raise ValueError (one line naming the first differing setting and both values) when the settings
+    ``saved`` (a config of the same class) give networks of another shape than ``config``'s, judged by the
+    fields ``names``."""
+    for name in names:
+        then, now = getattr(saved, name), getattr(config, name)
+        if then != now:
+            raise ValueError(f"the checkpoint was trained with {name}={_show(then)}, this run has "
+                             f"{name}={_show(now)}; the networks must match to continue")
+
+
+def _show(value) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def read_field_checkpoint(path, method_cls, config_cls, build: Callable, nested=None, device=None):
+    """``(model, config, payload)`` from the checkpoint at ``path`` (file or run folder) of ``method_cls``:
+    the config rebuilt with :func:`config_from_dict`, the model with ``build(config)`` (under a forked RNG, so
+    the caller's random stream is untouched) and its saved weights. CheckpointError (one line naming the file)
+    for anything that does not fit."""
+    from taichi_dr.core import runtime
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    payload = load_checkpoint(path, method_cls)
+    try:
+        config = config_from_dict(config_cls, payload["config"]["method_config"], nested)
+        with torch.random.fork_rng(devices=[]):
+            model = build(config)
+        model.load_state_dict(payload["method_state"]["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{path}: {method_cls.name} settings or weights that this version cannot use "
+                              f"({first[:200]})") from None
+    return model.to(device or runtime.device()).eval(), config, payload
+
+
+@dataclass
+class TrainedField:
+    """A trained reconstruction loaded from its checkpoint, whatever the method.
+
+    method: "idr", "unisurf" or "nerf"; model, config: the method's; scale_mat: (4, 4) normalised -> world as
+    saved by the run (None for runs that did not save one).
+    """
+
+    method: str
+    model: Any
+    config: Any
+    scale_mat: torch.Tensor | None
+    _module: Any
+
+    def render(self, cameras) -> dict[str, torch.Tensor]:
+        """Render views: ``rgb``, ``mask``, ``normals``, ``depth`` (``(B, H, W, ...)``)."""
+        return self._module.render_trained(self.model, cameras, self.config)
+
+    def mesh_field(self) -> dict:
+        """What marching cubes needs: ``field`` ((M, 3) -> (M,)), ``level``, ``inside`` and ``bound``."""
+        return self._module.mesh_field(self.model, self.config)
+
+
+def load_trained(path, device=None) -> TrainedField:
+    """The trained field in the checkpoint at ``path`` (a file or its run folder), of any method in
+    :data:`FIELD_METHODS`; CheckpointError naming the file otherwise."""
+    path = Path(path)
+    file = path / CHECKPOINT_NAME if path.is_dir() else path
+    payload = load_checkpoint(file)
+    name = payload.get("method")
+    if name not in FIELD_METHODS:
+        raise CheckpointError(f"{file}: a checkpoint of method {name!r}, not of a reconstructed field "
+                              f"({', '.join(FIELD_METHODS)})")
+    module = importlib.import_module(FIELD_METHODS[name])
+    model, config = module.load_model(file, device)
+    state = payload.get("method_state") if isinstance(payload.get("method_state"), dict) else {}
+    scale_mat = state.get("scale_mat")
+    if not (isinstance(scale_mat, torch.Tensor) and tuple(scale_mat.shape) == (4, 4)):
+        scale_mat = None
+    return TrainedField(name, model, config, scale_mat, module)
+
+
+@dataclass
+class TrainingRays:
+    """One iteration's random draws for a ray-sampling method (from the engine's generator): the rays, and a
+    seed for the samplers' jitter (their count of random numbers depends on the data, so they draw from a
+    generator of their own, reseeded each step: the engine's stream stays independent of the data)."""
+
+    rays: Any            # taichi_dr.data.datasets.RayBatch
+    sampler_seed: int
+
+
+class RayMethod(Method):
+    """What the volume-rendering methods (UNISURF, NeRF) share as engine methods: the training views on the
+    device (masks only when ``config.use_masks``), one Adam group for the networks, rays drawn over all training
+    pixels, the samplers' own generator, and the checkpointed state (networks, iteration, the dataset's
+    ``scale_mat``).
+
+    Subclasses set ``name``, ``version`` and ``title`` and implement ``build_model(config)``,
+    ``training_step(rays, iteration, generator) -> (loss, stats)``, ``render(cameras)`` and
+    ``check_network_settings(saved_config, config)``. The networks are initialised from torch's global RNG:
+    seed it first (``torch.manual_seed(config.seed)``).
+    """
+
+    title = "this method"
+
+    def __init__(self, train, config, device=None):
+        from taichi_dr.core import runtime
+
+        masks = train.require_masks(f"{self.title} with use_masks") if config.use_masks else None
+        runtime.ensure_init()
+        self.device = torch.device(device) if device is not None else runtime.device()
+        self.settings = config
+        self.data = dataclasses.replace(train, images=train.images.to(self.device),
+                                        masks=None if masks is None else masks.to(self.device),
+                                        cameras=train.cameras.to(device=self.device))
+        self.model = self.build_model(config).to(self.device)
+        self.iteration = 0
+        self._sampler_generator = torch.Generator()
+
+    def build_model(self, config):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def training_step(self, rays, iteration: int, generator: torch.Generator):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @staticmethod
+    def check_network_settings(saved_config: dict, config) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.model.parameters()), "name": "networks", "lr": self.settings.lr}]
+
+    def sample(self, iteration: int, generator: torch.Generator) -> TrainingRays:
+        from taichi_dr.data.datasets import sample_rays
+
+        rays = sample_rays(self.data, self.settings.rays_per_batch, generator)
+        return TrainingRays(rays=rays, sampler_seed=int(torch.randint(0, 2**62, (), generator=generator)))
+
+    def step(self, batch: TrainingRays, iteration: int):
+        self.iteration = iteration
+        self._sampler_generator.manual_seed(batch.sampler_seed)
+        return self.training_step(batch.rays, iteration, self._sampler_generator)
+
+    def state_dict(self) -> dict:
+        # scale_mat (normalised -> world) lets `tdr mesh` put a mesh in world units without the dataset.
+        return {"model": self.model.state_dict(), "iteration": self.iteration,
+                "scale_mat": torch.as_tensor(self.data.scale_mat, dtype=torch.float64).cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.iteration = int(state.get("iteration", 0))
+
+    def config(self) -> dict:
+        return self.settings.to_dict()
+
+    def check_resume(self, saved_config: dict) -> None:
+        self.check_network_settings(saved_config, self.settings)
+
+
+def engine_config(config, optimizer, **overrides):
+    """The engine's :class:`~taichi_dr.pipelines.config.TrainConfig` of a reconstruction run: ``optimizer``
+    (an OptimizerConfig) with the run's ``iterations``, ``seed`` and ``checkpoint_every``; ``overrides`` (e.g.
+    progress, max_nonfinite) win."""
+    from taichi_dr.pipelines.config import TrainConfig
+
+    settings = dict(iterations=config.iterations, seed=config.seed, optimizer=optimizer,
+                    checkpoint_every=config.checkpoint_every)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def multistep_optimizer(config):
+    """Adam at ``config.lr``, times ``config.lr_gamma`` at each fraction ``config.lr_milestones`` of the run
+    (IDR's steps, which the UNISURF runs here use too), clipping at ``config.grad_clip``."""
+    from taichi_dr.pipelines.config import OptimizerConfig
+
+    return OptimizerConfig(lr=config.lr, schedule="multistep", milestones=tuple(sorted(set(config.lr_milestones))),
+                           gamma=config.lr_gamma, grad_clip=config.grad_clip)
