@@ -340,7 +340,8 @@ def reconstruct_command(
     smooth_weight: float = typer.Option(None, help="unisurf: weight of the surface smoothness loss (default 0.005)."),
     coarse_samples: int = typer.Option(None, help="nerf: stratified samples per ray (default 64)."),
     fine_samples: int = typer.Option(None, help="nerf: importance samples per ray (default 128)."),
-    density_level: float = typer.Option(None, help="nerf: density of the meshed surface (default 50)."),
+    density_level: float = typer.Option(None, help="nerf: density of the meshed surface (default: measured, the "
+                                        "median density where rendered rays reach transmittance 1/2)."),
     holdout_every: int = typer.Option(8, help="Keep views 0, K, 2K, ... out of training (0: none)."),
     resolution: int = typer.Option(256, help="Marching-cubes grid resolution for mesh.ply."),
     render_scale: float = typer.Option(0.5, help="Size of the held-out renders relative to the images."),

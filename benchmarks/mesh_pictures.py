@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from taichi_dr.core import runtime  # noqa: E402
+from taichi_dr.core.camera import Cameras  # noqa: E402
 from taichi_dr.core.mesh import load_mesh  # noqa: E402
 from taichi_dr.data.datasets import load_dataset  # noqa: E402
 from taichi_dr.raster import RasterSettings  # noqa: E402
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--mesh", action="append", required=True, help="LABEL=PATH, one row each")
     parser.add_argument("--views", type=int, nargs="+", default=[0, 12, 24, 36])
     parser.add_argument("--scale", type=float, default=0.5, help="image size relative to the dataset's")
+    parser.add_argument("--zoom", type=float, default=0.6, help="focal length factor (< 1 sees more around)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     runtime.init("cpu")
@@ -53,6 +55,9 @@ def main() -> None:
 
     ds = load_dataset(args.data)
     cams = scale_cameras(ds.cameras, args.scale)
+    K = cams.K.clone()
+    K[:, :2, :2] *= args.zoom            # focal lengths (and skew) only: the principal point stays
+    cams = Cameras(K, cams.R, cams.t, cams.image_size)
     rows = []
     for spec in args.mesh:
         label, path = spec.split("=", 1)

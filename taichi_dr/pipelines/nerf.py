@@ -46,7 +46,7 @@ from taichi_dr.pipelines.unisurf import segment
 from taichi_dr.pipelines.views import render_cameras
 
 __all__ = ["NeRFConfig", "NeRFMethod", "NeRFModel", "check_network_settings", "load_model",
-           "mesh_field", "render_batch", "render_rays", "render_trained", "render_views"]
+           "mesh_field", "render_batch", "render_rays", "render_trained", "render_views", "surface_density"]
 
 NETWORK_SETTINGS = ("depth", "width", "skip_in", "frequencies", "view_frequencies", "colour_width")
 
@@ -62,8 +62,10 @@ class NeRFConfig:
         into layer 4 counted from 0, 10 and 4 frequencies, 128).
     bound_radius: the sphere rays are cut to; object_radius: the object's (normalised unit) sphere, where
         meshes are taken.
-    density_level: the density of the surface marching cubes takes (a documented choice: NeRF's mesh notebook
-        thresholds at 50 in its units); background: colour beyond the bounding sphere.
+    density_level: the density of the surface marching cubes takes; None (default): measured on the trained
+        field (:func:`surface_density`: the median density where rays' transmittance falls to 1/2), since a
+        fixed threshold (NeRF's mesh notebook uses 50 in its units) depends on the scene's scale and on how far
+        training got; background: colour beyond the bounding sphere.
     use_masks, mask_weight: BCE of opacity vs mask (only with masks).
     render_chunk: rays per chunk when rendering views.
     """
@@ -82,7 +84,7 @@ class NeRFConfig:
     colour_width: int = 128
     bound_radius: float = 4.0
     object_radius: float = 1.0
-    density_level: float = 50.0
+    density_level: float | None = None
     background: float = 0.0
     use_masks: bool = False
     mask_weight: float = 0.1
@@ -106,7 +108,7 @@ class NeRFConfig:
             (positive(self.object_radius), "object_radius must be > 0"),
             (positive(self.bound_radius) and self.bound_radius >= self.object_radius,
              "bound_radius must be >= object_radius"),
-            (positive(self.density_level), "density_level must be > 0"),
+            (self.density_level is None or positive(self.density_level), "density_level must be > 0 (or None)"),
             (math.isfinite(self.background) and 0 <= self.background <= 1, "background must be in [0, 1]"),
             (math.isfinite(self.mask_weight) and self.mask_weight >= 0, "mask_weight must be >= 0"),
             (self.render_chunk >= 1, "render_chunk must be >= 1"),
@@ -255,9 +257,49 @@ def render_trained(model: NeRFModel, cameras: Cameras, config: NeRFConfig) -> di
     return render_views(model, cameras.to(device=next(model.parameters()).device), config)
 
 
+@torch.no_grad()
+def surface_density(model: NeRFModel, config: NeRFConfig, n_rays: int = 4096, seed: int = 0) -> float:
+    """The fine density at the surface the renders see: rays from points on a sphere of radius 2.5 around the
+    object aimed at random points of the object sphere (a fixed seed; no data needed) are rendered, and for
+    those that become opaque (opacity > 0.5) the fine density is taken at their median depth, the sample where
+    the accumulated weight first reaches 1/2 (transmittance 1/2); the median over rays is returned. 0 when no
+    ray becomes opaque."""
+    g = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
+
+    def on_sphere(n, radius):
+        v = torch.randn(n, 3, generator=g)
+        return v / v.norm(dim=-1, keepdim=True) * radius
+
+    origins = on_sphere(n_rays, 2.5 * config.object_radius)
+    targets = on_sphere(n_rays, 1.0) * torch.rand(n_rays, 1, generator=g) ** (1 / 3) * config.object_radius
+    dirs = targets - origins
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+    out = render_batch(model, origins.to(dev), dirs.to(dev), config)
+    fine, samples = out["fine"], out["samples"]
+    if samples.n_samples == 0:
+        return 0.0
+    idx = samples.ray_index.long()
+    # the weight accumulated along each ray up to each sample (samples are packed ray after ray, in order)
+    total = torch.cumsum(fine.weights.double(), 0)
+    start = samples.offsets[:-1].long()
+    before = torch.where(start > 0, total[(start - 1).clamp_min(0)], torch.zeros_like(total[:1]))
+    cumulative = total - before[idx]
+    crossing = (cumulative >= 0.5) & (fine.opacity[idx] > 0.5)
+    first = torch.full((samples.n_rays,), samples.n_samples, dtype=torch.long, device=dev)
+    first.scatter_reduce_(0, idx[crossing], torch.nonzero(crossing).flatten(), reduce="amin")
+    opaque = first < samples.n_samples
+    if not bool(opaque.any()):
+        return 0.0
+    points = samples.points(origins.to(dev), dirs.to(dev))[first[opaque]]
+    return float(model.density(points).median())
+
+
 def mesh_field(model: NeRFModel, config: NeRFConfig) -> dict:
-    """The fine density's ``density_level`` set in the object sphere's cube, for marching cubes."""
-    return dict(field=model.density, level=config.density_level, inside="above", bound=config.object_radius)
+    """The fine density's ``density_level`` set (or :func:`surface_density`) in the object sphere's cube, for
+    marching cubes."""
+    level = config.density_level if config.density_level is not None else surface_density(model, config)
+    return dict(field=model.density, level=max(level, 1e-6), inside="above", bound=config.object_radius)
 
 
 def load_model(path, device=None) -> tuple[NeRFModel, NeRFConfig]:

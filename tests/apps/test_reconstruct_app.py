@@ -157,10 +157,10 @@ def test_volume_methods_without_masks_end_to_end(dataset, tmp_path, args, method
     assert_clean_error(runner.invoke(app, ["reconstruct", str(data), "--out", str(out), *other, "--resume"]),
                        "--resume", f"--method {method}", exit_code=1)
     # the checkpoint renders the held-out views of a dataset with masks: PSNR and mask IoU
-    # (a tiny NeRF's density stays below the default --density-level: no mesh, which the run says; the views
-    # are scored from the field alone)
-    assert (out / "mesh.ply").is_file() == (method == "unisurf")
-    mesh = [str(out / "mesh.ply")] if method == "unisurf" else []
+    # (a tiny NeRF may not become opaque anywhere: then no mesh, which the run says; the views are scored from
+    # the field alone)
+    assert (out / "mesh.ply").is_file() or (method == "nerf" and "no mesh written" in r.output)
+    mesh = [str(out / "mesh.ply")] if (out / "mesh.ply").is_file() else []
     r = runner.invoke(app, ["evaluate", *mesh, "--data", str(dataset / "data"), "--holdout-every", "4",
                             "--checkpoint", str(out)])
     assert r.exit_code == 0, r.output

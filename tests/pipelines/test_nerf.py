@@ -14,12 +14,14 @@ from sdf_scenes import dataset_from_sdf
 
 from taichi_dr.core.camera import Cameras
 from taichi_dr.implicit.analytic import box_sdf
+from taichi_dr.implicit.meshing import extract_mesh
 from taichi_dr.pipelines import Interrupted, Trainer
 from taichi_dr.pipelines.nerf import (
     NeRFConfig,
     NeRFMethod,
     NeRFModel,
     load_model,
+    mesh_field,
     render_batch,
     render_views,
 )
@@ -67,6 +69,17 @@ def test_nerf_learns_a_box_from_rgb_alone():
     after = image_metrics(render_views(method.model, ds.cameras[:4], cfg), ds.images[:4], ds.masks[:4])
     assert after["psnr_full"] > 18 > before["psnr_full"] + 6, (before, after)
     assert after["mask_iou"] > 0.85, after
+    # the mesh at the measured surface density (a loose check: NeRF's geometry is not its strength) lies near
+    # the box (within 4 grid cells) and spans it (its extent within 2.5 cells of the box's on every axis)
+    target = mesh_field(method.model, cfg)
+    assert target["level"] > 1.0
+    mesh = extract_mesh(**target, resolution=40)
+    half = torch.tensor(HALF)
+    outside = (mesh.verts.abs() - half).clamp_min(0).norm(dim=-1)
+    inside = (half - mesh.verts.abs()).min(dim=-1).values.clamp_min(0)
+    assert float((torch.maximum(outside, inside) < 0.2).float().mean()) > 0.9
+    extent = torch.stack([-mesh.verts.min(0).values, mesh.verts.max(0).values])
+    assert float((extent - half).abs().max()) < 0.125, extent
 
 
 def test_fine_samples_follow_the_coarse_weights():
@@ -128,7 +141,7 @@ def test_render_is_finite_and_shaped():
 def test_settings_errors():
     with pytest.raises(ValueError, match="NeRFConfig: n_coarse must be >= 2"):
         NeRFConfig(n_coarse=1)
-    with pytest.raises(ValueError, match="NeRFConfig: density_level must be > 0"):
+    with pytest.raises(ValueError, match="NeRFConfig: density_level must be > 0 \\(or None\\)"):
         NeRFConfig(density_level=-1.0)
     with pytest.raises(ValueError, match="NeRFConfig: background must be in"):
         NeRFConfig(background=math.inf)
