@@ -49,7 +49,13 @@ from taichi_dr.pipelines.callbacks import Callback
 from taichi_dr.pipelines.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from taichi_dr.pipelines.config import TrainConfig
 from taichi_dr.pipelines.engine import Method, Trainer
-from taichi_dr.pipelines.reconstruction import check_same_networks, engine_config, multistep_optimizer
+from taichi_dr.pipelines.reconstruction import (
+    check_run_settings,
+    check_same_networks,
+    engine_config,
+    multistep_optimizer,
+    positive,
+)
 from taichi_dr.pipelines.views import image_metrics, render_cameras, resize_views, scale_cameras, validation_callback
 
 __all__ = ["IDRBatch", "IDRConfig", "IDRMethod", "IDRModel", "check_network_settings", "image_metrics",
@@ -113,29 +119,15 @@ class IDRConfig:
     seed: int = 0
 
     def __post_init__(self):
-        def positive(x):
-            return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
-
-        checks = [
-            (self.iterations >= 1, "iterations must be >= 1"),
-            (self.rays_per_batch >= 1, "rays_per_batch must be >= 1"),
-            (positive(self.lr), "lr must be > 0"),
+        check_run_settings(self, "IDRConfig", [
             (all(0 < m < 1 for m in self.lr_milestones), "lr_milestones must be fractions in (0, 1)"),
-            (positive(self.lr_gamma), "lr_gamma must be > 0"),
             (positive(self.camera_lr), "camera_lr must be > 0"),
             (positive(self.alpha_init), "alpha_init must be > 0"),
             (all(math.isfinite(w) and w >= 0 for w in (self.rgb_weight, self.mask_weight, self.eikonal_weight)),
              "loss weights must be >= 0"),
             (0 < self.init_radius < self.tracer.bounding_radius,
              "init_radius must lie in (0, tracer.bounding_radius)"),
-            (self.grad_clip is None or positive(self.grad_clip), "grad_clip must be > 0 (or None)"),
-            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
-            (self.validate_every >= 0, "validate_every must be >= 0"),
-            (self.seed >= 0, "seed must be >= 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"IDRConfig: {msg}")
+        ])
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -36,10 +36,12 @@ from taichi_dr.nets.radiance import RadianceField
 from taichi_dr.pipelines.config import OptimizerConfig, TrainConfig
 from taichi_dr.pipelines.reconstruction import (
     RayMethod,
+    check_run_settings,
     check_same_networks,
     config_from_dict,
     config_to_dict,
     engine_config,
+    positive,
     read_field_checkpoint,
 )
 from taichi_dr.pipelines.unisurf import segment
@@ -95,14 +97,7 @@ class NeRFConfig:
     seed: int = 0
 
     def __post_init__(self):
-        def positive(x):
-            return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
-
-        checks = [
-            (self.iterations >= 1, "iterations must be >= 1"),
-            (self.rays_per_batch >= 1, "rays_per_batch must be >= 1"),
-            (positive(self.lr), "lr must be > 0"),
-            (positive(self.lr_gamma), "lr_gamma must be > 0"),
+        check_run_settings(self, "NeRFConfig", [
             (self.n_coarse >= 2, "n_coarse must be >= 2"),
             (self.n_fine >= 0, "n_fine must be >= 0"),
             (positive(self.object_radius), "object_radius must be > 0"),
@@ -112,14 +107,7 @@ class NeRFConfig:
             (math.isfinite(self.background) and 0 <= self.background <= 1, "background must be in [0, 1]"),
             (math.isfinite(self.mask_weight) and self.mask_weight >= 0, "mask_weight must be >= 0"),
             (self.render_chunk >= 1, "render_chunk must be >= 1"),
-            (self.grad_clip is None or positive(self.grad_clip), "grad_clip must be > 0 (or None)"),
-            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
-            (self.validate_every >= 0, "validate_every must be >= 0"),
-            (self.seed >= 0, "seed must be >= 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"NeRFConfig: {msg}")
+        ])
 
     def to_dict(self) -> dict:
         return config_to_dict(self)

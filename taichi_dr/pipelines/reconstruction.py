@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,9 @@ import torch
 from taichi_dr.pipelines.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from taichi_dr.pipelines.engine import Method
 
-__all__ = ["FIELD_METHODS", "RayMethod", "TrainedField", "TrainingRays", "check_same_networks", "config_from_dict",
-           "config_to_dict", "engine_config", "load_trained", "multistep_optimizer", "read_field_checkpoint"]
+__all__ = ["FIELD_METHODS", "RayMethod", "TrainedField", "TrainingRays", "check_run_settings", "check_same_networks",
+           "config_from_dict", "config_to_dict", "engine_config", "load_trained", "multistep_optimizer", "positive",
+           "read_field_checkpoint"]
 
 # Method name (as saved in checkpoints) -> the module that trains it.
 FIELD_METHODS = {"idr": "taichi_dr.pipelines.idr", "unisurf": "taichi_dr.pipelines.unisurf",
@@ -235,3 +237,28 @@ def multistep_optimizer(config):
 
     return OptimizerConfig(lr=config.lr, schedule="multistep", milestones=tuple(sorted(set(config.lr_milestones))),
                            gamma=config.lr_gamma, grad_clip=config.grad_clip)
+
+
+def positive(x) -> bool:
+    """A finite number > 0."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def check_run_settings(config, owner: str, checks: list) -> None:
+    """Validate a reconstruction config: the settings every method has (iterations, rays_per_batch, lr,
+    lr_gamma, grad_clip, checkpoint_every, validate_every, seed) and then the method's own ``checks`` (pairs of
+    a condition and the message when it fails); raise ValueError ``"<owner>: <message>"`` at the first that
+    fails."""
+    common = [
+        (config.iterations >= 1, "iterations must be >= 1"),
+        (config.rays_per_batch >= 1, "rays_per_batch must be >= 1"),
+        (positive(config.lr), "lr must be > 0"),
+        (positive(config.lr_gamma), "lr_gamma must be > 0"),
+        (config.grad_clip is None or positive(config.grad_clip), "grad_clip must be > 0 (or None)"),
+        (config.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+        (config.validate_every >= 0, "validate_every must be >= 0"),
+        (config.seed >= 0, "seed must be >= 0"),
+    ]
+    for ok, msg in common + list(checks):
+        if not ok:
+            raise ValueError(f"{owner}: {msg}")

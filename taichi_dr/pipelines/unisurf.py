@@ -53,11 +53,13 @@ from taichi_dr.nets.rendering import RenderingNetwork
 from taichi_dr.pipelines.config import TrainConfig
 from taichi_dr.pipelines.reconstruction import (
     RayMethod,
+    check_run_settings,
     check_same_networks,
     config_from_dict,
     config_to_dict,
     engine_config,
     multistep_optimizer,
+    positive,
     read_field_checkpoint,
 )
 from taichi_dr.pipelines.views import render_cameras
@@ -122,15 +124,8 @@ class UnisurfConfig:
     seed: int = 0
 
     def __post_init__(self):
-        def positive(x):
-            return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
-
-        checks = [
-            (self.iterations >= 1, "iterations must be >= 1"),
-            (self.rays_per_batch >= 1, "rays_per_batch must be >= 1"),
-            (positive(self.lr), "lr must be > 0"),
+        check_run_settings(self, "UnisurfConfig", [
             (all(0 < m < 1 for m in self.lr_milestones), "lr_milestones must be fractions in (0, 1)"),
-            (positive(self.lr_gamma), "lr_gamma must be > 0"),
             (all(math.isfinite(w) and w >= 0 for w in (self.rgb_weight, self.smooth_weight, self.mask_weight)),
              "loss weights must be >= 0"),
             (math.isfinite(self.smooth_epsilon) and self.smooth_epsilon >= 0, "smooth_epsilon must be >= 0"),
@@ -141,14 +136,7 @@ class UnisurfConfig:
             (0 < self.init_radius < self.object_radius, "init_radius must lie in (0, object_radius)"),
             (math.isfinite(self.background) and 0 <= self.background <= 1, "background must be in [0, 1]"),
             (self.render_chunk >= 1, "render_chunk must be >= 1"),
-            (self.grad_clip is None or positive(self.grad_clip), "grad_clip must be > 0 (or None)"),
-            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
-            (self.validate_every >= 0, "validate_every must be >= 0"),
-            (self.seed >= 0, "seed must be >= 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"UnisurfConfig: {msg}")
+        ])
 
     def to_dict(self) -> dict:
         return config_to_dict(self)
