@@ -29,3 +29,12 @@ def assert_bitwise(a, b, what: str = "state") -> None:
         assert math.isnan(b), f"{what}: nan != {b!r}"
     else:
         assert a == b, f"{what}: {a!r} != {b!r}"
+
+
+def run_state(path) -> dict:
+    """What must match between an uninterrupted and a resumed run: the run folder's checkpoint without
+    timings (method state, optimiser, RNG, history rows, non-finite counter)."""
+    ckpt = torch.load(path / "checkpoint.pt", weights_only=True)
+    history = [{k: v for k, v in row.items() if k != "time_s"} for row in ckpt["history"]]
+    return dict(iteration=ckpt["iteration"], method_state=ckpt["method_state"], optimizer=ckpt["optimizer"],
+                rng=ckpt["rng"], history=history, nonfinite=ckpt["nonfinite"])

@@ -37,3 +37,11 @@ def dataset_from_sdf(sdf_fn, cameras: Cameras, color_fn=None, scale_mat=None, na
     return MultiViewDataset(images=rgb.reshape(b, h, w, 3).float().clamp(0, 1),
                             masks=tr.hit.reshape(b, h, w) if masks else None,
                             cameras=cameras.detach().to(dtype=torch.float32), scale_mat=s, names=names)
+
+
+def ring_cameras(n: int = 8, size: int = 24) -> Cameras:
+    """``n`` cameras at distance 3 around the origin, azimuths evenly spaced, elevations alternating 30 and
+    -20 degrees, 40-degree field of view, square images of ``size`` pixels (the test scenes' views)."""
+    az = torch.linspace(0, 360, n + 1)[:-1]
+    el = torch.tensor([30.0, -20.0] * n)[:n]
+    return Cameras.from_spherical(torch.full((n,), 3.0), el, az, fov=40, image_size=(size, size))

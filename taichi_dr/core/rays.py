@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["intersect_sphere", "pixel_centres", "pixel_directions"]
+__all__ = ["intersect_sphere", "pixel_centres", "pixel_directions", "ray_segments"]
 
 
 def pixel_centres(image_size: tuple[int, int], dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -54,3 +54,14 @@ def intersect_sphere(origins: torch.Tensor, dirs: torch.Tensor, radius: float = 
     t_near = torch.where(crosses, -b - root, -b)
     t_far = torch.where(crosses, -b + root, -b)
     return t_near, t_far, crosses & (t_far > 0)
+
+
+def ray_segments(origins: torch.Tensor, dirs: torch.Tensor, radius: float = 1.0):
+    """The part of each ray inside the sphere of ``radius``, from no nearer than the ray's origin (a camera
+    inside the sphere starts at itself): ``t_near``, ``t_far`` and ``crosses`` (bool), each ``(...)``. A ray
+    that misses the sphere gets the empty segment ``t_far == t_near`` (its closest approach to the centre,
+    clamped to the origin, never behind the camera)."""
+    t_enter, t_exit, crosses = intersect_sphere(origins, dirs, radius)
+    t_near = t_enter.clamp_min(0.0).contiguous()
+    t_far = torch.where(crosses, t_exit, t_near).contiguous()
+    return t_near, t_far, crosses

@@ -35,7 +35,7 @@ import torch
 
 from taichi_dr.core import runtime
 from taichi_dr.core.bridge import check_tensor, to_kernel
-from taichi_dr.core.rays import intersect_sphere
+from taichi_dr.core.rays import intersect_sphere, ray_segments
 from taichi_dr.implicit.root_finding import _evaluate, first_crossing, secant_refine
 
 __all__ = ["TraceResult", "TracerSettings", "differentiable_intersection", "intersect_sphere", "sdf_gradient",
@@ -198,11 +198,9 @@ def sphere_trace(sdf_fn: SdfFn, origins: torch.Tensor, dirs: torch.Tensor,
     if n == 0:
         empty = torch.zeros(0, dtype=torch.bool, device=dev)
         return TraceResult(o.new_zeros(0), empty, empty, o.new_zeros(0, 3), 0, 0)
-    t_enter, t_exit, in_sphere = intersect_sphere(o, d, float(settings.bounding_radius))
-    # A camera inside the sphere starts at its centre; a ray that misses keeps its closest approach to the
-    # centre (t_enter == t_exit == -o.d there), not behind the camera.
-    t = t_enter.clamp_min(0.0).contiguous()
-    t_far = torch.where(in_sphere, t_exit, t).contiguous()
+    # A camera inside the sphere starts at itself; a ray that misses keeps its closest approach to the
+    # centre, not behind the camera.
+    t, t_far, in_sphere = ray_segments(o, d, float(settings.bounding_radius))
     t_prev = t.clone()
     status = torch.where(in_sphere, ACTIVE, OUTSIDE).to(torch.int32)
     t_near = t.clone()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from taichi_dr.core.camera import Cameras
+from taichi_dr.core.rays import ray_segments
 from taichi_dr.data.datasets import MultiViewDataset, RayBatch
 from taichi_dr.implicit.compositing import composite, composite_background
 from taichi_dr.implicit.sampling import importance_samples, merge_samples, stratified_samples
@@ -44,7 +45,6 @@ from taichi_dr.pipelines.reconstruction import (
     positive,
     read_field_checkpoint,
 )
-from taichi_dr.pipelines.unisurf import segment
 from taichi_dr.pipelines.views import render_cameras
 
 __all__ = ["NeRFConfig", "NeRFMethod", "NeRFModel", "check_network_settings", "load_model",
@@ -146,7 +146,7 @@ def render_batch(model: NeRFModel, origins: torch.Tensor, dirs: torch.Tensor, co
     """Coarse then fine rendering of rays ``(N, 3)``: ``coarse``/``fine`` composites (see
     :class:`~taichi_dr.implicit.compositing.Composite`), their colours on the background ``rgb_coarse``,
     ``rgb`` ``(N, 3)``, and ``samples`` (samples of the fine pass). Jittered when a generator is given."""
-    t_near, t_far = segment(origins, dirs, config.bound_radius)
+    t_near, t_far, _ = ray_segments(origins, dirs, config.bound_radius)
     counts = torch.full_like(t_near, config.n_coarse, dtype=torch.int32)
     coarse_samples = stratified_samples(t_near, t_far, counts, generator)
     density, colour = model.coarse(coarse_samples.points(origins, dirs), coarse_samples.directions(dirs))

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from taichi_dr.core.camera import Cameras
-from taichi_dr.core.rays import intersect_sphere
+from taichi_dr.core.rays import ray_segments
 from taichi_dr.data.datasets import MultiViewDataset, RayBatch
 from taichi_dr.implicit.compositing import composite, composite_background
 from taichi_dr.implicit.occupancy import SurfaceSearchSettings, find_surface
@@ -65,7 +65,7 @@ from taichi_dr.pipelines.reconstruction import (
 from taichi_dr.pipelines.views import render_cameras
 
 __all__ = ["UnisurfConfig", "UnisurfMethod", "UnisurfModel", "check_network_settings", "load_model",
-           "mesh_field", "render_rays", "render_trained", "render_views", "segment", "training_step"]
+           "mesh_field", "render_rays", "render_trained", "render_views", "training_step"]
 
 NETWORK_SETTINGS = ("geometry_depth", "geometry_width", "geometry_frequencies", "geometry_skip_in", "feature_dim",
                     "rendering_depth", "rendering_width", "rendering_frequencies")
@@ -173,15 +173,6 @@ class UnisurfModel(nn.Module):
         return occ, self.rendering(points, normals, view_dirs, features), normals
 
 
-def segment(origins: torch.Tensor, dirs: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``t_near, t_far (R,)`` of rays cut to the sphere of ``radius``, from no nearer than the camera; rays
-    that miss it get ``t_far == t_near`` (an empty segment)."""
-    t0, t1, crosses = intersect_sphere(origins, dirs, radius)
-    t_near = t0.clamp_min(0.0)
-    t_far = torch.where(crosses, t1, t_near)
-    return t_near.contiguous(), t_far.contiguous()
-
-
 def _render_samples(model: UnisurfModel, origins, dirs, t_near, t_far, hits, iteration: int,
                     config: UnisurfConfig, generator, create_graph: bool):
     samples = unisurf_samples(t_near, t_far, hits.t, hits.hit, iteration, config.interval, generator)
@@ -196,7 +187,7 @@ def training_step(model: UnisurfModel, rays: RayBatch, iteration: int, config: U
     """Losses of one batch of rays (see the module docstring); stats stay on the device as 0-dim tensors."""
     origins, dirs = rays.origins.detach(), rays.dirs.detach()
     n = origins.shape[0]
-    t_near, t_far = segment(origins, dirs, config.bound_radius)
+    t_near, t_far, _ = ray_segments(origins, dirs, config.bound_radius)
     hits = find_surface(model.occupancy, origins, dirs, t_near, t_far, config.search, generator)
     rgb, out, samples = _render_samples(model, origins, dirs, t_near, t_far, hits, iteration, config, generator,
                                         create_graph=True)
@@ -276,22 +267,30 @@ def render_rays(model: UnisurfModel, origins: torch.Tensor, dirs: torch.Tensor, 
                depth=torch.zeros(n, dtype=dt, device=dev))
     for s in range(0, n, config.render_chunk):
         o, d = origins[s:s + config.render_chunk].contiguous(), dirs[s:s + config.render_chunk].contiguous()
-        t_near, t_far = segment(o, d, config.bound_radius)
+        t_near, t_far, _ = ray_segments(o, d, config.bound_radius)
         hits = find_surface(model.occupancy, o, d, t_near, t_far, config.search)
         rgb, comp, _ = _render_samples(model, o, d, t_near, t_far, hits, iteration, config, None,
                                        create_graph=False)
         out["rgb"][s:s + len(o)] = rgb.detach()
         out["alpha"][s:s + len(o)] = comp.opacity.detach()
-        near1, far1 = segment(o, d, config.object_radius)
-        inner = find_surface(model.occupancy, o, d, near1, far1, config.search)
-        h = inner.hit
-        if bool(h.any()):
-            idx = torch.nonzero(h).flatten() + s
-            x = o[h] + inner.t[h, None] * d[h]
+        # The object's surface: the first crossing inside the object sphere. Where the whole ray's first
+        # crossing already lies there it is that one; only the other rays (a surface in front of the object
+        # sphere, e.g. the table, or none) are searched again, inside the object sphere alone.
+        surface_t, hit = hits.t.clone(), hits.hit.clone()
+        x = o + surface_t[:, None] * d
+        hit &= x.norm(dim=-1) <= config.object_radius
+        again = torch.nonzero(~hit).flatten()
+        if again.numel():
+            near1, far1, _ = ray_segments(o[again], d[again], config.object_radius)
+            inner = find_surface(model.occupancy, o[again], d[again], near1, far1, config.search)
+            surface_t[again], hit[again] = inner.t, inner.hit
+        if bool(hit.any()):
+            idx = torch.nonzero(hit).flatten() + s
+            x = o[hit] + surface_t[hit, None] * d[hit]
             _, _, normals = model.field.with_normals(x, create_graph=False)
             out["mask"][idx] = True
             out["normals"][idx] = normals.detach()
-            out["depth"][idx] = inner.t[h]
+            out["depth"][idx] = surface_t[hit]
     return out
 
 

@@ -93,3 +93,14 @@ def test_one_projection_for_cameras_and_renderer():
     for i in range(3):
         assert torch.allclose(got[0, i, :2], torch.stack(pinhole(xc[i], xc[i, 2])), rtol=1e-12, atol=0)
     assert torch.isfinite(got).all() and abs(got[0, 3, 0].item()) > 1e3   # at the camera centre: large, finite
+
+
+def test_ray_segments_start_no_nearer_than_the_origin():
+    from taichi_dr.core.rays import ray_segments
+
+    o = torch.tensor([[0.0, 0.0, -3.0], [0.0, 0.0, 0.5], [0.0, 2.0, -3.0], [0.0, 0.0, 3.0]], dtype=torch.float64)
+    d = torch.tensor([[0.0, 0.0, 1.0]] * 4, dtype=torch.float64)
+    t_near, t_far, crosses = ray_segments(o, d, 1.0)
+    assert crosses.tolist() == [True, True, False, False]
+    assert t_near.tolist() == [2.0, 0.0, 3.0, 0.0]       # outside: the entry; inside: the camera itself
+    assert t_far.tolist() == [4.0, 0.5, 3.0, 0.0]        # misses (and spheres behind): empty segments

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 from app_helpers import signal_at
-from bitwise import assert_bitwise
-from sdf_scenes import dataset_from_sdf
+from bitwise import assert_bitwise, run_state
+from sdf_scenes import dataset_from_sdf, ring_cameras
 
-from taichi_dr.core.camera import Cameras
 from taichi_dr.core.mesh import face_areas, face_normals, icosphere
 from taichi_dr.core.metrics import chamfer_distance
 from taichi_dr.implicit.analytic import box_sdf, sphere_sdf
@@ -36,28 +35,14 @@ TINY = dict(rays_per_batch=128, geometry_depth=3, geometry_width=48, geometry_fr
             lr=5e-3, checkpoint_every=0)
 
 
-def _views(n=8, size=24):
-    az = torch.linspace(0, 360, n + 1)[:-1]
-    el = torch.tensor([30.0, -20.0] * n)[:n]
-    return Cameras.from_spherical(torch.full((n,), 3.0), el, az, fov=40, image_size=(size, size))
-
-
 def _sphere_dataset():
-    return dataset_from_sdf(lambda x: sphere_sdf(x, 0.4, CENTER), _views())
+    return dataset_from_sdf(lambda x: sphere_sdf(x, 0.4, CENTER), ring_cameras())
 
 
 def _true_sphere():
     m = icosphere(4, 0.4)
     m.verts += torch.tensor(CENTER)
     return m
-
-
-def _run_state(path) -> dict:
-    """What must match between an uninterrupted and a resumed run: the checkpoint without timings."""
-    ckpt = torch.load(path / "checkpoint.pt", weights_only=True)
-    history = [{k: v for k, v in row.items() if k != "time_s"} for row in ckpt["history"]]
-    return dict(iteration=ckpt["iteration"], method_state=ckpt["method_state"], optimizer=ckpt["optimizer"],
-                rng=ckpt["rng"], history=history, nonfinite=ckpt["nonfinite"])
 
 
 def test_reconstruction_of_a_sphere_converges():
@@ -111,9 +96,9 @@ def test_interrupt_then_resume_is_bitwise_identical(tmp_path, learn_cameras, sig
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["iteration"] == 4
     resumed, history = train_idr(ds, cfg, tmp_path / "b", resume=True, progress="none")
     assert [h["iteration"] for h in history] == list(range(1, 7))
-    assert_bitwise(_run_state(tmp_path / "b"), _run_state(tmp_path / "a"), "resumed IDR run")
+    assert_bitwise(run_state(tmp_path / "b"), run_state(tmp_path / "a"), "resumed IDR run")
     if learn_cameras:   # the cameras were refined (and restored): their state is in the compared checkpoint
-        rot = _run_state(tmp_path / "a")["method_state"]["cameras"]["rot"]
+        rot = run_state(tmp_path / "a")["method_state"]["cameras"]["rot"]
         assert float(rot.abs().max()) > 0
     x = torch.randn(10, 3) * 0.5
     assert torch.equal(resumed.sdf(x), straight.sdf(x))

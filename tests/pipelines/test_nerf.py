@@ -9,10 +9,9 @@ import signal
 import pytest
 import torch
 from app_helpers import signal_at
-from bitwise import assert_bitwise
-from sdf_scenes import dataset_from_sdf
+from bitwise import assert_bitwise, run_state
+from sdf_scenes import dataset_from_sdf, ring_cameras
 
-from taichi_dr.core.camera import Cameras
 from taichi_dr.implicit.analytic import box_sdf
 from taichi_dr.implicit.meshing import extract_mesh
 from taichi_dr.pipelines import Interrupted, Trainer
@@ -33,14 +32,8 @@ TINY = dict(rays_per_batch=128, depth=4, width=64, skip_in=(2,), frequencies=6, 
 HALF = (0.6, 0.5, 0.45)
 
 
-def _views(n=8, size=24):
-    az = torch.linspace(0, 360, n + 1)[:-1]
-    el = torch.tensor([30.0, -20.0] * n)[:n]
-    return Cameras.from_spherical(torch.full((n,), 3.0), el, az, fov=40, image_size=(size, size))
-
-
 def _box_dataset(size=24, masks=False):
-    return dataset_from_sdf(lambda x: box_sdf(x, HALF), _views(size=size), masks=masks)
+    return dataset_from_sdf(lambda x: box_sdf(x, HALF), ring_cameras(size=size), masks=masks)
 
 
 def _fit(ds, cfg, out=None, **kwargs):
@@ -48,13 +41,6 @@ def _fit(ds, cfg, out=None, **kwargs):
     method = NeRFMethod(ds, cfg)
     result = Trainer(method, cfg.train_config(progress="none"), out_dir=out, **kwargs).fit()
     return method, result.history
-
-
-def _run_state(path) -> dict:
-    ckpt = torch.load(path / "checkpoint.pt", weights_only=True)
-    history = [{k: v for k, v in row.items() if k != "time_s"} for row in ckpt["history"]]
-    return dict(iteration=ckpt["iteration"], method_state=ckpt["method_state"], optimizer=ckpt["optimizer"],
-                rng=ckpt["rng"], history=history)
 
 
 def test_nerf_learns_a_box_from_rgb_alone():
@@ -95,7 +81,7 @@ def test_fine_samples_follow_the_coarse_weights():
     torch.manual_seed(0)
     model = NeRFModel(cfg)
     model.coarse = Ball()
-    o, d = _views(1, 16).image_rays()
+    o, d = ring_cameras(1, 16).image_rays()
     o, d = o.reshape(-1, 3).contiguous(), d.reshape(-1, 3).contiguous()
     with torch.no_grad():
         out = render_batch(model, o, d, cfg)
@@ -115,11 +101,11 @@ def test_same_seed_same_run_and_resume_is_bitwise(tmp_path):
     cfg = NeRFConfig(iterations=5, **TINY)
     _fit(ds, cfg, tmp_path / "a")
     _fit(ds, cfg, tmp_path / "again")
-    assert_bitwise(_run_state(tmp_path / "again"), _run_state(tmp_path / "a"), "a second NeRF run")
+    assert_bitwise(run_state(tmp_path / "again"), run_state(tmp_path / "a"), "a second NeRF run")
     with pytest.raises(Interrupted):
         _fit(ds, cfg, tmp_path / "b", callbacks=[signal_at(3, signal.SIGTERM)])
     _fit(ds, cfg, tmp_path / "b", resume=True)
-    assert_bitwise(_run_state(tmp_path / "b"), _run_state(tmp_path / "a"), "resumed NeRF run")
+    assert_bitwise(run_state(tmp_path / "b"), run_state(tmp_path / "a"), "resumed NeRF run")
     model, loaded = load_model(tmp_path / "a")
     assert loaded == cfg
     x = torch.randn(10, 3) * 0.5
@@ -132,7 +118,7 @@ def test_same_seed_same_run_and_resume_is_bitwise(tmp_path):
 def test_render_is_finite_and_shaped():
     cfg = NeRFConfig(iterations=1, **{**TINY, "background": 1.0})
     torch.manual_seed(0)
-    out = render_views(NeRFModel(cfg), _views(2, 16), cfg)
+    out = render_views(NeRFModel(cfg), ring_cameras(2, 16), cfg)
     assert out["rgb"].shape == (2, 16, 16, 3) and out["mask"].dtype == torch.bool
     assert all(bool(torch.isfinite(v.float()).all()) for v in out.values())
     assert float(out["rgb"].min()) >= 0 and float(out["rgb"].max()) <= 1

@@ -10,12 +10,12 @@ import signal
 import pytest
 import torch
 from app_helpers import signal_at
-from bitwise import assert_bitwise
-from sdf_scenes import dataset_from_sdf
+from bitwise import assert_bitwise, run_state
+from sdf_scenes import dataset_from_sdf, ring_cameras
 
-from taichi_dr.core.camera import Cameras
 from taichi_dr.core.mesh import icosphere
 from taichi_dr.core.metrics import chamfer_distance
+from taichi_dr.core.rays import ray_segments
 from taichi_dr.implicit.analytic import sphere_sdf
 from taichi_dr.implicit.meshing import extract_mesh
 from taichi_dr.implicit.occupancy import SurfaceSearchSettings
@@ -29,7 +29,6 @@ from taichi_dr.pipelines.unisurf import (
     load_model,
     mesh_field,
     render_views,
-    segment,
 )
 
 CENTER = (0.1, 0.0, -0.05)
@@ -41,14 +40,8 @@ TINY = dict(rays_per_batch=128, geometry_depth=3, geometry_width=48, geometry_fr
             interval=IntervalSettings(n_interval=24, n_free=8, free_after=4, start=1.0, end=0.1, decay=0.05))
 
 
-def _views(n=8, size=24):
-    az = torch.linspace(0, 360, n + 1)[:-1]
-    el = torch.tensor([30.0, -20.0] * n)[:n]
-    return Cameras.from_spherical(torch.full((n,), 3.0), el, az, fov=40, image_size=(size, size))
-
-
 def _sphere_dataset(masks=False, size=24):
-    return dataset_from_sdf(lambda x: sphere_sdf(x, RADIUS, CENTER), _views(size=size), masks=masks)
+    return dataset_from_sdf(lambda x: sphere_sdf(x, RADIUS, CENTER), ring_cameras(size=size), masks=masks)
 
 
 def _fit(ds, cfg, out=None, **kwargs):
@@ -56,13 +49,6 @@ def _fit(ds, cfg, out=None, **kwargs):
     method = UnisurfMethod(ds, cfg)
     result = Trainer(method, cfg.train_config(progress="none"), out_dir=out, **kwargs).fit()
     return method, result.history
-
-
-def _run_state(path) -> dict:
-    ckpt = torch.load(path / "checkpoint.pt", weights_only=True)
-    history = [{k: v for k, v in row.items() if k != "time_s"} for row in ckpt["history"]]
-    return dict(iteration=ckpt["iteration"], method_state=ckpt["method_state"], optimizer=ckpt["optimizer"],
-                rng=ckpt["rng"], history=history)
 
 
 def test_no_mask_reconstruction_of_a_sphere_converges():
@@ -87,18 +73,18 @@ def test_same_seed_same_run_and_resume_is_bitwise(tmp_path):
     cfg = UnisurfConfig(iterations=6, **TINY)
     _fit(ds, cfg, tmp_path / "a")
     _fit(ds, cfg, tmp_path / "again")
-    assert_bitwise(_run_state(tmp_path / "again"), _run_state(tmp_path / "a"), "a second UNISURF run")
+    assert_bitwise(run_state(tmp_path / "again"), run_state(tmp_path / "a"), "a second UNISURF run")
     with pytest.raises(Interrupted):
         _fit(ds, cfg, tmp_path / "b", callbacks=[signal_at(4, signal.SIGINT)])
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["iteration"] == 4
     _fit(ds, cfg, tmp_path / "b", resume=True)
-    assert_bitwise(_run_state(tmp_path / "b"), _run_state(tmp_path / "a"), "resumed UNISURF run")
+    assert_bitwise(run_state(tmp_path / "b"), run_state(tmp_path / "a"), "resumed UNISURF run")
     # free-space samples start at iteration free_after = 4: both halves of the run saw both regimes
-    rows = _run_state(tmp_path / "a")["history"]
+    rows = run_state(tmp_path / "a")["history"]
     assert rows[0]["samples_per_ray"] < rows[-1]["samples_per_ray"]
     # another seed, another run
     _fit(ds, dataclasses.replace(cfg, seed=1), tmp_path / "c")
-    assert _run_state(tmp_path / "c")["history"][-1]["loss"] != rows[-1]["loss"]
+    assert run_state(tmp_path / "c")["history"][-1]["loss"] != rows[-1]["loss"]
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):
@@ -139,9 +125,22 @@ def test_render_outputs():
     torch.testing.assert_close(model.occupancy(x.reshape(-1, 3)), torch.full((int(m.sum()),), 0.5), atol=5e-3,
                                rtol=0)
     torch.testing.assert_close(out["normals"][0][m].norm(dim=-1), torch.ones(int(m.sum())))
+    # the mask and depth are the first crossing inside the object sphere: as a search there alone finds them
+    from taichi_dr.implicit.occupancy import find_surface
+
+    for radius in (1.0, 0.3):     # 0.3: every ray enters the object sphere inside the ball, so none is a hit
+        c = dataclasses.replace(cfg, object_radius=radius, init_radius=min(cfg.init_radius, 0.2))
+        rendered = render_views(model, cams[:1], c)
+        o0, d0 = o[0].reshape(-1, 3), d[0].reshape(-1, 3)
+        near, far, _ = ray_segments(o0, d0, radius)
+        direct = find_surface(model.occupancy, o0, d0, near, far, c.search)
+        assert torch.equal(rendered["mask"][0].reshape(-1), direct.hit)
+        assert bool(direct.hit.any()) == (radius == 1.0)
+        torch.testing.assert_close(rendered["depth"][0].reshape(-1)[direct.hit], direct.t[direct.hit], atol=1e-4,
+                                   rtol=0)
     # a ray pointing away from the bounding sphere has an empty segment and renders the background
     far_o, away = torch.tensor([[0.0, 0.0, 10.0]]), torch.tensor([[0.0, 0.0, 1.0]])
-    t_near, t_far = segment(far_o, away, cfg.bound_radius)
+    t_near, t_far, _ = ray_segments(far_o, away, cfg.bound_radius)
     assert float(t_far[0] - t_near[0]) == 0.0
     from taichi_dr.pipelines.unisurf import render_rays
 
