@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 from bitwise import assert_bitwise
-from test_idr import TINY, _sphere_dataset, _views
+from sdf_scenes import ring_cameras
+from test_idr import TINY, _sphere_dataset
 from test_mesh_fit import SETTINGS, _fit, problem  # noqa: F401  (problem: a pytest fixture)
 from test_pose import _assert_same_result, _resume_problem
 
@@ -50,7 +51,7 @@ def test_mesh_fit_renders_live_without_changing_the_fit(problem):  # noqa: F811
 def test_idr_renders_live_without_changing_the_training():
     train = _sphere_dataset()
     config = IDRConfig(iterations=4, **TINY)
-    cams = _views(2, 16)
+    cams = ring_cameras(2, 16)
     viewer = RenderAt(cams)
     torch.manual_seed(0)
     watched, history_w = train_idr(train, config, callbacks=[viewer], progress="none")
