@@ -16,6 +16,10 @@ import sys
 # run on, so taichi_dr asks for passive waiting; set here, since the commands import torch before taichi_dr
 # (otherwise taichi_dr.init falls back to one torch thread, halving the networks' speed; see taichi_dr/__init__).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Taichi prints "[Taichi] version ..." on stdout when it is imported, unless this is set first: the command
+# line shows it only with --verbose (and a user's own ENABLE_TAICHI_HEADER_PRINT wins).
+if "--verbose" not in sys.argv[1:]:
+    os.environ.setdefault("ENABLE_TAICHI_HEADER_PRINT", "0")
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 

@@ -1,5 +1,6 @@
 """Helpers shared by the ``tdr`` commands: error reporting, the output-folder policy, images and GIFs,
-progress bars."""
+progress bars. What every command shares (--config, --json, --quiet, --verbose, the run report) is in
+:mod:`apps.command`."""
 
 from __future__ import annotations
 
@@ -184,11 +185,13 @@ def available_memory_bytes(device: torch.device) -> int | None:
 
 
 def init_runtime(arch: str | None) -> str:
-    """Initialise Taichi on ``arch`` (None: ``TAICHI_DR_ARCH`` or auto); returns the arch in use."""
+    """Initialise Taichi on ``arch`` (None: ``TAICHI_DR_ARCH`` or auto); returns the arch in use. Taichi's
+    ``[Taichi] Starting on arch=...`` line shows only with the command's ``--verbose``."""
+    from apps.command import current_run
     from taichi_dr.core import runtime
 
     try:
-        return runtime.init(arch)
+        return runtime.init(arch, announce=current_run().verbose)
     except RuntimeError as e:  # backend missing, or already initialised differently
         raise CLIError(f"--arch: {e}") from None
 
@@ -203,7 +206,8 @@ def prepare_out_dir(out: Path, *, overwrite: bool = False, resume: bool = False,
 
     A non-empty folder is refused unless ``overwrite`` (files matching the glob patterns in ``stale``,
     outputs of an earlier run that this one might not rewrite, are deleted; nothing else is touched) or
-    ``resume`` (the folder is the run being continued).
+    ``resume`` (the folder is the run being continued). Inside a command, the command's resolved options are
+    then saved in it as ``config.toml`` (:meth:`apps.command.RunReport.save_config`).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -218,6 +222,9 @@ def prepare_out_dir(out: Path, *, overwrite: bool = False, resume: bool = False,
                     if p.is_file():
                         p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    from apps.command import current_run
+
+    current_run().save_config(out)
     return out
 
 
@@ -379,7 +386,16 @@ def run_training(trainer, *, resume_hint: str | None = None, console=None):
 
     console = console or stderr_console()
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        # For the summary table and --json: the last metrics row (the loss and its terms) and the time.
+        state = trainer.state
+        last = dict(result.history[-1]) if result.history else {}
+        from apps.command import current_run
+
+        current_run().metrics["training"] = {
+            "iterations": state.iteration, "seconds": round(state.elapsed_s, 3),
+            **{k: v for k, v in last.items() if isinstance(v, int | float) and k not in ("iteration", "time_s")}}
+        return result
     except Interrupted as e:
         total = trainer.config.iterations
         where = f"saved {e.checkpoint}" if e.checkpoint is not None else "nothing saved"

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import typer
 
+from apps.command import current_run, tdr_command
 from apps.common import (
     CLIError,
     available_memory_bytes,
     command_options,
-    handle_errors,
     hstack,
     init_runtime,
     prepare_out_dir,
@@ -49,7 +49,7 @@ from apps.fit_mesh import (
 from apps.render import auto_distance, render_views, turntable_cameras, write_views
 
 SPOT = "spot/spot_triangulated.obj"
-STALE = ("targets/*", "fit/*", "comparison.png", "turntable.gif", "summary.json")
+STALE = ("targets/*", "fit/*", "comparison.png", "turntable.gif", "summary.json", "config.toml")
 
 
 def _label(img: np.ndarray, text: str) -> np.ndarray:
@@ -72,18 +72,21 @@ def comparison_grid(columns: dict[str, torch.Tensor], views: list[int]) -> np.nd
     return hstack(cols, gap=4, fill=200)
 
 
-@handle_errors
+@tdr_command("demo", summary_table=True)
 def demo_command(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Output folder (must be empty or new)."),
     views: int = typer.Option(24, help="Number of target views."),
     size: int = typer.Option(64, help="Image size in pixels (square)."),
-    iters: int = typer.Option(200, help="Fitting iterations."),
+    iterations: int = typer.Option(200, "--iterations", "--iters", help="Fitting iterations."),
     views_per_step: int = typer.Option(8, help="Views rendered per iteration (random subset); 0 = all."),
     overwrite: bool = typer.Option(False, help="Write into a non-empty --out folder."),
     seed: int = typer.Option(0, help="Random seed."),
     arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan."),
 ) -> None:
-    """Render the Spot cow from many views, fit an icosphere to the silhouettes, report IoU and Chamfer."""
+    """Render the Spot cow from many views, fit an icosphere to the silhouettes, report IoU and Chamfer.
+
+    Example: tdr demo --out runs/demo --iterations 200
+    """
     from taichi_dr.core.camera import save_cameras_json
     from taichi_dr.core.mesh import asset_path, load_mesh
     from taichi_dr.core.metrics import bbox_diagonal, chamfer_distance
@@ -95,8 +98,8 @@ def demo_command(
         raise CLIError(f"--views-per-step: expected >= 0 (0 = all views), got {views_per_step}")
     if not 16 <= size <= 1024:
         raise CLIError(f"--size: expected an image size in [16, 1024] pixels, got {size}")
-    if iters < 0:
-        raise CLIError(f"--iters: expected >= 0, got {iters}")
+    if iterations < 0:
+        raise CLIError(f"--iterations: expected >= 0, got {iterations}")
     # Target, initial and fitted RGBA views (float32) are all held for the pictures.
     need, free = 3 * views * size * size * 16, available_memory_bytes(torch.device("cpu"))
     if free is not None and need > free // 2:
@@ -105,6 +108,7 @@ def demo_command(
     prepare_out_dir(out, overwrite=overwrite, stale=STALE)
     arch_used = init_runtime(arch)
     console = stderr_console()
+    report = current_run()
     t_start = time.perf_counter()
 
     # 1. Targets: the normalised cow seen from all around, half the views from below.
@@ -120,8 +124,9 @@ def demo_command(
     targets_dir.mkdir(exist_ok=True)
     write_views(targets_dir, target_rgba)
     save_cameras_json(cameras, targets_dir / "cameras.json")
-    console.print(f"Rendered Spot from {views} views at {size}x{size} on {arch_used} -> {targets_dir}",
-                  highlight=False)
+    if report.chatty:
+        console.print(f"Rendered Spot from {views} views at {size}x{size} on {arch_used} -> {targets_dir}",
+                      highlight=False)
 
     # 2. Fit, exactly as `tdr fit-mesh --targets OUT/targets --cameras OUT/targets/cameras.json` would.
     tgt, cams = load_problem(targets_dir, targets_dir / "cameras.json", fov)
@@ -129,16 +134,17 @@ def demo_command(
     fit_dir = out / "fit"
     fit_dir.mkdir(exist_ok=True)
     try:
-        settings = FitSettings(iters=iters, views_per_step=views_per_step or None)
+        settings = FitSettings(iters=iterations, views_per_step=views_per_step or None)
     except (ValueError, TypeError) as e:
-        raise settings_error(e, "FitSettings", command_options(demo_command)) from None
+        raise settings_error(e, "FitSettings", {**command_options(demo_command), "iters": "--iterations"}) from None
     hint = resume_command(["tdr", "fit-mesh", "--targets", targets_dir, "--cameras", targets_dir / "cameras.json",
                            "--out", fit_dir], fit_mesh_command,
-                          dict(iters=iters, views_per_step=views_per_step, seed=seed, log_every=max(1, iters // 15)))
+                          dict(iterations=iterations, views_per_step=views_per_step, seed=seed,
+                               log_every=max(1, iterations // 15)))
     sources = {"targets": str(targets_dir), "cameras": str(targets_dir / "cameras.json"), "template": label}
     # checkpoint_every=0: one checkpoint, at the end (or on Ctrl-C), as the demo is short.
     result = run_fit(fit_dir, silhouettes=tgt.silhouettes, cameras=cams, template=template, settings=settings,
-                     sources=sources, rgb=tgt.rgb, seed=seed, log_every=max(1, iters // 15),
+                     sources=sources, rgb=tgt.rgb, seed=seed, log_every=max(1, iterations // 15),
                      checkpoint_every=0, resume_hint=hint, console=console)
 
     # 3. Pictures and numbers.
@@ -156,7 +162,7 @@ def demo_command(
     chamfer_initial = chamfer_distance(result.initial_mesh, spot)
     diag = bbox_diagonal(spot)
     print_metrics(result)
-    typer.echo(f"Chamfer distance to the true mesh: {chamfer:.4f} ({100 * chamfer / diag:.2f}% of its "
+    report.info(f"Chamfer distance to the true mesh: {chamfer:.4f} ({100 * chamfer / diag:.2f}% of its "
                f"bounding-box diagonal {diag:.3f}); initial sphere: {chamfer_initial:.4f} "
                f"({100 * chamfer_initial / diag:.2f}%)")
     summary = {
@@ -166,5 +172,8 @@ def demo_command(
         "chamfer_relative": chamfer / diag, "seconds": time.perf_counter() - t_start,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    typer.echo(f"Wrote {out / 'comparison.png'}, {out / 'turntable.gif'}, {fit_dir / 'mesh.obj'} and "
+    report.metrics.update(chamfer=chamfer, chamfer_initial=chamfer_initial, chamfer_relative=chamfer / diag)
+    report.wrote(out / "comparison.png", out / "turntable.gif", out / "summary.json", targets_dir,
+                 fit_dir / "mesh.obj", fit_dir / "progress.gif")
+    report.info(f"Wrote {out / 'comparison.png'}, {out / 'turntable.gif'}, {fit_dir / 'mesh.obj'} and "
                f"{fit_dir / 'progress.gif'} ({summary['seconds']:.0f} s)")

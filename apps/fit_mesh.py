@@ -20,11 +20,11 @@ import numpy as np
 import torch
 import typer
 
+from apps.command import current_run, tdr_command
 from apps.common import (
     GIF_MAX_FRAMES,
     CLIError,
     command_options,
-    handle_errors,
     hstack,
     init_runtime,
     option_errors,
@@ -47,7 +47,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 # loss_log.csv: what runs before the training engine wrote; --overwrite removes it too.
 STALE = ("progress_*.png", "progress.gif", METRICS, "config.json", CHECKPOINT, "loss_log.csv", "mesh.obj",
-         "mesh.mtl", "mesh.png")
+         "mesh.mtl", "mesh.png", "config.toml")
 # FitSettings' default, repeated here so that --help needs no taichi_dr import (tests check they agree).
 LAPLACIAN_WEIGHT = 2e-4
 
@@ -152,12 +152,13 @@ def _imread(path: Path):
 def run_fit(out: Path, *, silhouettes: torch.Tensor, cameras, template, settings, sources: dict[str, str],
             rgb: torch.Tensor | None = None, learn_rgb: bool = False, template_scale: float = 1.0,
             seed: int = 0, log_every: int = 25, checkpoint_every: int = 100, resume: bool = False,
-            resume_hint: str | None = None, console=None):
+            resume_hint: str | None = None, console=None, callbacks: list | tuple = ()):
     """Fit ``template`` to ``silhouettes (N, H, W)`` seen by ``cameras`` (N) with the training engine; write
     the job files in ``out``. Returns the library's FitResult.
 
     rgb: (N, H, W, 3) target colours, learned as per-vertex colours when ``learn_rgb``.
     sources: the inputs' paths ("targets", "cameras", "template"), named when a resume is refused.
+    callbacks: more engine callbacks (the viewer's), after the progress images.
     On Ctrl-C/SIGTERM the checkpoint is saved, ``resume_hint`` printed and the command exits 130/143; a run
     of non-finite steps ends with one ``Error:`` line (exit 1), the last good checkpoint kept.
     """
@@ -168,7 +169,8 @@ def run_fit(out: Path, *, silhouettes: torch.Tensor, cameras, template, settings
         return fit_mesh(silhouettes, cameras, template, settings, rgb=rgb, learn_colors=learn_rgb,
                         template_scale=template_scale, seed=seed, out_dir=out, resume=resume,
                         checkpoint_every=checkpoint_every, sources=sources,
-                        callbacks=[ProgressImages(out, log_every, rgb)],
+                        progress=current_run().progress_mode,
+                        callbacks=[ProgressImages(out, log_every, rgb), *callbacks],
                         run=functools.partial(run_training, resume_hint=resume_hint, console=console))
     except CheckpointError as e:
         raise CLIError(f"--resume: {e}") from None
@@ -179,8 +181,9 @@ def run_fit(out: Path, *, silhouettes: torch.Tensor, cameras, template, settings
     except ValueError as e:
         if not str(e).startswith("resume: "):
             raise
-        # The engine's other refusals (a checkpoint past --iters, another optimiser), in the command's words.
-        raise CLIError("--resume: " + str(e)[len("resume: "):].replace("TrainConfig.iterations", "--iters")) from None
+        # The engine's other refusals (a checkpoint past --iterations, another optimiser), in the command's words.
+        raise CLIError("--resume: " + str(e)[len("resume: "):].replace("TrainConfig.iterations", "--iterations")
+                       .replace("iters must", "--iterations must")) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,12 +227,14 @@ def load_template(template: Path | None):
 
 
 def print_metrics(result: FitResult) -> None:
+    """Print the silhouette IoU before and after (an info line), and record it in the run's report."""
     i, f = result.initial, result.final
-    typer.echo(f"Silhouette IoU (mean over views): hard {i['iou_hard']:.4f} -> {f['iou_hard']:.4f}, "
+    current_run().metrics.update(iterations=result.iterations, iou_initial=dict(i), iou_final=dict(f))
+    current_run().info(f"Silhouette IoU (mean over views): hard {i['iou_hard']:.4f} -> {f['iou_hard']:.4f}, "
                f"soft {i['iou_soft']:.4f} -> {f['iou_soft']:.4f} after {result.iterations} iterations")
 
 
-@handle_errors
+@tdr_command("fit-mesh", summary_table=True)
 def fit_mesh_command(
     targets: Path = typer.Option(..., help="Folder of PNGs (alpha = silhouette, else greyscale masks; sorted "
                                  "by name) or .npy (N,H,W) / (N,C,H,W) with C = 1 or 4 (RGB + alpha)."),
@@ -239,7 +244,8 @@ def fit_mesh_command(
     template: Path = typer.Option(None, help="Template mesh (default: icosphere level 3, 642 vertices)."),
     template_scale: float = typer.Option(1.0, help="Multiplier of the template radius estimated from the "
                                          "silhouettes."),
-    iters: int = typer.Option(600, help="Total number of iterations (with --resume: up to this many)."),
+    iterations: int = typer.Option(600, "--iterations", "--iters", help="Total number of iterations (with "
+                                   "--resume: up to this many)."),
     lr: float = typer.Option(0.01, help="Adam learning rate of the geometry."),
     color_lr: float = typer.Option(0.05, help="Adam learning rate of the colours (with --rgb)."),
     fov: float = typer.Option(30.0, help="Full horizontal field of view in degrees, for .npy/.csv cameras."),
@@ -271,14 +277,21 @@ def fit_mesh_command(
     grad_clip: float = typer.Option(0.0, help="Clip the global gradient norm to this; 0 = no clipping (as "
                                     "SoftRas)."),
     arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan."),
+    viewer: bool = typer.Option(False, "--viewer", help="Watch the fit in a live window (GGUI)."),
+    viewer_frames: Path = typer.Option(None, "--viewer-frames", help="Write the viewer's frames as PNGs in "
+                                       "this folder (headless; no window needed)."),
 ) -> None:
-    """Deform a template mesh to match target silhouettes seen by known cameras (SoftRas style)."""
+    """Deform a template mesh to match target silhouettes seen by known cameras (SoftRas style).
+
+    Example: tdr fit-mesh --targets runs/spot_views --cameras runs/spot_views/cameras.json --out runs/spot_fit
+    """
+    from apps.viewing import viewer_callbacks
     from taichi_dr.pipelines.mesh_fit import FitSettings
 
     if resume and overwrite:
         raise CLIError("--resume and --overwrite contradict each other; pass one")
-    if iters < 0:
-        raise CLIError(f"--iters: expected >= 0, got {iters}")
+    if iterations < 0:
+        raise CLIError(f"--iterations: expected >= 0, got {iterations}")
     for name, v in (("--log-every", log_every), ("--checkpoint-every", checkpoint_every)):
         if v < 1:
             raise CLIError(f"{name}: expected >= 1, got {v}")
@@ -287,14 +300,15 @@ def fit_mesh_command(
     if not (math.isfinite(sigma_final) and sigma_final >= 0):
         raise CLIError(f"--sigma-final: expected a number > 0, or 0 to keep --sigma, got {sigma_final}")
     try:
-        settings = FitSettings(iters=iters, lr=lr, color_lr=color_lr, sigma=sigma, gamma=gamma,
+        settings = FitSettings(iters=iterations, lr=lr, color_lr=color_lr, sigma=sigma, gamma=gamma,
                                sigma_final=sigma_final or None,
                                laplacian_weight=laplacian_weight, flatten_weight=flatten_weight,
                                rgb_weight=rgb_weight,
                                views_per_step=views_per_step or None, parameterization=parameterization,
                                grad_clip=grad_clip or None)
     except ValueError as e:
-        raise settings_error(e, "FitSettings", command_options(fit_mesh_command)) from None
+        raise settings_error(e, "FitSettings", {**command_options(fit_mesh_command), "iters": "--iterations"}) \
+            from None
 
     from taichi_dr.core.camera import SPHERICAL_CONVENTIONS
 
@@ -312,7 +326,7 @@ def fit_mesh_command(
     # Every option that shapes the run, so the printed command continues it bit for bit.
     hint = resume_command(["tdr", "fit-mesh", "--targets", targets, "--cameras", cameras, "--out", out],
                           fit_mesh_command, dict(
-                              template=template, template_scale=template_scale, iters=iters, lr=lr,
+                              template=template, template_scale=template_scale, iterations=iterations, lr=lr,
                               color_lr=color_lr, fov=fov, camera_convention=camera_convention, sigma=sigma,
                               sigma_final=sigma_final, gamma=gamma, rgb=rgb, rgb_weight=rgb_weight,
                               laplacian_weight=laplacian_weight, flatten_weight=flatten_weight,
@@ -323,8 +337,11 @@ def fit_mesh_command(
     result = run_fit(out, silhouettes=tgt.silhouettes, cameras=cams, template=template_mesh,
                      settings=settings, sources=sources, rgb=tgt.rgb, learn_rgb=rgb,
                      template_scale=template_scale, seed=seed, log_every=log_every,
-                     checkpoint_every=checkpoint_every, resume=resume, resume_hint=hint)
+                     checkpoint_every=checkpoint_every, resume=resume, resume_hint=hint,
+                     callbacks=viewer_callbacks(viewer, viewer_frames, title="tdr fit-mesh"))
     print_metrics(result)
-    # (--iters 0 only places the template: no training, so only mesh.obj)
+    # (--iterations 0 only places the template: no training, so only mesh.obj)
     written = [str(p) for p in (out / "mesh.obj", out / METRICS, out / "progress.gif", out / CHECKPOINT) if p.is_file()]
-    typer.echo(f"Wrote {', '.join(written[:-1])} and {written[-1]}" if len(written) > 1 else f"Wrote {written[0]}")
+    current_run().wrote(*written, viewer_frames)
+    current_run().info(f"Wrote {', '.join(written[:-1])} and {written[-1]}" if len(written) > 1
+                       else f"Wrote {written[0]}")

@@ -1,4 +1,4 @@
-"""The ``tdr`` command line: render, fit-mesh, demo, reconstruct, evaluate, make-dataset, pose, mesh.
+"""The ``tdr`` command line: render, fit-mesh, demo, reconstruct, evaluate, make-dataset, pose, mesh, view.
 
 Installed as the console script ``tdr`` (``apps.main:app``) and runnable as ``python -m apps``. Each command
 lives in its own module; this one only assembles them. Bad input gives a one-line ``Error: ...`` on stderr
@@ -16,12 +16,14 @@ from apps.mesh import mesh_command
 from apps.pose import pose_command
 from apps.reconstruct import evaluate_command, reconstruct_command
 from apps.render import render_command
+from apps.view import view_command
 
 app = typer.Typer(
     name="tdr",
     help="taichi-dr: differentiable rendering from the command line.",
     no_args_is_help=True,
-    add_completion=False,
+    # `tdr --install-completion` installs shell completion (bash, zsh, fish, PowerShell).
+    add_completion=True,
     pretty_exceptions_show_locals=False,
 )
 app.command("render")(render_command)
@@ -32,6 +34,7 @@ app.command("evaluate")(evaluate_command)
 app.command("make-dataset")(make_dataset_command)
 app.command("pose")(pose_command)
 app.command("mesh")(mesh_command)
+app.command("view")(view_command)
 
 
 if __name__ == "__main__":

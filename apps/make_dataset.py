@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import typer
 
-from apps.common import CLIError, available_memory_bytes, handle_errors, init_runtime, prepare_out_dir
+from apps.command import current_run, tdr_command
+from apps.common import CLIError, available_memory_bytes, init_runtime, prepare_out_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False)
 
@@ -93,7 +94,7 @@ def view_angles(views: int, min_elevation: float) -> tuple[np.ndarray, np.ndarra
 
 
 @app.command("make-dataset")
-@handle_errors
+@tdr_command("make-dataset", summary_table=True)
 def make_dataset_command(
     mesh: Path = typer.Argument(..., help="Mesh to render (.obj with texture, .ply, .glb, .off)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (IDR layout)."),
@@ -112,7 +113,10 @@ def make_dataset_command(
     overwrite: bool = typer.Option(False, help="Write into a non-empty --out folder."),
     arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan."),
 ) -> None:
-    """Render MESH into an IDR dataset (image/, mask/, cameras.npz) plus gt_mesh.ply, in the mesh's units."""
+    """Render MESH into an IDR dataset (image/, mask/, cameras.npz) plus gt_mesh.ply, in the mesh's units.
+
+    Example: tdr make-dataset spot.obj --views 32 --size 200 --floor --out runs/spot_data
+    """
     from dataclasses import replace
 
     from taichi_dr.core.camera import Cameras
@@ -146,7 +150,7 @@ def make_dataset_command(
                        f"{free / 2**30:.1f} GiB is free; use fewer or smaller views")
     loaded = load_mesh(mesh)
     prepare_out_dir(out, overwrite=overwrite,
-                    stale=("image/*.png", "mask/*.png", "cameras.npz", "gt_mesh.ply"))
+                    stale=("image/*.png", "mask/*.png", "cameras.npz", "gt_mesh.ply", "config.toml"))
     init_runtime(arch)
     # Normalised frame: the object fills a sphere of radius OBJECT_RADIUS, centred at the origin.
     normalised, centre, scale = loaded.normalized()
@@ -200,4 +204,8 @@ def make_dataset_command(
     if floor:
         world_height = float(s[1, 1] * floor_height + s[1, 3])
         where = f" (floor at y = {world_height:.6g} in the mesh's units)"
-    typer.echo(f"Wrote {views} views ({size}x{size}), cameras.npz and gt_mesh.ply to {out}{where}")
+        current_run().metrics["floor_height"] = world_height
+    report = current_run()
+    report.metrics.update(views=views, image_size=[size, size])
+    report.wrote(out / "image", out / "mask", out / "cameras.npz", out / "gt_mesh.ply")
+    report.info(f"Wrote {views} views ({size}x{size}), cameras.npz and gt_mesh.ply to {out}{where}")

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import typer
 
-from apps.common import CLIError, available_memory_bytes, handle_errors, init_runtime, option_errors
+from apps.command import current_run, tdr_command
+from apps.common import CLIError, available_memory_bytes, init_runtime, option_errors
 
 # Checkpoints of fields this command can mesh: method name -> the command that writes them.
 FIELD_METHODS = {"idr": "tdr reconstruct", "unisurf": "tdr reconstruct --method unisurf",
@@ -173,7 +174,7 @@ def save_mesh_atomic(mesh, out: Path) -> None:
         raise
 
 
-@handle_errors
+@tdr_command("mesh", summary_table=True)
 def mesh_command(
     checkpoint: Path = typer.Argument(..., help="Run folder of a saved neural field (tdr reconstruct), or its "
                                       "checkpoint.pt."),
@@ -192,7 +193,10 @@ def mesh_command(
     overwrite: bool = typer.Option(False, help="Replace an existing --out file."),
     arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan."),
 ) -> None:
-    """Extract a mesh from a saved neural field (a tdr reconstruct run) without training."""
+    """Extract a mesh from a saved neural field (a tdr reconstruct run) without training.
+
+    Example: tdr mesh runs/spot_idr --resolution 512 --out runs/spot_idr/mesh_512.ply
+    """
     from taichi_dr.implicit.meshing import extract_mesh
     from taichi_dr.pipelines.checkpoint import CheckpointError
     from taichi_dr.pipelines.reconstruction import load_trained
@@ -228,8 +232,8 @@ def mesh_command(
     level = target["level"] if level is None else level
     options = {"coarse": coarse} if coarse is not None else {}
 
-    def progress(line: str) -> None:
-        typer.echo(line, err=True)
+    report = current_run()
+    progress = report.progress
 
     progress(f"Meshing {ckpt} at {resolution}^3 over [-{bound:g}, {bound:g}]^3 "
              f"({'dense' if dense else 'sparse'}), in {coordinates}" + (f" ({note})" if note else ""))
@@ -242,6 +246,9 @@ def mesh_command(
         raise CLIError(f"CHECKPOINT {str(ckpt)}: {_option_words(str(e))}") from None
     save_mesh_atomic(mesh, Path(out))
     evaluated, every = stats["points_evaluated"], stats["dense_points"]
-    typer.echo(f"Wrote {out} ({coordinates}): {mesh.num_faces} faces, {mesh.num_verts} vertices; {evaluated} of "
+    report.metrics.update(faces=mesh.num_faces, verts=mesh.num_verts, resolution=resolution,
+                          points_evaluated=evaluated, dense_points=every, coordinates=coordinates)
+    report.wrote(out)
+    report.info(f"Wrote {out} ({coordinates}): {mesh.num_faces} faces, {mesh.num_verts} vertices; {evaluated} of "
                f"the {every} grid points evaluated ({100 * evaluated / every:.1f}%) in {stats['seconds']:.1f} s")
 

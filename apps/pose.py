@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from apps.command import current_run, tdr_command
 from apps.common import (
     CLIError,
     choice,
-    handle_errors,
     init_runtime,
     option_errors,
     prepare_out_dir,
@@ -47,7 +47,7 @@ def _group() -> None:
     """Pose refinement (``tdr pose``). The main ``tdr`` app registers :func:`pose_command` as ``pose``."""
 
 STALE = ("before.png", "after.png", "pose.json", "loss.csv", "loss.svg", "checkpoint.pt", "metrics.jsonl",
-         "config.json")
+         "config.json", "config.toml")
 # PoseSettings fields -> the options that set them, for error messages.
 POSE_OPTIONS = {"stages": "--stages", "multi_start": "--multi-start", "multi_start_angle": "--multi-start-angle",
                 "parameterization": "--parameterization", "rotation": "--rotation",
@@ -218,7 +218,7 @@ def loss_svg(history: list[float], stages: list[int], width: int = 480, height: 
 
 
 @app.command("pose")
-@handle_errors
+@tdr_command("pose", summary_table=True)
 def pose_command(
     mesh: Path = typer.Argument(..., help="Mesh file (.obj with texture/MTL, .ply, .glb, .off), in its own "
                                 "coordinates."),
@@ -248,11 +248,18 @@ def pose_command(
     checkpoint_every: int = typer.Option(50, help="Steps between checkpoints in --out (0: only at the end and on "
                                          "Ctrl-C/SIGTERM)."),
     arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan."),
+    viewer: bool = typer.Option(False, "--viewer", help="Watch the refinement in a live window (GGUI)."),
+    viewer_frames: Path = typer.Option(None, "--viewer-frames", help="Write the viewer's frames as PNGs in "
+                                       "this folder (headless; no window needed)."),
 ) -> None:
     """Refine the pose of MESH so that its render lines up with IMAGE; write overlays, the pose and the loss
-    curve."""
+    curve.
+
+    Example: tdr pose spot.obj photo.png --camera cameras.json --init pose0.json --out runs/spot_pose
+    """
     import torch
 
+    from apps.viewing import viewer_callbacks
     from taichi_dr.core.mesh import load_mesh
     from taichi_dr.pipelines import CheckpointError, TrainConfig, Trainer
     from taichi_dr.pipelines.pose import (
@@ -308,9 +315,10 @@ def pose_command(
     method = PoseMethod(model, target, cam, init_pose.to(dtype=torch.float32), loss=loss, settings=settings)
     if method.iterations:
         config = TrainConfig(iterations=method.iterations, checkpoint_every=checkpoint_every,
-                             max_nonfinite=settings.max_nonfinite)
+                             max_nonfinite=settings.max_nonfinite, progress=current_run().progress_mode)
+        callbacks = viewer_callbacks(viewer, viewer_frames, title="tdr pose")
         try:
-            trainer = Trainer(method, config, out_dir=out, resume=resume)
+            trainer = Trainer(method, config, out_dir=out, resume=resume, callbacks=callbacks)
         except CheckpointError as e:
             raise CLIError(f"--resume: {e}") from None
         except ValueError as e:  # PoseMethod.check_resume: other arguments than the interrupted run's
@@ -342,10 +350,17 @@ def pose_command(
               init=init_pose.to_dict(),
               change={"rotation_deg": rotation_error_deg(result.pose, init_pose),
                       "translation": float((result.pose.t.double() - init_pose.t.double()).norm())})
-    typer.echo(f"loss {result.history[0]:.5f} -> {final:.5f}; the pose moved by "
-               f"{rotation_error_deg(result.pose, init_pose):.2f} deg and "
-               f"{float((result.pose.t.double() - init_pose.t.double()).norm()):.4g} in {result.seconds:.1f} s")
-    typer.echo(f"Wrote {out / 'pose.json'}, {out / 'before.png'}, {out / 'after.png'}, {out / 'loss.csv'} and "
+    report = current_run()
+    moved_deg = rotation_error_deg(result.pose, init_pose)
+    moved = float((result.pose.t.double() - init_pose.t.double()).norm())
+    report.metrics.update(loss_function=loss, initial_loss=result.history[0] if result.history else math.nan,
+                          final_loss=final, rotation_change_deg=moved_deg, translation_change=moved,
+                          start=result.start)
+    report.wrote(*(out / name for name in ("pose.json", "before.png", "after.png", "loss.csv", "loss.svg",
+                                           "metrics.jsonl", "checkpoint.pt")), viewer_frames)
+    report.info(f"loss {result.history[0]:.5f} -> {final:.5f}; the pose moved by {moved_deg:.2f} deg and "
+                f"{moved:.4g} in {result.seconds:.1f} s")
+    report.info(f"Wrote {out / 'pose.json'}, {out / 'before.png'}, {out / 'after.png'}, {out / 'loss.csv'} and "
                f"{out / 'loss.svg'}")
 
 

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import typer
 
+from apps.command import current_run, tdr_command
 from apps.common import (
     CLIError,
     available_memory_bytes,
     choice,
-    handle_errors,
     hstack,
     init_runtime,
     prepare_out_dir,
@@ -46,7 +46,7 @@ from apps.common import (
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False)
 
 STALE = ("mesh.ply", "metrics.json", "metrics.jsonl", "config.json", "checkpoint.pt", "heldout/*.png",
-         "validation/*.png")
+         "validation/*.png", "config.toml")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,7 +303,7 @@ def method_module(method: str):
 
 
 @app.command("reconstruct")
-@handle_errors
+@tdr_command("reconstruct", summary_table=True)
 def reconstruct_command(
     data: Path = typer.Argument(..., help="Dataset folder: IDR/NeuS layout (image/, mask/ if any, cameras.npz) or "
                                 "NeRF-synthetic (transforms_train.json)."),
@@ -354,9 +354,16 @@ def reconstruct_command(
     resume: bool = typer.Option(False, help="Continue from DIR/checkpoint.pt."),
     overwrite: bool = typer.Option(False, help="Write into a non-empty --out folder."),
     arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan."),
+    viewer: bool = typer.Option(False, "--viewer", help="Watch the training in a live window (GGUI)."),
+    viewer_frames: Path = typer.Option(None, "--viewer-frames", help="Write the viewer's frames as PNGs in "
+                                       "this folder (headless; no window needed)."),
 ) -> None:
-    """Reconstruct a surface from posed images: IDR (masks), UNISURF or NeRF (RGB alone)."""
+    """Reconstruct a surface from posed images: IDR (masks), UNISURF or NeRF (RGB alone).
+
+    Example: tdr reconstruct runs/spot_data --method idr --iterations 2000 --out runs/spot_idr
+    """
     given = dict(locals())
+    from apps.viewing import viewer_callbacks
     from taichi_dr.core.mesh import save_mesh
     from taichi_dr.implicit.meshing import extract_mesh
     from taichi_dr.pipelines import Trainer
@@ -427,12 +434,14 @@ def reconstruct_command(
     prepare_out_dir(out, overwrite=overwrite, resume=resume, stale=STALE)
 
     hint = resume_command_line(data, out, {k: v for k, v in given.items() if k not in ("data", "out", "resume")})
-    callbacks = []
+    report = current_run()
+    callbacks = viewer_callbacks(viewer, viewer_frames, title=f"tdr reconstruct --method {method}")
     if validate_every and test is not None:
         callbacks.append(validation_callback(test.subset([0]), validate_every, render_scale, out / "validation"))
     torch.manual_seed(config.seed)   # the networks' initial weights (a resumed run then loads its own)
     trained = getattr(module, METHOD_CLASSES[method][0])(train, config)
-    trainer = Trainer(trained, config.train_config(), out_dir=out, callbacks=callbacks, resume=resume)
+    trainer = Trainer(trained, config.train_config(progress=report.progress_mode), out_dir=out, callbacks=callbacks,
+                      resume=resume)
     result = run_training(trainer, resume_hint=hint)
     train_time = trainer.state.elapsed_s   # training seconds over every run of it (resumed ones too)
     model, history = trained.model.eval(), result.history
@@ -444,7 +453,7 @@ def reconstruct_command(
     try:
         mesh, meshing = extract_mesh(target["field"], resolution, target["bound"], level=target["level"],
                                      inside=target["inside"], scale_mat=train.scale_mat,
-                                     progress=lambda line: typer.echo(line, err=True), return_stats=True)
+                                     progress=report.progress, return_stats=True)
     except ValueError as e:   # no surface in the cube: say so, keep the run's other outputs
         mesh, meshing = None, None
         typer.echo(f"Warning: no mesh written: {e}", err=True)
@@ -462,17 +471,21 @@ def reconstruct_command(
         m = image_metrics(rendered, images, test_masks)
         metrics["heldout"] = dict(m, image_size=list(cams.image_size), seconds=time.perf_counter() - t2)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float) + "\n")
+    # (the last training row is the report's "training" already: not twice)
+    report.metrics.update({k: v for k, v in metrics.items() if k not in ("config", "data", "final")})
+    report.wrote(out / "mesh.ply", out / "metrics.json", out / "metrics.jsonl", out / "checkpoint.pt",
+                 out / "heldout", out / "validation", viewer_frames)
     msg = (f"Wrote {out / 'mesh.ply'} ({mesh.num_faces} faces)" if mesh is not None else "No mesh")
     msg += f" after {iterations} iterations in {train_time:.0f} s"
     if "heldout" in metrics:
         msg += f"; held-out PSNR {metrics['heldout']['psnr']:.2f} dB"
         if "mask_iou" in metrics["heldout"]:
             msg += f", mask IoU {metrics['heldout']['mask_iou']:.3f}"
-    typer.echo(msg)
+    report.info(msg)
 
 
 @app.command("evaluate")
-@handle_errors
+@tdr_command("evaluate")
 def evaluate_command(
     mesh: Path = typer.Argument(None, help="Reconstructed mesh (optional with --checkpoint and --data: the views "
                                 "are then rendered from the field alone)."),
@@ -484,19 +497,24 @@ def evaluate_command(
     points: int = typer.Option(100_000, help="Surface samples per mesh."),
     threshold: float = typer.Option(None, help="F-score distance (default 1% of the gt bounding-box "
                                     "diagonal)."),
-    json_out: Path = typer.Option(None, "--json", help="Also write the metrics to this JSON file."),
+    out: Path = typer.Option(None, "--out", "-o", help="Also write the metrics to this JSON file."),
     arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan."),
 ) -> None:
     """Compare a mesh with the ground truth (Chamfer, normal consistency, F-score); with --data, PSNR and
-    mask IoU on held-out views."""
+    mask IoU on held-out views. Prints the metrics as JSON (with --json: inside the summary).
+
+    Example: tdr evaluate runs/spot_idr/mesh.ply --gt runs/spot_data/gt_mesh.ply --out runs/spot_idr/eval.json
+    """
     from taichi_dr.core.mesh import load_mesh
 
     if gt is None and data is None:
         raise CLIError("give --gt GT_MESH and/or --data DATASET")
     if not 100 <= points <= MAX_POINTS:
         raise CLIError(f"--points: expected 100 to {MAX_POINTS} surface samples per mesh, got {points}")
-    if json_out is not None and not Path(json_out).parent.is_dir():
-        raise CLIError(f"--json: the folder {str(Path(json_out).parent)!r} does not exist")
+    if out is not None and not Path(out).parent.is_dir():
+        raise CLIError(f"--out: the folder {str(Path(out).parent)!r} does not exist")
+    if out is not None and Path(out).is_dir():
+        raise CLIError(f"--out {str(out)!r} is a folder; expected a .json file to write")
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
         raise CLIError(f"--threshold: the F-score distance must be a number > 0, got {threshold}")
     if checkpoint is not None and data is None:
@@ -517,9 +535,13 @@ def evaluate_command(
             raise CLIError("--holdout-every 0 leaves no held-out view to score")
         result["heldout"] = _score_views(pred, test, checkpoint)
     text = json.dumps(result, indent=1, default=float)
-    if json_out is not None:
-        Path(json_out).write_text(text + "\n")
-    typer.echo(text)
+    report = current_run()
+    report.metrics.update(result)
+    if out is not None:
+        Path(out).write_text(text + "\n")
+        report.wrote(out)
+    if not report.json:
+        report.info(text)
 
 
 def _score_views(mesh, test, checkpoint) -> dict:

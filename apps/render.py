@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import typer
 
+from apps.command import current_run, tdr_command
 from apps.common import (
     CLIError,
     gif_frame,
     gif_layout,
-    handle_errors,
     init_runtime,
     option_errors,
     prepare_out_dir,
@@ -31,7 +31,7 @@ from apps.common import (
 VIEW_PATTERN = "view_{:03d}.png"
 # Outputs of an earlier run that --overwrite removes first (fewer views would leave stale PNGs, which
 # fit-mesh would then read as targets).
-STALE = ("view_*.png", "turntable.gif", "cameras.json", "render.json")
+STALE = ("view_*.png", "turntable.gif", "cameras.json", "render.json", "config.toml")
 
 
 def auto_distance(fov: float, radius: float = 1.0, fill: float = 0.7) -> float:
@@ -124,7 +124,7 @@ def write_views(out: Path, rgba: torch.Tensor, fps: float = 12.0) -> None:
     write_gif(out / "turntable.gif", save_views(out, rgba, 0, layout), fps=fps)
 
 
-@handle_errors
+@tdr_command("render", summary_table=True)
 def render_command(
     mesh: Path = typer.Argument(..., help="Mesh file (.obj with texture/MTL, .ply, .glb, .off)."),
     views: int = typer.Option(8, "--views", "-n", help="Number of views, azimuths evenly spaced."),
@@ -143,7 +143,10 @@ def render_command(
     arch: str = typer.Option(None, help="Taichi backend: auto, cpu, cuda or vulkan (default: "
                              "TAICHI_DR_ARCH or auto)."),
 ) -> None:
-    """Render a mesh from N views around it: RGBA PNGs (alpha = silhouette), turntable.gif, cameras.json."""
+    """Render a mesh from N views around it: RGBA PNGs (alpha = silhouette), turntable.gif, cameras.json.
+
+    Example: tdr render spot.obj --views 24 --size 128 --out runs/spot_views
+    """
     from taichi_dr.core.camera import save_cameras_json
     from taichi_dr.core.mesh import load_mesh
 
@@ -195,4 +198,7 @@ def render_command(
     }
     (out / "render.json").write_text(json.dumps(info, indent=1) + "\n")
     gif_note = f" (one frame per {layout[0]} views)" if layout[0] > 1 else ""
-    typer.echo(f"Wrote {views} views ({size}x{size}), turntable.gif{gif_note} and cameras.json to {out}")
+    report = current_run()
+    report.metrics.update(views=views, image_size=[size, size], distance=dist)
+    report.wrote(out / VIEW_PATTERN.format(0), out / "turntable.gif", out / "cameras.json", out / "render.json")
+    report.info(f"Wrote {views} views ({size}x{size}), turntable.gif{gif_note} and cameras.json to {out}")

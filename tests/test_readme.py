@@ -36,3 +36,24 @@ def test_training_engine_example_runs_and_learns(tmp_path, capsys):
     assert (tmp_path / "runs/colours/checkpoint.pt").is_file() and (tmp_path / "runs/colours/config.json").is_file()
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert float(printed) == pytest.approx(rows[-1]["l1"])
+
+
+def test_viewer_example_writes_its_frames(tmp_path):
+    """The viewer example, off screen (needs GGUI: a Vulkan driver; skipped without one unless CI requires it)."""
+    import taichi_dr as tdr
+    from taichi_dr.viewer import ViewerWindow
+
+    tdr.init("cpu")
+    try:
+        ViewerWindow("probe", (64, 64), show_window=False).close()
+    except RuntimeError as e:
+        if os.environ.get("TAICHI_DR_REQUIRE_VULKAN"):
+            raise
+        pytest.skip(f"GGUI unavailable: {e}")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(python_block("## Live viewer"), "README.md (Live viewer)", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    assert (tmp_path / "runs/viewer_frames/frame_000100.png").is_file()

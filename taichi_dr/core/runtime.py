@@ -107,7 +107,7 @@ def _tame_torch_threads(arch_name: str, torch_threads: int | None) -> None:
 
 
 def init(arch: str | None = None, *, debug: bool = False, offline_cache: bool = True,
-         torch_threads: int | None = None) -> str:
+         torch_threads: int | None = None, announce: bool = True) -> str:
     """Initialise Taichi for taichi_dr and return the arch in use (``"cpu"``, ``"cuda"`` or ``"vulkan"``).
 
     arch: ``"auto"`` (cuda, then a hardware vulkan device, then cpu; software Vulkan drivers such as Mesa's
@@ -119,9 +119,19 @@ def init(arch: str | None = None, *, debug: bool = False, offline_cache: bool = 
     was imported before taichi_dr: then 1, because torch's spinning OpenMP workers would steal the cores
     Taichi's kernels run on (import taichi_dr first, or set OMP_WAIT_POLICY=PASSIVE, to keep torch's
     threads).
+
+    announce: let Taichi print its ``[Taichi] Starting on arch=...`` line (on stdout); the command line turns
+    it off unless ``--verbose``.
     """
     with _kernel_lock:   # two threads must not both initialise
-        return _init_locked(arch, debug, offline_cache, torch_threads)
+        if announce:
+            return _init_locked(arch, debug, offline_cache, torch_threads)
+        import contextlib
+        import io
+
+        # ti.init announces the arch with a plain print(): swallow what it prints, nothing else prints here.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return _init_locked(arch, debug, offline_cache, torch_threads)
 
 
 def _init_locked(arch: str | None, debug: bool, offline_cache: bool, torch_threads: int | None) -> str:

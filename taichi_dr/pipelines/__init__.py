@@ -9,6 +9,7 @@ from taichi_dr.pipelines.engine import (
     Method,
     NonFiniteError,
     Trainer,
+    TrainingViews,
     TrainResult,
     TrainState,
     clip_gradients,
@@ -17,5 +18,5 @@ from taichi_dr.pipelines.engine import (
 __all__ = [
     "Callback", "MetricsLog", "ProgressCallback", "Validation", "CheckpointError", "load_checkpoint",
     "save_checkpoint", "Interrupted", "Method", "NonFiniteError", "OptimizerConfig", "TrainConfig", "Trainer",
-    "TrainResult", "TrainState", "clip_gradients", "lr_factor",
+    "TrainingViews", "TrainResult", "TrainState", "clip_gradients", "lr_factor",
 ]

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -43,8 +43,12 @@ from taichi_dr.pipelines.checkpoint import (
 )
 from taichi_dr.pipelines.config import TrainConfig, lr_factor
 
-__all__ = ["Interrupted", "Method", "NonFiniteError", "TrainResult", "TrainState", "Trainer", "clip_gradients",
-           "gradient_norm"]
+if TYPE_CHECKING:  # the engine itself needs neither at run time (it knows no renderer)
+    from taichi_dr.core.camera import Cameras
+    from taichi_dr.core.mesh import Mesh
+
+__all__ = ["Interrupted", "Method", "NonFiniteError", "TrainResult", "TrainState", "Trainer", "TrainingViews",
+           "clip_gradients", "gradient_norm"]
 
 CONFIG_NAME = "config.json"
 
@@ -88,6 +92,40 @@ class Interrupted(KeyboardInterrupt):
 # ----------------------------------------------------------------------------------------------- method
 
 
+@dataclass
+class TrainingViews:
+    """The views a method trains on (for viewers: frustums, snapping to view i, target | render | error).
+
+    cameras: N cameras, in the frame the method renders in (``method.render(views.cameras[i])`` draws view i).
+    rgb: (N, H, W, 3) float in [0, 1], target colours, or None.
+    alpha: (N, H, W) float in [0, 1], target silhouettes / masks, or None.
+    names: one label per view (file names), or None.
+
+    The tensors are the method's own (views, not copies; on whatever device the method keeps them): read
+    them, do not write to them. ``(H, W)`` is ``cameras.image_size``; the shapes are checked at construction.
+    """
+
+    cameras: Cameras
+    rgb: torch.Tensor | None = None
+    alpha: torch.Tensor | None = None
+    names: list[str] | None = None
+
+    def __post_init__(self):
+        n, (h, w) = len(self.cameras), tuple(self.cameras.image_size)
+        for name, value, shape in (("rgb", self.rgb, (n, h, w, 3)), ("alpha", self.alpha, (n, h, w))):
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"TrainingViews.{name}: expected shape {shape} for {n} cameras of "
+                                 f"{h}x{w} pixels, got {tuple(value.shape)}")
+        if self.names is not None:
+            self.names = [str(name) for name in self.names]
+            if len(self.names) != n:
+                raise ValueError(f"TrainingViews.names: expected {n} labels (one per camera), got "
+                                 f"{len(self.names)}")
+
+    def __len__(self) -> int:
+        return len(self.cameras)
+
+
 class Method:
     """A training method: its parameters, one step, and renders of its live state.
 
@@ -126,9 +164,29 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__}.step")
 
     def render(self, cameras: Any, **options) -> dict[str, torch.Tensor]:
-        """Images of the live state seen by ``cameras`` (B views), e.g. ``{"rgb": (B, H, W, 3), "alpha":
-        (B, H, W)}``, float in [0, 1], without autograd. Used by validation callbacks and the viewer."""
+        """Images of the live state seen by ``cameras`` (B views), without autograd, float:
+
+        ``"rgb" (B, H, W, 3)`` in [0, 1]; ``"alpha" (B, H, W)`` in [0, 1] (opacity, silhouette or surface
+        hit); ``"depth" (B, H, W)`` (distance along the ray or camera z, each method says which; 0 where
+        nothing); ``"normals" (B, H, W, 3)`` (world unit normals, 0 where nothing). Methods may add more
+        keys. Used by validation callbacks and the viewer."""
         raise NotImplementedError(f"{type(self).__name__}.render")
+
+    def training_views(self) -> TrainingViews | None:
+        """The cameras and targets the method trains on (views of its own tensors, no copies), or None
+        (the default) when it has none to show."""
+        return None
+
+    def current_mesh(self) -> Mesh | None:
+        """The surface now as a triangle mesh in the frame the method renders in, when the method has one
+        cheaply (an explicit mesh); None (the default) otherwise."""
+        return None
+
+    def snapshot_mesh(self, resolution: int = 128) -> Mesh | None:
+        """The surface now as a triangle mesh to save: field methods run marching cubes at ``resolution``
+        (in the dataset's world coordinates, as ``tdr reconstruct``'s mesh.ply); None when there is no
+        surface (never an error for that). Default: :meth:`current_mesh`."""
+        return self.current_mesh()
 
     def state_dict(self) -> dict:
         """Everything needed to continue: tensors and plain Python types only (``weights_only`` loadable)."""
@@ -402,6 +460,25 @@ class Trainer:
         write_atomic(self.out_dir / CONFIG_NAME, lambda f: f.write(text.encode()))
 
     # -- signals
+
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """Stop the running :meth:`fit` as Ctrl-C does: after the current step it saves a checkpoint (with an
+        out_dir) and raises :class:`Interrupted` ``(signum, iteration, checkpoint)``.
+
+        For callbacks (a viewer's Stop button) and other code on the main thread. A stop already pending (a
+        signal, an earlier request) is kept. fit() starts with no stop pending, so a request made while no
+        fit() runs changes nothing.
+        """
+        if not isinstance(signum, int) or isinstance(signum, bool) or signum <= 0:
+            raise ValueError(f"request_stop: signum must be a signal number (an int > 0), got {signum!r}")
+        if self._interrupt is None:
+            self._interrupt = int(signum)
+
+    @property
+    def stop_requested(self) -> bool:
+        """A stop is pending (Ctrl-C, SIGTERM or :meth:`request_stop`): code that holds the thread between steps
+        (a paused viewer) returns, so the engine can save and stop."""
+        return self._interrupt is not None
 
     def _on_signal(self, signum, frame) -> None:
         if self._interrupt is not None and signum == signal.SIGINT:

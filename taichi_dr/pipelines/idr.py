@@ -48,11 +48,13 @@ from taichi_dr.nets.fields import GeometryNetwork, RenderingNetwork
 from taichi_dr.pipelines.callbacks import Callback
 from taichi_dr.pipelines.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from taichi_dr.pipelines.config import TrainConfig
-from taichi_dr.pipelines.engine import Method, Trainer
+from taichi_dr.pipelines.engine import Method, Trainer, TrainingViews
 from taichi_dr.pipelines.reconstruction import (
     check_run_settings,
     check_same_networks,
+    dataset_training_views,
     engine_config,
+    field_snapshot,
     multistep_optimizer,
     positive,
 )
@@ -267,6 +269,7 @@ class IDRMethod(Method):
         # The tracer's jitter draws a data-dependent number of values: from its own generator, reseeded
         # each step from the batch, so the engine's stream does not depend on how the trace went.
         self._tracer_generator = torch.Generator()
+        self._view_alpha: torch.Tensor | None = None   # the masks as floats for viewers, made when first asked for
 
     # -- the engine's hooks
 
@@ -302,11 +305,30 @@ class IDRMethod(Method):
 
     @torch.no_grad()
     def render(self, cameras: Cameras, chunk: int = 16384, background: float = 0.0) -> dict[str, torch.Tensor]:
-        """``rgb (B, H, W, 3)``, ``alpha (B, H, W)`` (1 where the surface is hit), world ``normals
-        (B, H, W, 3)`` and ray ``depth (B, H, W)`` (0 where missed), on this method's device."""
+        """Sphere tracing of the current SDF from ``cameras``, on this method's device: ``rgb (B, H, W, 3)``
+        (``background`` where missed), ``alpha (B, H, W)`` (1 where the surface is hit, else 0), world unit
+        ``normals (B, H, W, 3)`` and ``depth (B, H, W)``, the distance along the ray from the camera centre to
+        the surface (not camera z; 0 where missed)."""
         out = render_views(self.model, cameras.to(device=self.device), self.settings.tracer, chunk, background)
         return {"rgb": out["rgb"], "alpha": out["mask"].to(out["rgb"].dtype), "normals": out["normals"],
                 "depth": out["depth"]}
+
+    def training_views(self) -> TrainingViews:
+        """The training cameras (the refined ones now, detached, with ``learn_cameras``), images and masks
+        (as float ``alpha``; made on the first call and kept) on this method's device, and the views' names."""
+        if self._view_alpha is None:
+            self._view_alpha = self.data.masks.to(self.data.images.dtype)
+        cameras = None
+        if self.camera_params is not None:
+            with torch.no_grad():
+                cameras = self.camera_params().detach()
+        return dataset_training_views(self.data, self._view_alpha, cameras)
+
+    def snapshot_mesh(self, resolution: int = 128):
+        """Marching cubes of the SDF's zero level set now at ``resolution`` (:func:`mesh_field`), in the
+        dataset's world coordinates (``scale_mat``), as ``tdr reconstruct``'s mesh.ply; None while there is no
+        surface in the cube."""
+        return field_snapshot(mesh_field(self.model, self.settings), resolution, self.data.scale_mat, self.device)
 
     def state_dict(self) -> dict:
         # scale_mat (normalised -> world) is not needed to continue, but lets `tdr mesh` put a mesh of the saved

@@ -52,11 +52,11 @@ from taichi_dr.core.mesh import Mesh
 from taichi_dr.losses import MeshTopology, flatten_loss, neg_iou_loss, scale_free_laplacian_loss, silhouette_iou
 from taichi_dr.pipelines.callbacks import Callback
 from taichi_dr.pipelines.config import OptimizerConfig, TrainConfig
-from taichi_dr.pipelines.engine import Method, Trainer, TrainResult
+from taichi_dr.pipelines.engine import Method, Trainer, TrainingViews, TrainResult
 from taichi_dr.raster import RasterSettings
 
 __all__ = ["FitResult", "FitSettings", "MeshDeformer", "MeshFitMethod", "ResumeMismatch", "estimate_bounding_sphere",
-           "fit_mesh", "tensor_digest"]
+           "fit_mesh", "mesh_render_images", "tensor_digest"]
 
 # The template's bounding sphere fills half of the deformation box (SoftRas scales its unit sphere by 0.5
 # inside a [-1, 1] box), so vertices can move out to twice the estimated radius along each axis.
@@ -302,6 +302,24 @@ def _detached(mesh: Mesh) -> Mesh:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def mesh_render_images(out) -> dict[str, Tensor]:
+    """The images of a :func:`~taichi_dr.raster.renderer.render_mesh` call made with ``outputs=("rgb", "depth",
+    "normals")`` as a method's ``render`` returns them (see :meth:`taichi_dr.pipelines.Method.render`):
+
+    ``"rgb" (B, H, W, 3)`` and ``"alpha" (B, H, W)`` clamped to [0, 1]; ``"depth" (B, H, W)`` the
+    rasterizer's camera-space z (the OpenCV camera's forward axis, not the distance along the ray),
+    softmax-aggregated over the faces at the pixel: the nearest surface's z where alpha is 1, blended towards
+    0 (the background) across soft edges, 0 where nothing is; ``"normals" (B, H, W, 3)`` world-space normals
+    (the aggregated, interpolated vertex normals) rescaled to unit length, 0 where nothing is.
+    """
+    normals = out.normals
+    length = normals.norm(dim=-1, keepdim=True)
+    # The background's normal is 0 and soft edges blend towards it: rescale what has a direction, keep 0 as 0.
+    unit = torch.where(length > 1e-6, normals / length.clamp_min(1e-6), torch.zeros_like(normals))
+    return {"rgb": out.rgb.clamp(0.0, 1.0), "alpha": out.alpha.clamp(0.0, 1.0), "depth": out.depth,
+            "normals": unit}
+
+
 def tensor_digest(*tensors: Tensor) -> str:
     """A short hash of the tensors' float32 contents: how a resumed run recognises its inputs."""
     h = hashlib.sha1()
@@ -437,18 +455,25 @@ class MeshFitMethod(Method):
 
     @torch.no_grad()
     def render(self, cameras: Cameras, *, hard: bool = False, sigma: float | None = None) -> dict[str, Tensor]:
-        """The current mesh seen by ``cameras`` (B views of any size): ``{"rgb": (B, H, W, 3), "alpha":
-        (B, H, W)}`` in [0, 1], over black. rgb holds the learned colours, or without them a white surface
-        Lambert-shaded under ``Lights.default`` so the shape shows. Soft at ``sigma`` (default: the current
-        step's), or ``hard``."""
+        """The current mesh seen by ``cameras`` (B views of any size), over black (see
+        :func:`mesh_render_images`): ``"rgb" (B, H, W, 3)`` the learned colours, or without them a white
+        surface Lambert-shaded under ``Lights.default`` so the shape shows; ``"alpha" (B, H, W)`` the
+        silhouette; ``"depth" (B, H, W)`` camera-space z (not the distance along the ray); ``"normals" (B, H,
+        W, 3)`` world unit normals. Soft at ``sigma`` (default: the current step's), or ``hard``."""
         from taichi_dr.raster.renderer import render_mesh
         from taichi_dr.raster.shading import Lights
 
         mesh = self.current_mesh()
         cams = cameras.detach().to(device=self.device, dtype=torch.float32)
         lights = None if mesh.vert_colors is not None else Lights.default(device=self.device)
-        out = render_mesh(mesh, cams, lights, self._raster_settings(hard, sigma), outputs=("rgb",))
-        return {"rgb": out.rgb.clamp(0.0, 1.0), "alpha": out.alpha.clamp(0.0, 1.0)}
+        out = render_mesh(mesh, cams, lights, self._raster_settings(hard, sigma), outputs=("rgb", "depth", "normals"))
+        return mesh_render_images(out)
+
+    def training_views(self) -> TrainingViews:
+        """The N training cameras with their target silhouettes as ``alpha`` and, when colours are learned,
+        the target colours composited over black (what the renders are compared with) as ``rgb``: the
+        method's own tensors, on its device."""
+        return TrainingViews(cameras=self.cameras, rgb=self.rgb, alpha=self.silhouettes)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "initial_metrics": dict(self.initial_metrics or {})}

@@ -194,7 +194,10 @@ class NeRFMethod(RayMethod):
 
     @torch.no_grad()
     def render(self, cameras: Cameras) -> dict[str, torch.Tensor]:
-        """``rgb``, ``alpha`` (opacity), ``mask`` (opacity > 0.5), ``normals``, ``depth``."""
+        """Volume rendering of the current fields from ``cameras`` (:func:`render_rays`), ``(B, H, W, ...)``:
+        ``rgb``, ``alpha`` (the rendered opacity), ``mask`` (bool: opacity > 0.5), and where masked: ``depth``,
+        the expected distance along the ray from the camera centre (sum of weights times sample distances over
+        the opacity; not camera z), and world unit ``normals`` of the fine density there; both 0 elsewhere."""
         return render_views(self.model, cameras.to(device=self.device), self.settings)
 
     @staticmethod

@@ -6,7 +6,9 @@ Each method module (:mod:`~taichi_dr.pipelines.idr`, :mod:`~taichi_dr.pipelines.
 :mod:`~taichi_dr.pipelines.nerf`) provides ``load_model(path, device) -> (model, config)``,
 ``mesh_field(model, config)`` (the field, level, side and cube for marching cubes) and
 ``render_trained(model, cameras, config) -> dict`` (``rgb``, ``mask``, ``normals``, ``depth``, each
-``(B, H, W, ...)``); :func:`load_trained` picks the module from the checkpoint.
+``(B, H, W, ...)``); :func:`load_trained` picks the module from the checkpoint. For viewers, every method's
+``training_views`` (:func:`dataset_training_views`) and ``snapshot_mesh`` (:func:`field_snapshot`) come from
+here too.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from typing import Any
 import torch
 
 from taichi_dr.pipelines.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from taichi_dr.pipelines.engine import Method
+from taichi_dr.pipelines.engine import Method, TrainingViews
 
 __all__ = ["FIELD_METHODS", "RayMethod", "TrainedField", "TrainingRays", "check_run_settings", "check_same_networks",
-           "config_from_dict", "config_to_dict", "engine_config", "load_trained", "multistep_optimizer", "positive",
-           "read_field_checkpoint"]
+           "config_from_dict", "config_to_dict", "dataset_training_views", "engine_config", "field_snapshot",
+           "load_trained", "multistep_optimizer", "positive", "read_field_checkpoint"]
 
 # Method name (as saved in checkpoints) -> the module that trains it.
 FIELD_METHODS = {"idr": "taichi_dr.pipelines.idr", "unisurf": "taichi_dr.pipelines.unisurf",
@@ -141,6 +143,37 @@ def load_trained(path, device=None) -> TrainedField:
     return TrainedField(name, model, config, scale_mat, module)
 
 
+# extract_mesh's ValueError when the field has no surface in its cube (its other ValueErrors are real errors).
+NO_SURFACE_MESSAGE = "does not cross level"
+
+
+def field_snapshot(target: dict, resolution: int, scale_mat, device=None):
+    """Marching cubes of a method's ``mesh_field(model, config)`` (``target``: field, level, inside, bound) at
+    ``resolution`` points per axis, in world coordinates through ``scale_mat`` (4, 4) (normalised -> world), as
+    ``tdr reconstruct`` writes mesh.ply: a :class:`~taichi_dr.core.mesh.Mesh` (float32, CPU), or None when the
+    field does not cross its level in the cube (no surface yet). ValueError for a bad ``resolution`` or a
+    field with non-finite values."""
+    from taichi_dr.implicit.meshing import extract_mesh
+
+    if not (isinstance(resolution, int) and not isinstance(resolution, bool) and resolution >= 2):
+        raise ValueError(f"snapshot_mesh: resolution must be an int >= 2, got {resolution!r}")
+    try:
+        return extract_mesh(target["field"], resolution, target["bound"], level=target["level"],
+                            inside=target["inside"], scale_mat=scale_mat, device=device)
+    except ValueError as error:
+        if NO_SURFACE_MESSAGE in str(error):
+            return None
+        raise
+
+
+def dataset_training_views(data, alpha: torch.Tensor | None, cameras=None) -> TrainingViews:
+    """The :class:`~taichi_dr.pipelines.engine.TrainingViews` of a method training on the multi-view dataset
+    ``data``: its cameras (or ``cameras``, e.g. refined ones), its images as ``rgb`` and ``alpha`` (N, H, W)
+    float masks (or None), with the dataset's names. Views of the tensors given, no copies."""
+    return TrainingViews(cameras=data.cameras if cameras is None else cameras, rgb=data.images, alpha=alpha,
+                         names=list(data.names))
+
+
 @dataclass
 class TrainingRays:
     """One iteration's random draws for a ray-sampling method (from the engine's generator): the rays, and a
@@ -178,6 +211,10 @@ class RayMethod(Method):
         self.model = self.build_model(config).to(self.device)
         self.iteration = 0
         self._sampler_generator = torch.Generator()
+        # What viewers show as the targets' masks: the training masks when they are used (on the device),
+        # otherwise the dataset's own when it has them (a reference where they live: not copied to the device).
+        self._view_masks = self.data.masks if self.data.masks is not None else train.masks
+        self._view_alpha: torch.Tensor | None = None   # _view_masks as floats, made when first asked for
 
     def build_model(self, config):  # pragma: no cover - interface
         raise NotImplementedError
@@ -202,6 +239,22 @@ class RayMethod(Method):
         self.iteration = iteration
         self._sampler_generator.manual_seed(batch.sampler_seed)
         return self.training_step(batch.rays, iteration, self._sampler_generator)
+
+    def training_views(self) -> TrainingViews:
+        """The training cameras and images (on the method's device), the masks as float ``alpha`` when the
+        dataset has them (used for training or not), and the views' names. The float masks are made on the
+        first call and kept (one copy for the method's lifetime, only when something asks)."""
+        if self._view_alpha is None and self._view_masks is not None:
+            self._view_alpha = self._view_masks.to(self.data.images.dtype)
+        return dataset_training_views(self.data, self._view_alpha)
+
+    def snapshot_mesh(self, resolution: int = 128):
+        """Marching cubes of the method's field now (its module's ``mesh_field``) at ``resolution``, in the
+        dataset's world coordinates (``scale_mat``), as ``tdr reconstruct``'s mesh.ply; None while the field
+        has no surface in its cube (see :func:`field_snapshot`)."""
+        module = importlib.import_module(FIELD_METHODS[self.name])
+        return field_snapshot(module.mesh_field(self.model, self.settings), resolution, self.data.scale_mat,
+                              self.device)
 
     def state_dict(self) -> dict:
         # scale_mat (normalised -> world) lets `tdr mesh` put a mesh in world units without the dataset.

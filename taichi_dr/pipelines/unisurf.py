@@ -238,7 +238,10 @@ class UnisurfMethod(RayMethod):
 
     @torch.no_grad()
     def render(self, cameras: Cameras) -> dict[str, torch.Tensor]:
-        """``rgb``, ``alpha`` (opacity), ``mask`` (surface in the object sphere), ``normals``, ``depth``."""
+        """Volume rendering of the current field from ``cameras`` (:func:`render_rays`), ``(B, H, W, ...)``:
+        ``rgb``, ``alpha`` (the rendered opacity), ``mask`` (bool: a surface found in the object sphere),
+        world unit ``normals`` there, and ``depth`` there: the distance along the ray from the camera centre
+        to that surface (not camera z); normals and depth 0 elsewhere."""
         return render_views(self.model, cameras.to(device=self.device), self.settings, self.iteration)
 
     @staticmethod

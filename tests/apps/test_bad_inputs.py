@@ -450,8 +450,8 @@ def test_more_bad_options(files, tmp_path):
     assert_clean_error(invoke("make-dataset", ball, "--out", tmp_path / "o", "--sigma", "-1"), "--sigma",
                        absent=("RasterSettings",))
     assert_clean_error(invoke("evaluate", ball, "--gt", ball, "--points", 2_000_000_000), "--points")
-    assert_clean_error(invoke("evaluate", ball, "--gt", ball, "--points", 1000, "--json",
-                              tmp_path / "nodir" / "m.json"), "--json", "does not exist")
+    assert_clean_error(invoke("evaluate", ball, "--gt", ball, "--points", 1000, "--out",
+                              tmp_path / "nodir" / "m.json"), "--out", "does not exist")
     assert_clean_error(invoke("pose", ball, files / "views" / "view_000.png", "--fov", 0, "--out",
                               tmp_path / "o"), "--fov", absent=("fov: fov",))
     assert_clean_error(invoke("pose", ball, files / "views" / "view_000.png", "--fov", 30, "--stages", "0:0:1",

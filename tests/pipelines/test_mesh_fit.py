@@ -232,7 +232,7 @@ def test_cli_interrupt_resume_and_plain_progress(files, tmp_path, monkeypatch):
         resume_line = [line for line in res.stderr.splitlines() if line.startswith("Resume with: ")]
         assert len(resume_line) == 1 and resume_line[0].endswith(" --resume"), res.stderr
         printed = shlex.split(resume_line[0][len("Resume with: "):])
-        assert printed[:2] == ["tdr", "fit-mesh"] and "8" == printed[printed.index("--iters") + 1], printed
+        assert printed[:2] == ["tdr", "fit-mesh"] and "8" == printed[printed.index("--iterations") + 1], printed
         assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["iteration"] == stop
         assert not (tmp_path / "cut" / "mesh.obj").exists()
 
@@ -246,7 +246,7 @@ def test_cli_interrupt_resume_and_plain_progress(files, tmp_path, monkeypatch):
     assert (tmp_path / "cut" / "mesh.obj").read_text() == (straight / "mesh.obj").read_text()
     assert res.stdout.splitlines()[0] == straight_ious  # "Silhouette IoU ... hard a -> b, soft c -> d ..."
     # Fewer --iters than the checkpoint has done: refused in the command's words.
-    assert_clean_error(fit_cli(files, tmp_path / "cut", 6, "--resume"), "--resume", "iteration 8", "--iters=6",
+    assert_clean_error(fit_cli(files, tmp_path / "cut", 6, "--resume"), "--resume", "iteration 8", "--iterations=6",
                        absent=("TrainConfig",))
 
 

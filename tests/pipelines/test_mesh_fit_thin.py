@@ -150,7 +150,7 @@ def test_fit_mesh_cli_defaults_are_fit_settings_defaults():
 
     cli = {name: p.default.default for name, p in inspect.signature(fit_mesh_command).parameters.items()}
     d = FitSettings()
-    assert cli["iters"] == d.iters and cli["lr"] == d.lr and cli["color_lr"] == d.color_lr
+    assert cli["iterations"] == d.iters and cli["lr"] == d.lr and cli["color_lr"] == d.color_lr
     assert cli["sigma"] == d.sigma and cli["gamma"] == d.gamma and cli["sigma_final"] == d.sigma_final
     assert cli["laplacian_weight"] == d.laplacian_weight and cli["flatten_weight"] == d.flatten_weight
     assert cli["views_per_step"] == d.views_per_step and cli["parameterization"] == d.parameterization

@@ -21,7 +21,8 @@ from torch import Tensor
 from taichi_dr.core.camera import Cameras
 from taichi_dr.core.mesh import Mesh
 from taichi_dr.core.transforms import Pose, PoseParameters, axis_angle_to_matrix
-from taichi_dr.pipelines.engine import Method
+from taichi_dr.pipelines.engine import Method, TrainingViews
+from taichi_dr.pipelines.mesh_fit import mesh_render_images
 from taichi_dr.pipelines.pose.fields import DisplacementField, _field_gradients, _reprojection_step
 from taichi_dr.pipelines.pose.objective import _check_target, describe_loss, resolve_loss
 from taichi_dr.pipelines.pose.overlay import _hard_silhouette, draw_overlay
@@ -290,18 +291,39 @@ class PoseMethod(Method):
         return self.extrinsics.inverse().compose(Pose(R.detach(), t.detach(), validate=False))
 
     def render(self, cameras: Cameras, **options) -> dict[str, Tensor]:
-        """The mesh at the current pose seen by ``cameras`` (world -> camera, as the refinement's camera):
-        ``{"alpha": (B, H, W), "rgb": (B, H, W, 3)}`` (a soft render at the last stage's sigma; options:
-        ``sigma``)."""
+        """The mesh at the current pose (:meth:`current_mesh`) seen by ``cameras`` (world -> camera, as the
+        refinement's camera; moved to the mesh's device and dtype), a soft render at the last stage's sigma
+        (options: ``sigma``), unlit, over black (see :func:`~taichi_dr.pipelines.mesh_fit.mesh_render_images`):
+        ``"rgb" (B, H, W, 3)`` the mesh's colours (white without), ``"alpha" (B, H, W)``, ``"depth" (B, H, W)``
+        camera-space z (not the distance along the ray), ``"normals" (B, H, W, 3)`` world unit normals."""
         with torch.no_grad():
-            params = self.params if self.params is not None else self._make_params(0)
-            R, t = params.object_to_camera()
-            world = self.extrinsics.inverse().compose(Pose(R, t, validate=False))
-            mesh = self.mesh.with_verts(world.apply(self.verts))
+            mesh = self.current_mesh()
+            cameras = cameras.detach().to(device=self.verts.device, dtype=self.verts.dtype)
             sigma = options.get("sigma", self.settings.stages[-1].sigma)
             raster = RasterSettings(sigma=sigma, gamma=self.settings.gamma)
-            out = render_mesh(mesh, cameras, None, raster, outputs=("rgb",))
-            return {"alpha": out.alpha.clamp(0, 1), "rgb": out.rgb.clamp(0, 1)}
+            out = render_mesh(mesh, cameras, None, raster, outputs=("rgb", "depth", "normals"))
+            return mesh_render_images(out)
+
+    @torch.no_grad()
+    def current_mesh(self) -> Mesh:
+        """The mesh at the current pose (before the first step: the first start's), in the camera's world
+        frame: what :meth:`render` draws. Detached, on the mesh's device and dtype."""
+        params = self.params if self.params is not None else self._make_params(0)
+        R, t = params.object_to_camera()
+        world = self.extrinsics.inverse().compose(Pose(R.detach(), t.detach(), validate=False))
+        return self.mesh.with_verts(world.apply(self.verts))
+
+    def training_views(self) -> TrainingViews:
+        """The one camera (with the current intrinsics when focal length or principal point are refined) and
+        the target: its mask as ``alpha``, its colours as ``rgb`` (each None when the target has none), at the
+        target's full size, views of the method's tensors."""
+        camera = self.camera
+        if self.params is not None and (self.settings.refine_focal or self.settings.refine_principal_point):
+            K = self.params.intrinsics().detach()
+            camera = Cameras(K.reshape(1, 3, 3), camera.R, camera.t, camera.image_size, validate=False)
+        mask, rgb = self.target.mask, self.target.rgb
+        return TrainingViews(cameras=camera, rgb=None if rgb is None else rgb[None],
+                             alpha=None if mask is None else mask[None])
 
     def result(self, seconds: float = 0.0) -> PoseResult:
         """The :class:`PoseResult` (after :meth:`finish`)."""
