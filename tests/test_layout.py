@@ -63,8 +63,8 @@ def test_the_engine_knows_no_method_renderer_or_window():
             assert root not in ("taichi", "apps", "typer"), f"pipelines/{name} imports {module}"
             if root == "taichi_dr":
                 # core's data types (Cameras, Mesh) name what Method hooks return; no renderer, method or window
-                assert module in ("taichi_dr", "taichi_dr.__version__", "taichi_dr.core.camera",
-                                  "taichi_dr.core.camera.Cameras", "taichi_dr.core.mesh", "taichi_dr.core.mesh.Mesh") or \
+                assert module in ("taichi_dr", "taichi_dr.__version__", "taichi_dr.core.camera", "taichi_dr.core.mesh",
+                                  "taichi_dr.core.camera.Cameras", "taichi_dr.core.mesh.Mesh") or \
                     any(module == m or module.startswith(m + ".") for m in own), f"pipelines/{name} imports {module}"
 
 
