@@ -68,3 +68,29 @@ def ball_dataset(root, views: int, size: int):
                                  "--out", str(root / "data")])
     assert r.exit_code == 0, r.output
     return root / "data"
+
+
+def invoke_tdr(*args):
+    """Run ``tdr ARGS`` in-process (arguments turned into strings) without TDR_DEBUG, so errors print as the
+    user sees them."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from apps.main import app
+
+    env = {k: v for k, v in os.environ.items() if k != "TDR_DEBUG"}
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def ball_files(root):
+    """A unit ball (``root/ball.ply``), 4 rendered views of it at 32 px with cameras (``root/views``), and a tiny
+    IDR dataset of it (``root/data``: 8 views, 24 px). Returns ``root``."""
+    from taichi_dr.core.mesh import icosphere, save_mesh
+
+    save_mesh(icosphere(2, 1.0), root / "ball.ply")
+    res = invoke_tdr("render", root / "ball.ply", "--views", 4, "--size", 32, "--out", root / "views", "--quiet")
+    assert res.exit_code == 0, res.output
+    res = invoke_tdr("make-dataset", root / "ball.ply", "--views", 8, "--size", 24, "--out", root / "data", "--quiet")
+    assert res.exit_code == 0, res.output
+    return root

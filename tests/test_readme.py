@@ -19,17 +19,22 @@ def python_block(after_heading: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+def run_block(after_heading: str, cwd: Path) -> None:
+    """Run the section's Python block in ``cwd`` (it writes its outputs relative to it)."""
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        exec(compile(python_block(after_heading), f"README.md ({after_heading[3:]})", "exec"), {})
+    finally:
+        os.chdir(here)
+
+
 def test_library_example_runs():
     exec(compile(python_block("## Library"), "README.md (Library)", "exec"), {})
 
 
 def test_training_engine_example_runs_and_learns(tmp_path, capsys):
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        exec(compile(python_block("## Training engine"), "README.md (Training engine)", "exec"), {})
-    finally:
-        os.chdir(cwd)
+    run_block("## Training engine", tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "runs/colours/metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == list(range(1, 101))
     assert rows[-1]["l1"] < rows[0]["l1"] / 5                     # the colours are learned
@@ -50,10 +55,5 @@ def test_viewer_example_writes_its_frames(tmp_path):
         if os.environ.get("TAICHI_DR_REQUIRE_VULKAN"):
             raise
         pytest.skip(f"GGUI unavailable: {e}")
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        exec(compile(python_block("## Live viewer"), "README.md (Live viewer)", "exec"), {})
-    finally:
-        os.chdir(cwd)
+    run_block("## Live viewer", tmp_path)
     assert (tmp_path / "runs/viewer_frames/frame_000100.png").is_file()

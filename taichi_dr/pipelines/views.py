@@ -20,11 +20,23 @@ from taichi_dr.core.camera import Cameras
 from taichi_dr.data.datasets import MultiViewDataset
 from taichi_dr.pipelines.callbacks import Validation
 
-__all__ = ["image_metrics", "resize_views", "scale_cameras", "validation_callback", "validation_image"]
+__all__ = ["cameras_at_size", "image_metrics", "resize_views", "scale_cameras",
+           "validation_callback", "validation_image"]
 
 
 def _psnr(mse: float) -> float:
     return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
+
+
+def cameras_at_size(cameras: Cameras, size: tuple[int, int]) -> Cameras:
+    """The same cameras for images of ``size`` (H, W): K's first two rows scaled (pixel centres at +0.5 stay
+    centres)."""
+    h, w = cameras.image_size
+    size = (int(size[0]), int(size[1]))
+    if (h, w) == size:
+        return cameras
+    s = torch.tensor([size[1] / w, size[0] / h, 1.0], dtype=cameras.dtype, device=cameras.device)
+    return Cameras(cameras.K * s[None, :, None], cameras.R, cameras.t, size)
 
 
 def scale_cameras(cameras: Cameras, factor: float) -> Cameras:
@@ -32,9 +44,7 @@ def scale_cameras(cameras: Cameras, factor: float) -> Cameras:
     if factor == 1:
         return cameras
     h, w = cameras.image_size
-    size = (max(1, round(h * factor)), max(1, round(w * factor)))
-    s = torch.tensor([size[1] / w, size[0] / h, 1.0], dtype=cameras.dtype, device=cameras.device)
-    return Cameras(cameras.K * s[None, :, None], cameras.R, cameras.t, size)
+    return cameras_at_size(cameras, (max(1, round(h * factor)), max(1, round(w * factor))))
 
 
 def predicted_mask(rendered: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from taichi_dr.core.camera import Cameras
+from taichi_dr.core.camera import Cameras, _check_image_size
 
 __all__ = [
     "OUTPUTS",
@@ -83,17 +83,6 @@ def _rgb(x, name: str) -> np.ndarray:
     arr = _array(x, name)
     grey = arr.ndim == 2 or (arr.ndim == 3 and arr.shape[0] == 1 and arr.shape[-1] != 3)
     return np.repeat(_image(arr, name, 1)[..., None], 3, -1) if grey else _image(arr, name, 3)
-
-
-def _check_size(size, name: str = "size") -> tuple[int, int]:
-    try:
-        h, w = size
-        ok = all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in (h, w))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{name}: expected (H, W), two positive ints, got {size!r}")
-    return int(h), int(w)
 
 
 def _colour(colour, name: str = "colour") -> np.ndarray:
@@ -190,7 +179,7 @@ def side_by_side(images: list, gap: int = 2) -> np.ndarray:
 def resize_nearest(img, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of ``(H, W)`` or ``(H, W, C)`` to ``size`` (H', W'): output pixel centre
     ``(i + 0.5) * H / H'`` picks the input pixel containing it."""
-    h2, w2 = _check_size(size)
+    h2, w2 = _check_image_size(size, "size")
     arr = _array(img, "img")
     if arr.ndim not in (2, 3) or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"resize_nearest: expected a non-empty (H, W) or (H, W, C) image, got {arr.shape}")
@@ -398,7 +387,7 @@ def curve_image(values, size: tuple[int, int], log: bool = True) -> np.ndarray:
     with ``log``), its finite range spanning the height less CURVE_MARGIN pixels each side (a constant sits in
     the middle). Non-finite values (and, with ``log``, values <= 0) are left out; nothing left gives the blank
     background."""
-    h, w = _check_size(size)
+    h, w = _check_image_size(size, "size")
     out = np.empty((h, w, 3), np.float32)
     out[:] = CURVE_BACKGROUND
     if isinstance(values, torch.Tensor):

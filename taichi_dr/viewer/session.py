@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from taichi_dr.core.camera import Cameras
+from taichi_dr.pipelines.views import cameras_at_size
 from taichi_dr.viewer.controls import KEY_BINDINGS, OrbitControls
 from taichi_dr.viewer.images import (
     OUTPUTS,
@@ -36,23 +37,13 @@ from taichi_dr.viewer.orbit import OrbitCamera
 from taichi_dr.viewer.resolution import AdaptiveResolution
 from taichi_dr.viewer.window import PanelState, ViewerWindow
 
-__all__ = ["FrameResult", "ViewerSession", "cameras_at_size", "unique_path"]
+__all__ = ["FrameResult", "ViewerSession", "unique_path"]
 
 # After the last input, the view counts as moving this long (coarse renders), then is refined progressively.
 SETTLE_S = 0.25
 FRAMING_MARGIN = 1.6
 FRUSTUM_COLOUR = (1.0, 0.75, 0.2)
 WIREFRAME_COLOUR = (0.3, 0.9, 1.0)
-
-
-def cameras_at_size(cameras: Cameras, size: tuple[int, int]) -> Cameras:
-    """The same cameras for images of ``size`` (H, W): K's first two rows scaled (pixel centres at +0.5 stay
-    centres)."""
-    h, w = cameras.image_size
-    if (h, w) == tuple(size):
-        return cameras
-    s = torch.tensor([size[1] / w, size[0] / h, 1.0], dtype=cameras.dtype, device=cameras.device)
-    return Cameras(cameras.K * s[None, :, None], cameras.R, cameras.t, (int(size[0]), int(size[1])))
 
 
 def unique_path(path: Path) -> Path:

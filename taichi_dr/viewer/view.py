@@ -121,27 +121,19 @@ def load_view_source(path, device=None) -> ViewSource:
 
 
 def _field_source(run: Path, device=None) -> ViewSource:
-    from taichi_dr.implicit.meshing import extract_mesh
-    from taichi_dr.pipelines.reconstruction import load_trained
+    from taichi_dr.pipelines.reconstruction import dataset_training_views, field_snapshot, load_trained
 
     trained = load_trained(run, device)
     views = None
     data = _run_dataset(run)
     if data is not None:
         from taichi_dr.data.datasets import load_dataset
-        from taichi_dr.pipelines.engine import TrainingViews
 
         dataset = load_dataset(data)
-        views = TrainingViews(cameras=dataset.cameras, rgb=dataset.images,
-                              alpha=None if dataset.masks is None else dataset.masks.float(), names=dataset.names)
+        views = dataset_training_views(dataset, None if dataset.masks is None else dataset.masks.float())
 
     def snapshot(resolution: int):
-        target = trained.mesh_field()
-        try:
-            return extract_mesh(target["field"], resolution, target["bound"], level=target["level"],
-                                inside=target["inside"], scale_mat=trained.scale_mat)
-        except ValueError:   # no surface in the bounding cube
-            return None
+        return field_snapshot(trained.mesh_field(), resolution, trained.scale_mat)
 
     orbit = None if views is not None else OrbitCamera(distance=3.0, azimuth=30.0, elevation=20.0)
     return ViewSource(trained.render, views, None, snapshot, orbit, f"{trained.method} field {run}")

@@ -20,17 +20,14 @@ import numpy as np
 import pytest
 import torch
 from app_helpers import assert_clean_error as _assert_clean_error
+from app_helpers import ball_files, invoke_tdr
 from typer.testing import CliRunner
-
-from apps.main import app
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def invoke(*args):
-    env = {k: v for k, v in os.environ.items() if k != "TDR_DEBUG"}
-    return runner.invoke(app, [str(a) for a in args], env=env)
+invoke = invoke_tdr
 
 
 def assert_clean_error(result, *needles: str, absent: tuple[str, ...] = ()):
@@ -40,16 +37,8 @@ def assert_clean_error(result, *needles: str, absent: tuple[str, ...] = ()):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A unit ball mesh, 4 rendered views (32 px) with cameras, and a tiny IDR dataset (8 views, 24 px)."""
-    from taichi_dr.core.mesh import icosphere, save_mesh
-
-    root = tmp_path_factory.mktemp("bad_inputs")
-    save_mesh(icosphere(2, 1.0), root / "ball.ply")
-    res = invoke("render", root / "ball.ply", "--views", 4, "--size", 32, "--out", root / "views")
-    assert res.exit_code == 0, res.output
-    res = invoke("make-dataset", root / "ball.ply", "--views", 8, "--size", 24, "--out", root / "data")
-    assert res.exit_code == 0, res.output
-    return root
+    """A unit ball, 4 views of it (32 px) with cameras, and a tiny IDR dataset of it (8 views, 24 px)."""
+    return ball_files(tmp_path_factory.mktemp("bad_inputs"))
 
 
 # ----------------------------------------------------------------------------------------------------------

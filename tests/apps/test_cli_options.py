@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from app_helpers import assert_clean_error
+from app_helpers import assert_clean_error, ball_files, invoke_tdr
 from typer.testing import CliRunner
 
 from apps.command import INVOCATION_OPTIONS, config_defaults, toml_text
@@ -35,9 +35,7 @@ TINY_RECONSTRUCT = {"iterations": 4, "rays": 64, "depth": 2, "width": 32, "frequ
                     "render_scale": 1.0}
 
 
-def invoke(*args):
-    env = {k: v for k, v in os.environ.items() if k != "TDR_DEBUG"}
-    return runner.invoke(app, [str(a) for a in args], env=env)
+invoke = invoke_tdr
 
 
 def write_toml(path: Path, values: dict) -> Path:
@@ -48,15 +46,7 @@ def write_toml(path: Path, values: dict) -> Path:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A unit ball, 4 views of it (32 px) with cameras, and a tiny IDR dataset of it (8 views, 24 px)."""
-    from taichi_dr.core.mesh import icosphere, save_mesh
-
-    root = tmp_path_factory.mktemp("cli_options")
-    save_mesh(icosphere(2, 1.0), root / "ball.ply")
-    res = invoke("render", root / "ball.ply", "--views", 4, "--size", 32, "--out", root / "views")
-    assert res.exit_code == 0, res.output
-    res = invoke("make-dataset", root / "ball.ply", "--views", 8, "--size", 24, "--out", root / "data", "--quiet")
-    assert res.exit_code == 0, res.output
-    return root
+    return ball_files(tmp_path_factory.mktemp("cli_options"))
 
 
 # ----------------------------------------------------------------------------------------------------------
