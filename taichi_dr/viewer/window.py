@@ -97,6 +97,7 @@ class ViewerWindow:
         self.panel_width = panel_width
         self.view_width = int(round(width * (1.0 - panel_width)))
         self._held: set[tuple[str, str]] = set()   # (controls' name, GGUI's name) of held keys
+        self._pending: list[InputEvent] = []       # events read by input_pending(), for the next poll()
         self._cursor = (0.0, 0.0)
         self._closed = False
 
@@ -123,6 +124,22 @@ class ViewerWindow:
         cursor moved (GGUI gives positions, not motion events)."""
         if not self.show_window or self._closed:
             return []
+        events, self._pending = self._pending, []
+        return events + self._read_input()
+
+    def input_pending(self) -> bool:
+        """Whether the user pressed a key or button (or closed the window) since the last frame. Cheap (no
+        drawing): training asks between frames, so the viewer answers the user at once rather than at its next
+        budgeted frame. The events are kept for the next :meth:`poll`."""
+        if not self.show_window or self._closed:
+            return False
+        if not self.running:
+            return True
+        events = self._read_input()
+        self._pending += events
+        return any(e.kind == "press" for e in events)
+
+    def _read_input(self) -> list[InputEvent]:
         ti, win = self._ti, self._window
         x, y_up = win.get_cursor_pos()
         # GGUI's cursor is in fractions of the whole window with y up; the controls want the view area, y down.
