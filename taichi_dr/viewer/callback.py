@@ -6,10 +6,11 @@ between steps, on a budget: with the window idle, frames are drawn only while th
 cannot see), whatever a render costs (a cheap mesh render is redrawn often, a slow field render rarely). The
 viewer's time is its frames plus the aftermath: the steps just after a frame run slower than the others (the
 display server presents the frame on the same cores, the render evicted training's caches), and their excess
-over the median recent undisturbed step is charged to the viewer too. When the user moves the camera, the viewer keeps the thread until the
-camera stops (coarse renders sized for ``target_fps``, then finer ones until refined) and training waits; while
-paused, it draws and training waits. Stop checkpoints exactly like Ctrl-C (``Trainer.request_stop``).
-Closing the window leaves training running without it.
+over the median recent undisturbed step is charged to the viewer too. Between budgeted frames, training
+asks the window for input every INPUT_CHECK_S, so the user is answered at once. When the user moves the camera,
+the viewer keeps the thread until the camera stops (coarse renders sized for ``target_fps``, then finer ones
+until refined) and training waits; while paused, it draws and training waits. Stop checkpoints exactly like
+Ctrl-C (``Trainer.request_stop``). Closing the window leaves training running without it.
 """
 
 from __future__ import annotations
