@@ -20,12 +20,13 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from toy_methods import SlowToy
 from typer.testing import CliRunner
 
 import taichi_dr as tdr
 from apps.main import app
 from taichi_dr.core.mesh import icosphere, save_mesh
-from taichi_dr.pipelines import Callback, Interrupted, Method, TrainConfig, Trainer
+from taichi_dr.pipelines import Callback, Interrupted, TrainConfig, Trainer
 from taichi_dr.pipelines.mesh_fit import FitSettings, fit_mesh
 from taichi_dr.viewer import (
     InputEvent,
@@ -195,34 +196,6 @@ def test_pause_holds_training_and_stop_checkpoints_like_ctrl_c(problem, tmp_path
     assert caught.value.iteration < 20
     frames_during = [f for i, f in iterations_seen]
     assert any(b - a >= 3 for a, b in zip([0, *frames_during], frames_during, strict=False))
-
-
-class SlowToy(Method):
-    """A method whose step takes 10 ms and whose render takes 20 ms: the budget is a matter of arithmetic."""
-
-    name = "slow-toy"
-
-    def __init__(self):
-        self.weight = torch.zeros(3, requires_grad=True)
-
-    def param_groups(self):
-        return [{"params": [self.weight]}]
-
-    def step(self, batch, iteration):
-        time.sleep(0.01)
-        loss = ((self.weight - 1.0) ** 2).sum()
-        return loss, {}
-
-    def render(self, cameras, **options):
-        time.sleep(0.02)
-        h, w = cameras.image_size
-        return {"rgb": torch.full((1, h, w, 3), 0.5), "alpha": torch.ones(1, h, w)}
-
-    def state_dict(self):
-        return {"weight": self.weight.detach().clone()}
-
-    def load_state_dict(self, state):
-        self.weight.data.copy_(state["weight"])
 
 
 def test_idle_viewer_keeps_to_its_share_of_the_time(tmp_path):
@@ -401,25 +374,9 @@ import json, subprocess, sys, time
 import torch
 import taichi_dr as tdr
 tdr.init("cpu")
-from taichi_dr.pipelines import Callback, Method, TrainConfig, Trainer
+from taichi_dr.pipelines import Callback, TrainConfig, Trainer
 from taichi_dr.viewer import ViewerCallback, ViewerSettings, ViewerWindow
-
-class Toy(Method):
-    name = "toy"
-    def __init__(self):
-        self.weight = torch.zeros(3, requires_grad=True)
-    def param_groups(self):
-        return [{"params": [self.weight]}]
-    def step(self, batch, iteration):
-        time.sleep(0.01)
-        return ((self.weight - 1.0) ** 2).sum(), {}
-    def render(self, cameras, **options):
-        h, w = cameras.image_size
-        return {"rgb": torch.full((1, h, w, 3), 0.5), "alpha": torch.ones(1, h, w)}
-    def state_dict(self):
-        return {}
-    def load_state_dict(self, state):
-        pass
+from toy_methods import SlowToy
 
 seen = []
 class Record(Callback):
@@ -432,7 +389,7 @@ class Record(Callback):
 window = ViewerWindow("taichi-dr xvfb training", (640, 400), show_window=True)
 # A budget too small for any idle frame: only the key press can bring one.
 viewer = ViewerCallback(ViewerSettings(window_size=(640, 400), max_share=1e-4), window=window)
-Trainer(Toy(), TrainConfig(iterations=300, progress="none"), callbacks=[viewer, Record()]).fit()
+Trainer(SlowToy(), TrainConfig(iterations=300, progress="none"), callbacks=[viewer, Record()]).fit()
 print(json.dumps(seen))
 """
 
@@ -442,7 +399,7 @@ def test_the_viewer_answers_a_key_between_budgeted_frames(tmp_path):
     _xvfb_or_skip()
     script = tmp_path / "xvfb_training.py"
     script.write_text(XVFB_TRAINING_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TAICHI_DR_ARCH="cpu")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), TAICHI_DR_ARCH="cpu")
     proc = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1024x768x24", sys.executable, str(script)],
                           capture_output=True, text=True, timeout=300, env=env)
     if proc.returncode != 0 and "GGUI could not open" in proc.stderr + proc.stdout and not REQUIRE:
