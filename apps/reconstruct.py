@@ -232,6 +232,11 @@ METHODS = ("idr", "unisurf", "nerf")
 # Each method's engine Method and settings classes, in its module (taichi_dr.pipelines.<method>).
 METHOD_CLASSES = {"idr": ("IDRMethod", "IDRConfig"), "unisurf": ("UnisurfMethod", "UnisurfConfig"),
                   "nerf": ("NeRFMethod", "NeRFConfig")}
+ENCODING_OPTIONS = {"kind": "--encoding", "n_levels": "--hash-levels", "log2_table_size": "--hash-table-size",
+                    "finest_resolution": "--hash-finest", "table_lr": "--hash-lr"}
+# The networks' sizes with --encoding hashgrid where not given (option parameter -> value): small MLPs on the
+# grid's features, as instant-ngp and NeuS2 (one or two hidden layers of 64) use.
+HASHGRID_NETWORKS = {"depth": 2, "width": 64, "feature_dim": 32, "render_depth": 2, "render_width": 64}
 # Options that only some methods have: option parameter -> the methods that take it.
 METHOD_ONLY = {"learn_cameras": ("idr",), "feature_dim": ("idr", "unisurf"), "bound_radius": ("unisurf", "nerf"),
                "background": ("unisurf", "nerf"), "samples": ("unisurf",), "free_samples": ("unisurf",),
@@ -245,6 +250,7 @@ def build_config(method: str, given: dict, *, masks: bool, background: float):
     the method's own default applies); CLIError naming the option for a bad value."""
     from taichi_dr.implicit.occupancy import SurfaceSearchSettings
     from taichi_dr.implicit.sampling import IntervalSettings
+    from taichi_dr.nets.encodings import EncodingSettings
     from taichi_dr.pipelines.idr import IDRConfig
     from taichi_dr.pipelines.nerf import NeRFConfig
     from taichi_dr.pipelines.unisurf import UnisurfConfig
@@ -252,13 +258,26 @@ def build_config(method: str, given: dict, *, masks: bool, background: float):
     def pick(**fields):
         return {k: v for k, v in fields.items() if v is not None}
 
-    g = given
+    g = dict(given)
+    try:
+        encoding = EncodingSettings(kind=g["encoding"], **pick(n_levels=g["hash_levels"],
+                                                               log2_table_size=g["hash_table_size"],
+                                                               finest_resolution=g["hash_finest"],
+                                                               table_lr=g["hash_lr"]))
+    except (ValueError, TypeError) as e:
+        raise settings_error(e, "EncodingSettings", ENCODING_OPTIONS) from None
+    if encoding.kind == "hashgrid":
+        # The grid holds the detail, so the networks can be small (instant-ngp, NeuS2); what is given wins.
+        for name, value in HASHGRID_NETWORKS.items():
+            if g.get(name) is None:
+                g[name] = value
     common = pick(iterations=g["iterations"], rays_per_batch=g["rays"], lr=g["lr"],
                   checkpoint_every=g["checkpoint_every"], validate_every=g["validate_every"], seed=g["seed"],
                   grad_clip=g["grad_clip"] or None)
+    common["encoding"] = encoding
     depth, width, frequencies = g["depth"], g["width"], g["frequencies"]
     if method == "nerf":
-        skip = None if depth is None else ((depth // 2,) if depth >= 2 else ())
+        skip = None if depth is None else ((depth // 2,) if depth >= 2 and encoding.kind == "frequency" else ())
         fields = pick(depth=depth, width=width, frequencies=frequencies, skip_in=skip, colour_width=g["render_width"],
                       n_coarse=g["coarse_samples"], n_fine=g["fine_samples"], density_level=g["density_level"],
                       bound_radius=g["bound_radius"])
@@ -268,7 +287,7 @@ def build_config(method: str, given: dict, *, masks: bool, background: float):
         d = 8 if depth is None else depth
         w = 256 if width is None else width
         f = 6 if frequencies is None else frequencies
-        skip = (d // 2,) if d >= 2 and w > 3 * (1 + 2 * f) else ()
+        skip = (d // 2,) if d >= 2 and w > 3 * (1 + 2 * f) and encoding.kind == "frequency" else ()
         fields = pick(geometry_depth=depth, geometry_width=width, geometry_frequencies=frequencies,
                       feature_dim=g["feature_dim"], rendering_depth=g["render_depth"],
                       rendering_width=g["render_width"])
@@ -319,7 +338,15 @@ def reconstruct_command(
     depth: int = typer.Option(None, help="Geometry (nerf: trunk) MLP hidden layers (default 8; skip connection "
                               "into depth // 2)."),
     width: int = typer.Option(None, help="Geometry (nerf: trunk) MLP width (default 256)."),
-    frequencies: int = typer.Option(None, help="Positional-encoding frequencies of positions (default 6; nerf 10)."),
+    encoding: str = typer.Option("frequency", help="Encoding of positions: frequency (the paper's) or hashgrid "
+                                 "(instant-ngp's multiresolution hash grid, with small networks by default: "
+                                 "2 x 64 layers, 32 features; minutes instead of hours)."),
+    frequencies: int = typer.Option(None, help="Positional-encoding frequencies of positions (default 6; nerf 10; "
+                                    "with --encoding frequency)."),
+    hash_levels: int = typer.Option(None, help="hashgrid: resolution levels (default 16)."),
+    hash_table_size: int = typer.Option(None, help="hashgrid: log2 of the entries per level (default 19)."),
+    hash_finest: int = typer.Option(None, help="hashgrid: finest resolution over the bounding cube (default 2048)."),
+    hash_lr: float = typer.Option(None, help="hashgrid: learning rate of the hash tables (default 1e-2)."),
     feature_dim: int = typer.Option(None, help="idr/unisurf: geometry feature size passed to the colour network "
                                     "(default 256)."),
     render_depth: int = typer.Option(None, help="idr/unisurf: colour MLP hidden layers (default 4)."),
@@ -374,6 +401,14 @@ def reconstruct_command(
         if given[name] not in (None, False) and method not in METHOD_ONLY[name]:
             option = "--" + name.replace("_", "-")
             raise CLIError(f"{option}: only for --method {' or '.join(METHOD_ONLY[name])}, not {method}")
+    encoding = choice("--encoding", encoding, ("frequency", "hashgrid"))
+    hash_options = ("hash_levels", "hash_table_size", "hash_finest", "hash_lr")
+    if encoding == "hashgrid" and frequencies is not None:
+        raise CLIError("--frequencies: only with --encoding frequency (the hash grid has no frequencies)")
+    for name in hash_options:
+        if encoding == "frequency" and given[name] is not None:
+            raise CLIError(f"--{name.replace('_', '-')}: only with --encoding hashgrid")
+    given["encoding"] = encoding
     use_masks = (method == "idr") if masks is None else masks
     if method == "idr" and not use_masks:
         raise CLIError("--no-masks: IDR needs object masks (its mask loss); use --method unisurf or nerf to "

@@ -169,7 +169,8 @@ def _check_rays(origins, dirs):
 @torch.no_grad()
 def sphere_trace(sdf_fn: SdfFn, origins: torch.Tensor, dirs: torch.Tensor,
                  settings: TracerSettings = TracerSettings(), *, miss_min_sdf: bool = True,
-                 generator: torch.Generator | None = None) -> TraceResult:
+                 generator: torch.Generator | None = None,
+                 segments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> TraceResult:
     """Find the first zero of ``sdf_fn`` along each ray.
 
     sdf_fn: ``points (M, 3) -> (M,)`` (or ``(M, C)``, whose first column is the SDF); called without autograd
@@ -180,6 +181,9 @@ def sphere_trace(sdf_fn: SdfFn, origins: torch.Tensor, dirs: torch.Tensor,
         skipped by marching is still found and a miss reports its minimum-SDF point (what IDR's mask loss
         needs); False (rendering) reports such rays as misses at once.
     generator: if given, the sampler's positions are jittered (stratified) with it, as in training.
+    segments: ``(t_near, t_far, inside)``, each (N,), to march instead of the bounding sphere's segments: an
+        empty-space estimator's tighter ones (:meth:`taichi_dr.implicit.occupancy_grid.OccupancyGrid.ray_intervals`).
+        Rays with ``inside`` False are misses, reported at ``t_near``; the others march ``[t_near, t_far]``.
     """
     arch = runtime.ensure_init()
     _check_rays(origins, dirs)
@@ -200,7 +204,16 @@ def sphere_trace(sdf_fn: SdfFn, origins: torch.Tensor, dirs: torch.Tensor,
         return TraceResult(o.new_zeros(0), empty, empty, o.new_zeros(0, 3), 0, 0)
     # A camera inside the sphere starts at itself; a ray that misses keeps its closest approach to the
     # centre, not behind the camera.
-    t, t_far, in_sphere = ray_segments(o, d, float(settings.bounding_radius))
+    if segments is None:
+        t, t_far, in_sphere = ray_segments(o, d, float(settings.bounding_radius))
+    else:
+        t_given, t_far_given, inside_given = segments
+        check_tensor("segments[0] (t_near)", t_given, (n,), dtype=dtype)
+        check_tensor("segments[1] (t_far)", t_far_given, (n,), dtype=dtype)
+        check_tensor("segments[2] (inside)", inside_given, (n,), dtype=torch.bool)
+        t = to_kernel("segments[0] (t_near)", t_given).clone()
+        t_far = to_kernel("segments[1] (t_far)", t_far_given)
+        in_sphere = to_kernel("segments[2] (inside)", inside_given) & (t_far >= t)
     t_prev = t.clone()
     status = torch.where(in_sphere, ACTIVE, OUTSIDE).to(torch.int32)
     t_near = t.clone()

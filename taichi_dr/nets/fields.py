@@ -35,12 +35,16 @@ class GeometryNetwork(nn.Module):
     ``FrequencyEncoding(3, n_frequencies)``, n_frequencies 6 as IDR; give one or the other);
     init_radius: radius of the sphere the geometric initialisation approximates (IDR: ``bias`` 0.6);
     beta: Softplus sharpness (IDR: 100); use_weight_norm: as IDR.
+    finite_difference_step: the step of the central differences :meth:`gradient` takes when a trained
+        gradient cannot go through the encoding by autograd (``supports_double_backward`` False: the hash
+        grid); default the encoding's ``finite_difference_step`` (the hash grid's finest cell), else 1e-3.
     """
 
     def __init__(self, feature_dim: int = 256, depth: int = 8, width: int = 256,
                  skip_in: Sequence[int] = (4,), n_frequencies: int | None = None, init_radius: float = 0.6,
                  beta: float = 100.0,
-                 geometric_init: bool = True, use_weight_norm: bool = True, *, encoding: nn.Module | None = None):
+                 geometric_init: bool = True, use_weight_norm: bool = True, *, encoding: nn.Module | None = None,
+                 finite_difference_step: float | None = None):
         super().__init__()
         if depth < 1 or width < 1 or feature_dim < 0:
             raise ValueError(f"GeometryNetwork: need depth >= 1, width >= 1 and feature_dim >= 0, got "
@@ -53,6 +57,11 @@ class GeometryNetwork(nn.Module):
         if encoding is None:
             encoding = FrequencyEncoding(3, 6 if n_frequencies is None else n_frequencies)
         self.encoding = check_encoding(encoding, 3, "GeometryNetwork")
+        step = finite_difference_step if finite_difference_step is not None else \
+            getattr(self.encoding, "finite_difference_step", 1e-3)
+        if not (math.isfinite(step) and step > 0):
+            raise ValueError(f"GeometryNetwork: finite_difference_step must be > 0, got {step}")
+        self.finite_difference_step = float(step)
         d_in = self.encoding.out_dim
         encoded = d_in > 3
         if geometric_init and encoded and not getattr(self.encoding, "includes_input", False):
@@ -111,14 +120,28 @@ class GeometryNetwork(nn.Module):
     def gradient(self, x: torch.Tensor, create_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Network output ``(M, 1 + feature_dim)`` and the SDF's spatial gradient ``(M, 3)`` by autograd.
 
-        With ``create_graph`` (training) the gradient is itself differentiable (eikonal loss, normals).
+        With ``create_graph`` (training) the gradient is itself differentiable (eikonal loss, normals). Where
+        the encoding has no double backward (the hash grid), that gradient is the central difference
+        ``(f(x + h e_i) - f(x - h e_i)) / 2h`` instead (as NeuS2 and Neuralangelo do): six more evaluations,
+        trained by ordinary first-order backward; without ``create_graph`` it is autograd's, as for any encoding.
         """
+        if create_graph and not getattr(self.encoding, "supports_double_backward", True):
+            return self.forward(x), self.finite_difference_gradient(x)
         with torch.enable_grad():
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
             out = self.forward(x)
             (g,) = torch.autograd.grad(out[:, 0], x, torch.ones_like(out[:, 0]), create_graph=create_graph)
         return out, g
+
+    def finite_difference_gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """The SDF's central-difference gradient ``(M, 3)`` at ``x (M, 3)`` with step
+        ``finite_difference_step``; differentiable in the network (and in ``x``) by first-order autograd."""
+        h = self.finite_difference_step
+        offsets = torch.eye(3, dtype=x.dtype, device=x.device) * h                     # (3, 3)
+        probes = torch.cat([x[:, None, :] + offsets, x[:, None, :] - offsets], dim=1)   # (M, 6, 3)
+        f = self.sdf(probes.reshape(-1, 3)).reshape(-1, 2, 3)
+        return (f[:, 0] - f[:, 1]) / (2.0 * h)
 
 
 class OccupancyNetwork(nn.Module):

@@ -44,6 +44,7 @@ from taichi_dr.core.transforms import CameraParameters
 from taichi_dr.data.datasets import MultiViewDataset, RayBatch, rays_for_pixels, sample_rays
 from taichi_dr.implicit.sphere_tracing import TracerSettings, differentiable_intersection, sphere_trace
 from taichi_dr.losses.implicit import alpha_schedule, eikonal_loss, mask_loss, rgb_loss
+from taichi_dr.nets.encodings import EncodingSettings, position_encoding
 from taichi_dr.nets.fields import GeometryNetwork, RenderingNetwork
 from taichi_dr.pipelines.callbacks import Callback
 from taichi_dr.pipelines.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
@@ -56,6 +57,7 @@ from taichi_dr.pipelines.reconstruction import (
     engine_config,
     field_snapshot,
     multistep_optimizer,
+    network_param_groups,
     positive,
 )
 from taichi_dr.pipelines.views import image_metrics, render_cameras, resize_views, scale_cameras, validation_callback
@@ -67,7 +69,7 @@ __all__ = ["IDRBatch", "IDRConfig", "IDRMethod", "IDRModel", "check_network_sett
 # The settings a checkpoint's weights are shaped by: a run can only continue from a checkpoint made with
 # the same ones (the others, e.g. iterations, rays per batch, loss weights, may change on resume).
 NETWORK_SETTINGS = ("geometry_depth", "geometry_width", "geometry_frequencies", "geometry_skip_in", "feature_dim",
-                    "rendering_depth", "rendering_width", "rendering_frequencies", "learn_cameras")
+                    "rendering_depth", "rendering_width", "rendering_frequencies", "learn_cameras", "encoding")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class IDRConfig:
     alpha_init, alpha_factor, alpha_milestones: mask-loss sharpness schedule (IDR: 50, x2, 5 times).
     geometry_*, rendering_*: network sizes (IDR: 8 x 256 with 6 frequencies and a skip into layer 4; 4 x 512
         with 4 frequencies).
+    encoding: the geometry network's encoding of positions (:class:`EncodingSettings`: IDR's frequencies, or
+        a hash grid over the bounding cube of ``tracer.bounding_radius``, its tables at their own learning rate).
     init_radius: radius of the initial sphere (IDR: 0.6 of the unit sphere).
     learn_cameras / camera_lr: refine the camera poses too (IDR's "trainable cameras").
     tracer: sphere-tracing settings (the bounding sphere is also the eikonal sampling region).
@@ -111,6 +115,7 @@ class IDRConfig:
     rendering_depth: int = 4
     rendering_width: int = 512
     rendering_frequencies: int = 4
+    encoding: EncodingSettings = field(default_factory=EncodingSettings)
     init_radius: float = 0.6
     learn_cameras: bool = False
     camera_lr: float = 1e-4
@@ -146,6 +151,8 @@ class IDRConfig:
             raise ValueError(f"IDRConfig: unknown settings {sorted(unknown)}")
         if "tracer" in d and isinstance(d["tracer"], dict):
             d["tracer"] = TracerSettings(**d["tracer"])
+        if "encoding" in d and isinstance(d["encoding"], dict):
+            d["encoding"] = EncodingSettings(**d["encoding"])
         for key in ("lr_milestones", "geometry_skip_in"):
             if key in d:
                 d[key] = tuple(d[key])
@@ -163,10 +170,10 @@ class IDRModel(nn.Module):
 
     def __init__(self, config: IDRConfig = IDRConfig()):
         super().__init__()
+        encoding = position_encoding(config.encoding, config.geometry_frequencies, config.tracer.bounding_radius)
         self.geometry = GeometryNetwork(
             feature_dim=config.feature_dim, depth=config.geometry_depth, width=config.geometry_width,
-            n_frequencies=config.geometry_frequencies, skip_in=config.geometry_skip_in,
-            init_radius=config.init_radius)
+            encoding=encoding, skip_in=config.geometry_skip_in, init_radius=config.init_radius)
         self.rendering = RenderingNetwork(feature_dim=config.feature_dim, depth=config.rendering_depth,
                                           width=config.rendering_width,
                                           n_frequencies=config.rendering_frequencies)
@@ -274,7 +281,7 @@ class IDRMethod(Method):
     # -- the engine's hooks
 
     def param_groups(self) -> list[dict]:
-        groups = [{"params": list(self.model.parameters()), "name": "networks", "lr": self.settings.lr}]
+        groups = network_param_groups(self.model, self.settings.lr, self.settings.encoding)
         if self.camera_params is not None:
             groups.append({"params": list(self.camera_params.parameters()), "name": "cameras",
                            "lr": self.settings.camera_lr})

@@ -21,7 +21,7 @@ The learning rate decays exponentially to ``lr_gamma`` (NeRF: 0.1) of its start 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from taichi_dr.data.datasets import MultiViewDataset, RayBatch
 from taichi_dr.implicit.compositing import composite, composite_background
 from taichi_dr.implicit.sampling import importance_samples, merge_samples, stratified_samples
 from taichi_dr.losses.implicit import mask_bce_loss
+from taichi_dr.nets.encodings import EncodingSettings, position_encoding
 from taichi_dr.nets.radiance import RadianceField
 from taichi_dr.pipelines.config import OptimizerConfig, TrainConfig
 from taichi_dr.pipelines.reconstruction import (
@@ -50,7 +51,7 @@ from taichi_dr.pipelines.views import render_cameras
 __all__ = ["NeRFConfig", "NeRFMethod", "NeRFModel", "check_network_settings", "load_model",
            "mesh_field", "render_batch", "render_rays", "render_trained", "render_views", "surface_density"]
 
-NETWORK_SETTINGS = ("depth", "width", "skip_in", "frequencies", "view_frequencies", "colour_width")
+NETWORK_SETTINGS = ("depth", "width", "skip_in", "frequencies", "view_frequencies", "colour_width", "encoding")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class NeRFConfig:
     n_coarse, n_fine: samples per ray (NeRF: 64 and 128).
     depth, width, skip_in, frequencies, view_frequencies, colour_width: both networks (NeRF: 8 x 256, skip
         into layer 4 counted from 0, 10 and 4 frequencies, 128).
+    encoding: both networks' encoding of positions (:class:`EncodingSettings`): NeRF's frequencies, or a hash
+        grid over the cube of half-side ``min(bound_radius, 2 object_radius)`` (as UNISURF's).
     bound_radius: the sphere rays are cut to; object_radius: the object's (normalised unit) sphere, where
         meshes are taken.
     density_level: the density of the surface marching cubes takes; None (default): measured on the trained
@@ -84,6 +87,7 @@ class NeRFConfig:
     frequencies: int = 10
     view_frequencies: int = 4
     colour_width: int = 128
+    encoding: EncodingSettings = field(default_factory=EncodingSettings)
     bound_radius: float = 4.0
     object_radius: float = 1.0
     density_level: float | None = None
@@ -114,7 +118,7 @@ class NeRFConfig:
 
     @staticmethod
     def from_dict(d: dict) -> NeRFConfig:
-        return config_from_dict(NeRFConfig, d)
+        return config_from_dict(NeRFConfig, d, {"encoding": EncodingSettings})
 
     def train_config(self, **overrides) -> TrainConfig:
         optimizer = OptimizerConfig(lr=self.lr, schedule="exponential", gamma=self.lr_gamma,
@@ -129,8 +133,10 @@ class NeRFModel(nn.Module):
         super().__init__()
 
         def field():
+            encoding = position_encoding(config.encoding, config.frequencies,
+                                         min(config.bound_radius, 2.0 * config.object_radius))
             return RadianceField(depth=config.depth, width=config.width, skip_in=config.skip_in,
-                                 n_frequencies=config.frequencies, view_frequencies=config.view_frequencies,
+                                 encoding=encoding, view_frequencies=config.view_frequencies,
                                  colour_width=config.colour_width)
 
         self.coarse = field()

@@ -28,7 +28,7 @@ from taichi_dr.pipelines.engine import Method, TrainingViews
 
 __all__ = ["FIELD_METHODS", "RayMethod", "TrainedField", "TrainingRays", "check_run_settings", "check_same_networks",
            "config_from_dict", "config_to_dict", "dataset_training_views", "engine_config", "field_snapshot",
-           "load_trained", "multistep_optimizer", "positive", "read_field_checkpoint"]
+           "load_trained", "multistep_optimizer", "network_param_groups", "positive", "read_field_checkpoint"]
 
 # Method name (as saved in checkpoints) -> the module that trains it.
 FIELD_METHODS = {"idr": "taichi_dr.pipelines.idr", "unisurf": "taichi_dr.pipelines.unisurf",
@@ -69,6 +69,8 @@ def check_same_networks(saved, config, names) -> None:
     fields ``names``."""
     for name in names:
         then, now = getattr(saved, name), getattr(config, name)
+        if hasattr(then, "network_shape"):     # nested settings: only what shapes the weights must match
+            then, now = then.network_shape, now.network_shape
         if then != now:
             raise ValueError(f"the checkpoint was trained with {name}={_show(then)}, this run has "
                              f"{name}={_show(now)}; the networks must match to continue")
@@ -227,7 +229,7 @@ class RayMethod(Method):
         raise NotImplementedError
 
     def param_groups(self) -> list[dict]:
-        return [{"params": list(self.model.parameters()), "name": "networks", "lr": self.settings.lr}]
+        return network_param_groups(self.model, self.settings.lr, self.settings.encoding)
 
     def sample(self, iteration: int, generator: torch.Generator) -> TrainingRays:
         from taichi_dr.data.datasets import sample_rays
@@ -270,6 +272,19 @@ class RayMethod(Method):
 
     def check_resume(self, saved_config: dict) -> None:
         self.check_network_settings(saved_config, self.settings)
+
+
+def network_param_groups(model: torch.nn.Module, lr: float, encoding) -> list[dict]:
+    """The optimiser's groups for a field method's networks: the hash tables of its encodings (if any) at
+    ``encoding.table_lr`` (instant-ngp trains them at 1e-2, far above an MLP's rate), the rest at ``lr``."""
+    from taichi_dr.nets.hash_grid import HashGridEncoding
+
+    tables = {id(p) for m in model.modules() if isinstance(m, HashGridEncoding) for p in m.parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in tables], "name": "networks", "lr": lr}]
+    if tables:
+        groups.append({"params": [p for p in model.parameters() if id(p) in tables], "name": "hash_tables",
+                       "lr": encoding.table_lr})
+    return groups
 
 
 def engine_config(config, optimizer, **overrides):

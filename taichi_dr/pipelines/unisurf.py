@@ -48,6 +48,7 @@ from taichi_dr.implicit.compositing import composite, composite_background
 from taichi_dr.implicit.occupancy import SurfaceSearchSettings, find_surface
 from taichi_dr.implicit.sampling import IntervalSettings, interval_width, unisurf_samples
 from taichi_dr.losses.implicit import mask_bce_loss, rgb_loss, smoothness_loss
+from taichi_dr.nets.encodings import EncodingSettings, position_encoding
 from taichi_dr.nets.fields import GeometryNetwork, OccupancyNetwork
 from taichi_dr.nets.rendering import RenderingNetwork
 from taichi_dr.pipelines.config import TrainConfig
@@ -68,7 +69,7 @@ __all__ = ["UnisurfConfig", "UnisurfMethod", "UnisurfModel", "check_network_sett
            "mesh_field", "render_rays", "render_trained", "render_views", "training_step"]
 
 NETWORK_SETTINGS = ("geometry_depth", "geometry_width", "geometry_frequencies", "geometry_skip_in", "feature_dim",
-                    "rendering_depth", "rendering_width", "rendering_frequencies")
+                    "rendering_depth", "rendering_width", "rendering_frequencies", "encoding")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,10 @@ class UnisurfConfig:
     use_masks, mask_weight: add a BCE of opacity vs the object mask (only with masks; NeuS's weight 0.1).
     geometry_*, feature_dim: the occupancy network (UNISURF: 8 x 256, 6 frequencies, skip into layer 4, 256
         features); rendering_*: the appearance network (UNISURF: 4 x 256, 4 view frequencies).
+    encoding: the occupancy network's encoding of positions (:class:`EncodingSettings`): UNISURF's
+        frequencies, or a hash grid over the cube of half-side ``min(bound_radius, 2 object_radius)`` (its
+        resolution goes to the object, not to the far background; beyond the cube the grid's features are
+        those of its boundary and the raw coordinates still tell the points apart).
     sharpness: o = sigmoid(-s f) (UNISURF: 10); init_radius: the initial ball (UNISURF: 0.6).
     bound_radius: the sphere rays are cut to (UNISURF: 4.0); object_radius: the sphere of the object (the
         normalised unit sphere) where meshes are taken and the rendered mask is the surface.
@@ -110,6 +115,7 @@ class UnisurfConfig:
     rendering_depth: int = 4
     rendering_width: int = 256
     rendering_frequencies: int = 4
+    encoding: EncodingSettings = field(default_factory=EncodingSettings)
     sharpness: float = 10.0
     init_radius: float = 0.6
     bound_radius: float = 4.0
@@ -143,7 +149,8 @@ class UnisurfConfig:
 
     @staticmethod
     def from_dict(d: dict) -> UnisurfConfig:
-        return config_from_dict(UnisurfConfig, d, {"search": SurfaceSearchSettings, "interval": IntervalSettings})
+        return config_from_dict(UnisurfConfig, d, {"search": SurfaceSearchSettings, "interval": IntervalSettings,
+                                                   "encoding": EncodingSettings})
 
     def train_config(self, **overrides) -> TrainConfig:
         """The engine's settings: Adam at ``lr``, multiplied by ``lr_gamma`` at each of ``lr_milestones``."""
@@ -155,9 +162,11 @@ class UnisurfModel(nn.Module):
 
     def __init__(self, config: UnisurfConfig = UnisurfConfig()):
         super().__init__()
+        encoding = position_encoding(config.encoding, config.geometry_frequencies,
+                                     min(config.bound_radius, 2.0 * config.object_radius))
         geometry = GeometryNetwork(feature_dim=config.feature_dim, depth=config.geometry_depth,
-                                   width=config.geometry_width, n_frequencies=config.geometry_frequencies,
-                                   skip_in=config.geometry_skip_in, init_radius=config.init_radius)
+                                   width=config.geometry_width, encoding=encoding, skip_in=config.geometry_skip_in,
+                                   init_radius=config.init_radius)
         self.field = OccupancyNetwork(geometry, config.sharpness)
         self.rendering = RenderingNetwork(feature_dim=config.feature_dim, depth=config.rendering_depth,
                                           width=config.rendering_width, n_frequencies=config.rendering_frequencies)

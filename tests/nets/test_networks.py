@@ -190,3 +190,42 @@ def test_rgb_loss_and_alpha_schedule():
     assert alpha_schedule(250, 2000) == 100          # IDR: doubled every 250 of 2000 epochs
     assert alpha_schedule(1249, 2000) == 50 * 2 ** 4
     assert alpha_schedule(1999, 2000) == 50 * 2 ** 5
+
+
+def test_finite_difference_gradient_matches_autograd_and_trains_by_first_order_backward():
+    """GeometryNetwork.gradient falls back to central differences for an encoding without double backward
+    (the hash grid); the differences equal autograd's gradient to O(h^2), and their eikonal loss trains the
+    network by ordinary backward (the gradient of the loss matches finite differences of the loss itself)."""
+
+    torch.manual_seed(0)
+    net = GeometryNetwork(feature_dim=4, depth=2, width=32, skip_in=(), beta=10.0, use_weight_norm=False,
+                          encoding=FrequencyEncoding(3, 2), finite_difference_step=1e-4).double()
+    x = torch.rand(64, 3, dtype=torch.float64) - 0.5
+    _, g_autograd = net.gradient(x, create_graph=False)
+    g_fd = net.finite_difference_gradient(x)
+    assert torch.allclose(g_fd, g_autograd, atol=1e-6)
+
+    class NoDoubleBackward(FrequencyEncoding):
+        supports_double_backward = False
+
+    net.encoding = NoDoubleBackward(3, 2)
+    out, g = net.gradient(x, create_graph=True)
+    assert torch.equal(g, net.finite_difference_gradient(x))
+    assert torch.equal(out, net(x))
+    loss = ((g.norm(dim=-1) - 1) ** 2).mean()
+    (grad_w,) = torch.autograd.grad(loss, net.layers[0].weight)
+    # One weight's derivative of the same loss by central differences of the loss.
+    w = net.layers[0].weight
+    eps = 1e-6
+    with torch.no_grad():
+        w[0, 0] += eps
+        up = ((net.finite_difference_gradient(x).norm(dim=-1) - 1) ** 2).mean()
+        w[0, 0] -= 2 * eps
+        down = ((net.finite_difference_gradient(x).norm(dim=-1) - 1) ** 2).mean()
+        w[0, 0] += eps
+    assert float(grad_w[0, 0]) == pytest.approx(float((up - down) / (2 * eps)), rel=1e-4, abs=1e-8)
+
+
+def test_geometry_network_refuses_a_non_positive_finite_difference_step():
+    with pytest.raises(ValueError, match="finite_difference_step"):
+        GeometryNetwork(depth=2, width=16, skip_in=(), finite_difference_step=0.0)
