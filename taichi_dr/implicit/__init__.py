@@ -16,6 +16,12 @@ from taichi_dr.implicit.analytic import box_sdf, sphere_sdf, torus_sdf
 from taichi_dr.implicit.compositing import Composite, composite, composite_background
 from taichi_dr.implicit.meshing import extract_mesh
 from taichi_dr.implicit.occupancy import SurfaceHits, SurfaceSearchSettings, find_surface
+from taichi_dr.implicit.occupancy_grid import (
+    OccupancyGrid,
+    density_value_fn,
+    occupancy_value_fn,
+    sdf_value_fn,
+)
 from taichi_dr.implicit.root_finding import first_crossing, secant_refine
 from taichi_dr.implicit.samples import RaySamples, offsets_from_counts
 from taichi_dr.implicit.sampling import (
@@ -37,9 +43,10 @@ from taichi_dr.implicit.sphere_tracing import (
 )
 
 __all__ = [
-    "Composite", "IntervalSettings", "RaySamples", "SurfaceHits", "SurfaceSearchSettings", "TraceResult",
-    "TracerSettings", "box_sdf", "composite", "composite_background", "differentiable_intersection",
-    "extract_mesh", "find_surface", "first_crossing", "importance_samples", "intersect_sphere", "interval_width",
-    "merge_samples", "offsets_from_counts", "sdf_gradient", "secant_refine", "segment_samples", "sphere_sdf",
-    "sphere_trace", "stratified_samples", "torus_sdf", "unisurf_samples",
+    "Composite", "IntervalSettings", "OccupancyGrid", "RaySamples", "SurfaceHits", "SurfaceSearchSettings",
+    "TraceResult", "TracerSettings", "box_sdf", "composite", "composite_background", "density_value_fn",
+    "differentiable_intersection", "extract_mesh", "find_surface", "first_crossing", "importance_samples",
+    "intersect_sphere", "interval_width", "merge_samples", "occupancy_value_fn", "offsets_from_counts",
+    "sdf_gradient", "sdf_value_fn", "secant_refine", "segment_samples", "sphere_sdf", "sphere_trace",
+    "stratified_samples", "torus_sdf", "unisurf_samples",
 ]
