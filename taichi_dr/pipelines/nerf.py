@@ -301,5 +301,5 @@ def mesh_field(model: NeRFModel, config: NeRFConfig) -> dict:
 
 def load_model(path, device=None) -> tuple[NeRFModel, NeRFConfig]:
     """A trained model and its config from a NeRF checkpoint (file or run folder)."""
-    model, config, _ = read_field_checkpoint(path, NeRFMethod, NeRFConfig, NeRFModel, None, device)
+    model, config, _ = read_field_checkpoint(path, NeRFMethod, NeRFConfig, NeRFModel, device)
     return model, config

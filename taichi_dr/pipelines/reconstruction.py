@@ -80,9 +80,9 @@ def _show(value) -> str:
     return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
-def read_field_checkpoint(path, method_cls, config_cls, build: Callable, nested=None, device=None):
+def read_field_checkpoint(path, method_cls, config_cls, build: Callable, device=None):
     """``(model, config, payload)`` from the checkpoint at ``path`` (file or run folder) of ``method_cls``:
-    the config rebuilt with :func:`config_from_dict`, the model with ``build(config)`` (under a forked RNG, so
+    the config rebuilt with ``config_cls.from_dict``, the model with ``build(config)`` (under a forked RNG, so
     the caller's random stream is untouched) and its saved weights. CheckpointError (one line naming the file)
     for anything that does not fit."""
     from taichi_dr.core import runtime
@@ -92,7 +92,7 @@ def read_field_checkpoint(path, method_cls, config_cls, build: Callable, nested=
         path = path / CHECKPOINT_NAME
     payload = load_checkpoint(path, method_cls)
     try:
-        config = config_from_dict(config_cls, payload["config"]["method_config"], nested)
+        config = config_cls.from_dict(payload["config"]["method_config"])
         with torch.random.fork_rng(devices=[]):
             model = build(config)
         model.load_state_dict(payload["method_state"]["model"])

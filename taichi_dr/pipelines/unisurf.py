@@ -326,6 +326,5 @@ def mesh_field(model: UnisurfModel, config: UnisurfConfig) -> dict:
 def load_model(path, device=None) -> tuple[UnisurfModel, UnisurfConfig]:
     """A trained model and its config from a UNISURF checkpoint (file or run folder); CheckpointError naming
     the file for anything else."""
-    model, config, _ = read_field_checkpoint(path, UnisurfMethod, UnisurfConfig, UnisurfModel,
-                                             {"search": SurfaceSearchSettings, "interval": IntervalSettings}, device)
+    model, config, _ = read_field_checkpoint(path, UnisurfMethod, UnisurfConfig, UnisurfModel, device)
     return model, config

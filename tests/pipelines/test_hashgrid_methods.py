@@ -98,3 +98,8 @@ def test_command_line_encoding_options(tmp_path):
     assert r.exit_code == 0, r.output
     saved = (tmp_path / "d" / "config.json").read_text()
     assert '"kind": "hashgrid"' in saved and '"geometry_width": 64' in saved
+    # The run loads back with its grid (tdr view, tdr evaluate and resume read it so).
+    from taichi_dr.pipelines.reconstruction import load_trained
+
+    trained = load_trained(tmp_path / "d")
+    assert any(isinstance(m, HashGridEncoding) for m in trained.model.modules())
