@@ -224,6 +224,7 @@ UNISURF_OPTIONS = {**IDR_OPTIONS, "bound_radius": "--bound-radius", "background"
                    "smooth_weight": "--smooth-weight", "n_interval": "--samples", "n_free": "--free-samples",
                    "free_after": "--free-after", "start": "--interval-start", "end": "--interval-end",
                    "decay": "--interval-decay", "n_steps": "--search-steps"}
+GRID_OPTIONS = {"enabled": "--occupancy-grid", "resolution": "--grid-resolution"}
 NERF_OPTIONS = {**{k: v for k, v in IDR_OPTIONS.items() if not k.startswith(("geometry_", "rendering_", "feature"))},
                 "depth": "--depth", "width": "--width", "frequencies": "--frequencies",
                 "colour_width": "--render-width", "n_coarse": "--coarse-samples", "n_fine": "--fine-samples",
@@ -234,21 +235,34 @@ METHOD_CLASSES = {"idr": ("IDRMethod", "IDRConfig"), "unisurf": ("UnisurfMethod"
                   "nerf": ("NeRFMethod", "NeRFConfig")}
 ENCODING_OPTIONS = {"kind": "--encoding", "n_levels": "--hash-levels", "log2_table_size": "--hash-table-size",
                     "finest_resolution": "--hash-finest", "table_lr": "--hash-lr"}
-# The networks' sizes with --encoding hashgrid where not given (option parameter -> value): small MLPs on the
-# grid's features, as instant-ngp and NeuS2 (one or two hidden layers of 64) use.
-HASHGRID_NETWORKS = {"depth": 2, "width": 64, "feature_dim": 32, "render_depth": 2, "render_width": 64}
+# The defaults with --encoding hashgrid where not given (option parameter -> value): small MLPs on the grid's
+# features, as instant-ngp and NeuS2 (one or two hidden layers of 64) use; 2^16 table entries per level, not
+# instant-ngp's 2^19, sized for CPUs (on 2 cores 2^19 doubled an IDR step on DTU, 0.40 s against 0.19 s: the
+# dense table gradient and optimiser state are 8x larger); a finest resolution of 512 over the bounding cube,
+# not instant-ngp's 2048 (made for its 800-pixel views): the images here put 200 (Spot 200x200) to 500 (DTU
+# 400x300) pixels across the unit cube, and levels much finer than that fit noise (IDR on Spot, 1500
+# iterations: Chamfer 0.90% of the diagonal, held-out PSNR 23.0 dB with 512; see docs/benchmarks.md); and the
+# networks' learning rate (HASHGRID_LR).
+HASHGRID_DEFAULTS = {"depth": 2, "width": 64, "feature_dim": 32, "render_depth": 2, "render_width": 64,
+                     "hash_table_size": 16, "hash_finest": 512}
+# Measured on DTU scan 24 with IDR, 500 iterations (first held-out view): 5e-4 (the frequency networks' rate)
+# trains the small colour network too slowly (PSNR 14.9 dB, mask IoU 0.95), 1e-2 (instant-ngp's) was unstable
+# (14.4 dB, IoU 0.83), 5e-3 reached 16.0 dB and IoU 0.98.
+HASHGRID_LR = {"idr": 5e-3, "unisurf": 5e-3, "nerf": 5e-3}
 # Options that only some methods have: option parameter -> the methods that take it.
 METHOD_ONLY = {"learn_cameras": ("idr",), "feature_dim": ("idr", "unisurf"), "bound_radius": ("unisurf", "nerf"),
                "background": ("unisurf", "nerf"), "samples": ("unisurf",), "free_samples": ("unisurf",),
                "free_after": ("unisurf",), "search_steps": ("unisurf",), "interval_start": ("unisurf",),
                "interval_end": ("unisurf",), "interval_decay": ("unisurf",), "smooth_weight": ("unisurf",),
-               "coarse_samples": ("nerf",), "fine_samples": ("nerf",), "density_level": ("nerf",)}
+               "coarse_samples": ("nerf",), "fine_samples": ("nerf",), "density_level": ("nerf",),
+               "occupancy_grid": ("unisurf", "nerf"), "grid_resolution": ("unisurf", "nerf")}
 
 
 def build_config(method: str, given: dict, *, masks: bool, background: float):
     """The method's config from the command's options (``given``: parameter -> value, None where not given, so
     the method's own default applies); CLIError naming the option for a bad value."""
     from taichi_dr.implicit.occupancy import SurfaceSearchSettings
+    from taichi_dr.implicit.occupancy_grid import OccupancyGridSettings
     from taichi_dr.implicit.sampling import IntervalSettings
     from taichi_dr.nets.encodings import EncodingSettings
     from taichi_dr.pipelines.idr import IDRConfig
@@ -258,7 +272,18 @@ def build_config(method: str, given: dict, *, masks: bool, background: float):
     def pick(**fields):
         return {k: v for k, v in fields.items() if v is not None}
 
+    def grid_settings(g):
+        try:
+            return OccupancyGridSettings(**pick(enabled=g["occupancy_grid"], resolution=g["grid_resolution"]))
+        except (ValueError, TypeError) as e:
+            raise settings_error(e, "OccupancyGridSettings", GRID_OPTIONS) from None
+
     g = dict(given)
+    if g["encoding"] == "hashgrid":
+        # The grid holds the detail, so the networks can be small (instant-ngp, NeuS2); what is given wins.
+        for name, value in {**HASHGRID_DEFAULTS, "lr": HASHGRID_LR[method]}.items():
+            if g.get(name) is None:
+                g[name] = value
     try:
         encoding = EncodingSettings(kind=g["encoding"], **pick(n_levels=g["hash_levels"],
                                                                log2_table_size=g["hash_table_size"],
@@ -266,11 +291,6 @@ def build_config(method: str, given: dict, *, masks: bool, background: float):
                                                                table_lr=g["hash_lr"]))
     except (ValueError, TypeError) as e:
         raise settings_error(e, "EncodingSettings", ENCODING_OPTIONS) from None
-    if encoding.kind == "hashgrid":
-        # The grid holds the detail, so the networks can be small (instant-ngp, NeuS2); what is given wins.
-        for name, value in HASHGRID_NETWORKS.items():
-            if g.get(name) is None:
-                g[name] = value
     common = pick(iterations=g["iterations"], rays_per_batch=g["rays"], lr=g["lr"],
                   checkpoint_every=g["checkpoint_every"], validate_every=g["validate_every"], seed=g["seed"],
                   grad_clip=g["grad_clip"] or None)
@@ -282,7 +302,7 @@ def build_config(method: str, given: dict, *, masks: bool, background: float):
                       n_coarse=g["coarse_samples"], n_fine=g["fine_samples"], density_level=g["density_level"],
                       bound_radius=g["bound_radius"])
         owner, options, cls = "NeRFConfig", NERF_OPTIONS, NeRFConfig
-        fields.update(background=background, use_masks=masks)
+        fields.update(background=background, use_masks=masks, occupancy_grid=grid_settings(g))
     else:
         d = 8 if depth is None else depth
         w = 256 if width is None else width
@@ -305,8 +325,9 @@ def build_config(method: str, given: dict, *, masks: bool, background: float):
             except (ValueError, TypeError) as e:
                 name = "SurfaceSearchSettings" if "SurfaceSearch" in str(e) else "IntervalSettings"
                 raise settings_error(e, name, UNISURF_OPTIONS) from None
+            grid = grid_settings(g)
             fields.update(pick(bound_radius=g["bound_radius"], smooth_weight=g["smooth_weight"]), search=search,
-                          interval=interval, background=background, use_masks=masks)
+                          interval=interval, occupancy_grid=grid, background=background, use_masks=masks)
     try:
         return cls(**common, **fields)
     except (ValueError, TypeError) as e:
@@ -333,8 +354,8 @@ def reconstruct_command(
                                "the method needs them: idr). unisurf/nerf use them for an opacity loss."),
     iterations: int = typer.Option(2000, help="Training iterations."),
     rays: int = typer.Option(1024, "--rays", help="Rays per batch (drawn over all training views)."),
-    lr: float = typer.Option(None, help="Adam learning rate (default 5e-4; idr/unisurf: halved at 50% and 75% of "
-                             "training; nerf: decays to 0.1x)."),
+    lr: float = typer.Option(None, help="Adam learning rate of the networks (default 5e-4, 5e-3 with --encoding "
+                             "hashgrid; idr/unisurf: halved at 50% and 75% of training; nerf: decays to 0.1x)."),
     depth: int = typer.Option(None, help="Geometry (nerf: trunk) MLP hidden layers (default 8; skip connection "
                               "into depth // 2)."),
     width: int = typer.Option(None, help="Geometry (nerf: trunk) MLP width (default 256)."),
@@ -344,8 +365,10 @@ def reconstruct_command(
     frequencies: int = typer.Option(None, help="Positional-encoding frequencies of positions (default 6; nerf 10; "
                                     "with --encoding frequency)."),
     hash_levels: int = typer.Option(None, help="hashgrid: resolution levels (default 16)."),
-    hash_table_size: int = typer.Option(None, help="hashgrid: log2 of the entries per level (default 19)."),
-    hash_finest: int = typer.Option(None, help="hashgrid: finest resolution over the bounding cube (default 2048)."),
+    hash_table_size: int = typer.Option(None, help="hashgrid: log2 of the entries per level (default 16, sized "
+                                        "for CPUs; instant-ngp's is 19)."),
+    hash_finest: int = typer.Option(None, help="hashgrid: finest resolution over the bounding cube (default 512, "
+                                    "for images of a few hundred pixels; instant-ngp's is 2048)."),
     hash_lr: float = typer.Option(None, help="hashgrid: learning rate of the hash tables (default 1e-2)."),
     feature_dim: int = typer.Option(None, help="idr/unisurf: geometry feature size passed to the colour network "
                                     "(default 256)."),
@@ -361,6 +384,12 @@ def reconstruct_command(
     free_after: int = typer.Option(None, help="unisurf: iteration from which free-space samples are added "
                                    "(default 5000)."),
     search_steps: int = typer.Option(None, help="unisurf: uniform steps of the surface search (default 256)."),
+    occupancy_grid: bool = typer.Option(None, "--occupancy-grid/--no-occupancy-grid", help="unisurf/nerf: skip "
+                                        "empty space with an occupancy grid updated during training (unisurf: "
+                                        "the surface search, nerf: the coarse samples, only in occupied cells; "
+                                        "default: on for unisurf, off for nerf)."),
+    grid_resolution: int = typer.Option(None, help="unisurf/nerf: cells per axis of the occupancy grid over the "
+                                        "bounding sphere's cube (default 128)."),
     interval_start: float = typer.Option(None, help="unisurf: interval half-width at the start (default 2.0)."),
     interval_end: float = typer.Option(None, help="unisurf: smallest interval half-width (default 0.1)."),
     interval_decay: float = typer.Option(None, help="unisurf: half-width start*exp(-decay*it) (default 1.5e-5)."),

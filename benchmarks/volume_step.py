@@ -2,17 +2,22 @@
 stage by stage, side by side in one run on the real DTU data.
 
 Each stage runs the same library calls, in the same order and with the same random draws, as
-``taichi_dr.pipelines.unisurf.training_step`` / ``taichi_dr.pipelines.nerf.NeRFMethod.step`` followed by what the
-engine does (backward, gradient norm, Adam step), timed one by one with ``time.perf_counter`` (no profiler), so
+``taichi_dr.pipelines.unisurf.training_step`` / ``taichi_dr.pipelines.nerf.NeRFMethod.training_step`` followed by
+what the engine does (backward, gradient norm, Adam step), timed one by one with ``time.perf_counter`` (no profiler), so
 the stages add up to a whole step. A whole step as the engine runs it (``Method.step`` + ``loss.backward()`` +
 ``clip_gradients`` + ``optimizer.step()``) is timed too, alternating with the staged one, and the table reports
 how the sum of the stages compares. Before timing, one staged step is checked against the library's step on
 the same rays and seeds: same loss and same gradients (so the staging measures the real code path).
 
+Both methods run without an occupancy grid (``occupancy_grid.enabled=False``; NeRF's default, not UNISURF's):
+the stages are UNISURF's and NeRF's own algorithms (search and samples over the whole segment), and ``step``
+then makes no grid update, so the staged step's random draws are the library step's.
+
 Splits that need more than calling the library's functions one after the other:
 
-* surface search: ``find_surface`` is called with a wrapper around ``model.occupancy`` that times the network
-  calls (256 uniform steps, then 8 secant steps); the rest of ``find_surface`` is its Taichi kernels and glue;
+* surface search: ``find_surface`` (what ``search_surface`` runs without a grid) is called with a wrapper around
+  ``model.occupancy`` that times the network calls (256 uniform steps, then 8 secant steps); the rest of
+  ``find_surface`` is its Taichi kernels and glue;
 * network forward at the samples: ``UnisurfModel.radiance`` unrolled into its parts (geometry forward, the
   normals' ``autograd.grad`` with ``create_graph``, the appearance network), the same operations it runs;
 * backward: ``torch.autograd.grad`` of the loss to the compositing op's inputs first (the loss head and the
@@ -43,9 +48,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import torch  # noqa: E402
 
 from taichi_dr.core import runtime  # noqa: E402
+from taichi_dr.core.rays import ray_segments  # noqa: E402
 from taichi_dr.data.datasets import load_dataset, sample_rays, split_holdout  # noqa: E402
 from taichi_dr.implicit.compositing import composite, composite_background  # noqa: E402
 from taichi_dr.implicit.occupancy import SurfaceSearchSettings, find_surface  # noqa: E402
+from taichi_dr.implicit.occupancy_grid import OccupancyGridSettings  # noqa: E402
 from taichi_dr.implicit.sampling import (  # noqa: E402
     IntervalSettings,
     importance_samples,
@@ -55,8 +62,9 @@ from taichi_dr.implicit.sampling import (  # noqa: E402
 )
 from taichi_dr.losses.implicit import rgb_loss, smoothness_loss  # noqa: E402
 from taichi_dr.pipelines.engine import clip_gradients  # noqa: E402
-from taichi_dr.pipelines.nerf import NeRFBatch, NeRFConfig, NeRFMethod  # noqa: E402
-from taichi_dr.pipelines.unisurf import UnisurfBatch, UnisurfConfig, UnisurfMethod, load_model, segment  # noqa: E402
+from taichi_dr.pipelines.nerf import NeRFConfig, NeRFMethod  # noqa: E402
+from taichi_dr.pipelines.reconstruction import TrainingRays  # noqa: E402
+from taichi_dr.pipelines.unisurf import UnisurfConfig, UnisurfMethod, load_model  # noqa: E402
 
 WHOLE = "whole step (Method.step + backward + grad norm + Adam)"
 
@@ -114,11 +122,12 @@ def accumulate(params, grads):
 # --------------------------------------------------------------------------------------------------- UNISURF
 
 
-def unisurf_staged(method: UnisurfMethod, batch: UnisurfBatch, iteration: int, optimizer, stages: Stages,
+def unisurf_staged(method: UnisurfMethod, batch: TrainingRays, iteration: int, optimizer, stages: Stages,
                    step: bool = True) -> torch.Tensor:
     """One UNISURF iteration as ``training_step`` + the engine run it, stage by stage. Returns the loss."""
     model, config, rays = method.model, method.settings, batch.rays
-    generator = torch.Generator().manual_seed(batch.sampler_seed)   # as UnisurfMethod.step seeds its own
+    assert method.grid is None, "the stages follow UNISURF without an occupancy grid"
+    generator = torch.Generator().manual_seed(batch.sampler_seed)   # as RayMethod.step seeds its own
     geometry, rendering = model.field.geometry, model.rendering
     geometry_params, rendering_params = list(geometry.parameters()), list(rendering.parameters())
     with stages("zero_grad"):
@@ -128,7 +137,7 @@ def unisurf_staged(method: UnisurfMethod, batch: UnisurfBatch, iteration: int, o
     with stages("search: segment to the bounding sphere"):
         origins, dirs = rays.origins.detach(), rays.dirs.detach()
         n = origins.shape[0]
-        t_near, t_far = segment(origins, dirs, config.bound_radius)
+        t_near, t_far, _ = ray_segments(origins, dirs, config.bound_radius)
     field = TimedField(model.occupancy, stages)
     with stages("search: find_surface"):
         hits = find_surface(field, origins, dirs, t_near, t_far, config.search, generator)
@@ -203,7 +212,7 @@ def unisurf_staged(method: UnisurfMethod, batch: UnisurfBatch, iteration: int, o
     return loss.detach()
 
 
-def unisurf_whole(method: UnisurfMethod, batch: UnisurfBatch, iteration: int, optimizer, stages: Stages,
+def unisurf_whole(method: UnisurfMethod, batch: TrainingRays, iteration: int, optimizer, stages: Stages,
                   step: bool = True) -> torch.Tensor:
     with stages(WHOLE):
         optimizer.zero_grad(set_to_none=True)
@@ -219,17 +228,18 @@ def unisurf_whole(method: UnisurfMethod, batch: UnisurfBatch, iteration: int, op
 # ------------------------------------------------------------------------------------------------------ NeRF
 
 
-def nerf_staged(method: NeRFMethod, batch: NeRFBatch, iteration: int, optimizer, stages: Stages,
+def nerf_staged(method: NeRFMethod, batch: TrainingRays, iteration: int, optimizer, stages: Stages,
                 step: bool = True) -> torch.Tensor:
-    """One NeRF iteration as ``NeRFMethod.step`` (``render_batch``) + the engine run it, stage by stage."""
+    """One NeRF iteration as ``NeRFMethod.training_step`` (``render_batch``) + the engine run it, stage by stage."""
     model, config, rays = method.model, method.settings, batch.rays
-    generator = torch.Generator().manual_seed(batch.sampler_seed)
+    assert method.grid is None, "the stages follow NeRF without an occupancy grid"
+    generator = torch.Generator().manual_seed(batch.sampler_seed)   # as RayMethod.step seeds its own
     coarse_params, fine_params = list(model.coarse.parameters()), list(model.fine.parameters())
     with stages("zero_grad"):
         optimizer.zero_grad(set_to_none=True)
     with stages("coarse sampling (segment, stratified, points)"):
         origins, dirs = rays.origins.detach(), rays.dirs.detach()
-        t_near, t_far = segment(origins, dirs, config.bound_radius)
+        t_near, t_far, _ = ray_segments(origins, dirs, config.bound_radius)
         counts = torch.full_like(t_near, config.n_coarse, dtype=torch.int32)
         coarse_samples = stratified_samples(t_near, t_far, counts, generator)
         points, view_dirs = coarse_samples.points(origins, dirs), coarse_samples.directions(dirs)
@@ -269,7 +279,7 @@ def nerf_staged(method: NeRFMethod, batch: NeRFBatch, iteration: int, optimizer,
     return loss.detach()
 
 
-def nerf_whole(method: NeRFMethod, batch: NeRFBatch, iteration: int, optimizer, stages: Stages,
+def nerf_whole(method: NeRFMethod, batch: TrainingRays, iteration: int, optimizer, stages: Stages,
                step: bool = True) -> torch.Tensor:
     with stages(WHOLE):
         optimizer.zero_grad(set_to_none=True)
@@ -285,11 +295,12 @@ def nerf_whole(method: NeRFMethod, batch: NeRFBatch, iteration: int, optimizer, 
 # ---------------------------------------------------------------------------------------------------- driver
 
 
-def make_batch(method, batch_cls, rays_per_batch: int, seed: int):
-    """The engine's draws for one iteration (rays, then the samplers' seed) from a generator seeded with ``seed``."""
+def make_batch(method, rays_per_batch: int, seed: int) -> TrainingRays:
+    """The engine's draws for one iteration (rays, then the samplers' seed, as ``RayMethod.sample``) from a
+    generator seeded with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     rays = sample_rays(method.data, rays_per_batch, generator)
-    return batch_cls(rays=rays, sampler_seed=int(torch.randint(0, 2**62, (), generator=generator)))
+    return TrainingRays(rays=rays, sampler_seed=int(torch.randint(0, 2**62, (), generator=generator)))
 
 
 def check_same(name, method, batch, iteration, staged, whole, optimizer, device):
@@ -312,13 +323,13 @@ def check_same(name, method, batch, iteration, staged, whole, optimizer, device)
           f"difference {worst:.1e})")
 
 
-def measure(name, method, batch_cls, iteration, staged, whole, args, device):
+def measure(name, method, iteration, staged, whole, args, device):
     optimizer = torch.optim.Adam(method.model.parameters(), lr=method.settings.lr)
-    first = make_batch(method, batch_cls, args.rays, args.seed)
+    first = make_batch(method, args.rays, args.seed)
     check_same(name, method, first, iteration, staged, whole, optimizer, device)
     runs_staged, runs_whole = [], []
     for k in range(args.warmup + args.repeats):
-        batch = make_batch(method, batch_cls, args.rays, args.seed + 1 + k)
+        batch = make_batch(method, args.rays, args.seed + 1 + k)
         # alternate which goes first, so a load change on a shared machine hits both
         order = [(staged, runs_staged), (whole, runs_whole)]
         for fn, runs in order if k % 2 == 0 else order[::-1]:
@@ -347,7 +358,7 @@ def print_table(title, medians, staged_total, whole_total, extra=""):
 
 def unisurf_extra(method, iteration, args):
     """Sample and evaluation counts of one batch at ``iteration`` (to read the table by)."""
-    _, stats = method.step(make_batch(method, UnisurfBatch, args.rays, args.seed), iteration)
+    _, stats = method.step(make_batch(method, args.rays, args.seed), iteration)
     return (f"iteration {iteration} (free-space samples from {method.settings.interval.free_after}): "
             f"{args.rays} rays, hit fraction {float(stats['hit_fraction']):.2f}, "
             f"{float(stats['samples_per_ray']):.1f} samples/ray, interval half-width {stats['interval']:.2f}, "
@@ -379,12 +390,14 @@ def main(argv=None):
     arch = runtime.ensure_init()
     device = runtime.device()
 
+    # No occupancy grid: the tables document UNISURF's and NeRF's own algorithms (NeRF's default is already off).
+    no_grid = OccupancyGridSettings(enabled=False)
     unisurf = dict(rays_per_batch=args.rays, geometry_depth=4, geometry_width=128, geometry_skip_in=(2,),
                    feature_dim=128, rendering_depth=3, rendering_width=128,
-                   interval=IntervalSettings(free_after=args.free_after))
+                   interval=IntervalSettings(free_after=args.free_after), occupancy_grid=no_grid)
     nerf = dict(rays_per_batch=args.rays, depth=args.nerf_depth, width=args.nerf_width,
                 skip_in=(args.nerf_depth // 2,) if args.nerf_depth >= 2 else (), n_coarse=args.n_coarse,
-                n_fine=args.n_fine)
+                n_fine=args.n_fine, occupancy_grid=no_grid)
     if args.quick:
         args.rays, args.repeats, args.warmup = 32, 1, 0
         unisurf.update(rays_per_batch=32, geometry_depth=2, geometry_width=64, geometry_skip_in=(1,), feature_dim=8,
@@ -403,6 +416,7 @@ def main(argv=None):
         torch.manual_seed(config.seed)
         method = UnisurfMethod(train, config)
         if args.checkpoint:
+            # only its weights: the checkpoint's settings (which may enable a grid) are not used
             trained, _ = load_model(args.checkpoint, device=device)
             method.model.load_state_dict(trained.state_dict())
         state = {k: v.clone() for k, v in method.model.state_dict().items()}
@@ -410,8 +424,7 @@ def main(argv=None):
         for label, iteration in (("before", max(free_after - 1, 0)), ("after", free_after)):
             method.model.load_state_dict(state)            # both from the same weights
             extra = unisurf_extra(method, iteration, args)
-            res = measure(f"UNISURF {label}", method, UnisurfBatch, iteration, unisurf_staged, unisurf_whole, args,
-                          device)
+            res = measure(f"UNISURF {label}", method, iteration, unisurf_staged, unisurf_whole, args, device)
             print_table(f"UNISURF, {label} free-space samples", *res, extra=extra)
     if "nerf" not in args.skip:
         config = NeRFConfig(**nerf)
@@ -419,7 +432,7 @@ def main(argv=None):
         method = NeRFMethod(train, config)
         extra = (f"{args.rays} rays, {config.n_coarse} coarse + {config.n_fine} fine samples/ray, depth "
                  f"{config.depth} x width {config.width}")
-        res = measure("NeRF", method, NeRFBatch, 0, nerf_staged, nerf_whole, args, device)
+        res = measure("NeRF", method, 0, nerf_staged, nerf_whole, args, device)
         print_table("NeRF", *res, extra=extra)
 
 

@@ -30,7 +30,7 @@ from taichi_dr.core.bridge import check_finite, check_tensor, to_kernel
 from taichi_dr.implicit.root_finding import _evaluate, first_crossing, secant_refine
 from taichi_dr.implicit.sphere_tracing import _check_rays
 
-__all__ = ["SurfaceHits", "SurfaceSearchSettings", "find_surface"]
+__all__ = ["SurfaceHits", "SurfaceSearchSettings", "find_surface", "find_surface_in_grid"]
 
 OccupancyFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -84,21 +84,8 @@ class SurfaceHits:
     evaluations: int
 
 
-@torch.no_grad()
-def find_surface(occupancy_fn: OccupancyFn, origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.Tensor,
-                 t_far: torch.Tensor, settings: SurfaceSearchSettings = SurfaceSearchSettings(),
-                 generator: torch.Generator | None = None) -> SurfaceHits:
-    """The first outside -> inside crossing of ``o(x) = level`` along each ray ``origins + t dirs``.
-
-    occupancy_fn: ``points (M, 3) -> (M,)`` (or ``(M, C)``: the first column) occupancy in [0, 1], inside =
-        high; called without autograd, ``settings.chunk`` points at a time.
-    origins, dirs: (R, 3) float32 or float64 (float32 only on Vulkan) on the kernel device, dirs of unit
-        length; t_near, t_far: (R,) the searched segment of each ray (same dtype).
-    generator: shifts each ray's sample grid by one random fraction of a step (training); None: the fixed
-        ``linspace(t_near, t_far, n_steps)``.
-
-    Rays with ``t_far <= t_near`` get no hit and no evaluation. Returns :class:`SurfaceHits`.
-    """
+def _check_search(settings, generator, origins, dirs, t_near, t_far):
+    """find_surface's argument checks; returns the rays and segments as kernel tensors."""
     if not isinstance(settings, SurfaceSearchSettings):
         raise TypeError(f"settings: expected SurfaceSearchSettings, got {type(settings).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -114,33 +101,20 @@ def find_surface(occupancy_fn: OccupancyFn, origins: torch.Tensor, dirs: torch.T
     o, d = to_kernel("origins", origins), to_kernel("dirs", dirs)
     near, far = to_kernel("t_near", t_near), to_kernel("t_far", t_far)
     check_finite({"t_near": near, "t_far": far})
-    dtype, dev = o.dtype, o.device
+    return o, d, near, far
+
+
+def _crossings(occupancy_fn, o, d, far, rays, ts, occupancy, settings, evaluations) -> SurfaceHits:
+    """The shared end of both searches: ``ts (R', N)`` increasing sample positions of ``rays (R',)`` and
+    their ``occupancy (R', N)``; the first outside -> inside change, refined by secant steps."""
     level = float(settings.level)
-    n = settings.n_steps
-
-    # One random shift per ray (drawn for all R rays, so their number depends on R only).
-    shift = (torch.rand(n_rays, generator=generator, dtype=dtype, device=generator.device).to(dev)
-             if generator is not None else None)
     t = far.clone()
-    hit = torch.zeros(n_rays, dtype=torch.bool, device=dev)
-    starts_inside = torch.zeros(n_rays, dtype=torch.bool, device=dev)
-    rays = torch.nonzero(far > near).flatten()
-    if rays.numel() == 0:
-        return SurfaceHits(t=t, hit=hit, starts_inside=starts_inside, evaluations=0)
-
-    steps = torch.arange(n, dtype=dtype, device=dev)
-    if shift is None:
-        u = (steps / (n - 1)).expand(rays.numel(), n)
-    else:
-        u = (steps[None, :] + shift[rays, None]) / n            # in [0, 1): n equal steps, one offset per ray
-    ts = (near[rays, None] + u * (far[rays] - near[rays])[:, None]).minimum(far[rays, None]).contiguous()
-    points = o[rays, None, :] + ts[..., None] * d[rays, None, :]
-    occupancy = _evaluate(occupancy_fn, points.reshape(-1, 3), settings.chunk, "occupancy_fn").reshape(-1, n)
-    evaluations = occupancy.numel()
+    hit = torch.zeros(far.shape[0], dtype=torch.bool, device=far.device)
+    starts_inside = torch.zeros_like(hit)
     check_finite({"occupancy_fn": occupancy})
     # positive outside (o < level), <= 0 inside: the field the root finder expects
     outside = (level - occupancy).contiguous()
-    found, t_lo, f_lo, t_hi, f_hi = first_crossing(outside, ts)
+    found, t_lo, f_lo, t_hi, f_hi = first_crossing(outside, ts.contiguous())
     inside_first = outside[:, 0] <= 0
     starts_inside[rays] = inside_first
     bracketed = found & ~inside_first
@@ -158,3 +132,74 @@ def find_surface(occupancy_fn: OccupancyFn, origins: torch.Tensor, dirs: torch.T
         evaluations += secant_evaluations
         t[br] = t_s
     return SurfaceHits(t=t, hit=hit, starts_inside=starts_inside, evaluations=evaluations)
+
+
+def _no_hits(far: torch.Tensor) -> SurfaceHits:
+    none = torch.zeros(far.shape[0], dtype=torch.bool, device=far.device)
+    return SurfaceHits(t=far.clone(), hit=none, starts_inside=none.clone(), evaluations=0)
+
+
+@torch.no_grad()
+def find_surface(occupancy_fn: OccupancyFn, origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.Tensor,
+                 t_far: torch.Tensor, settings: SurfaceSearchSettings = SurfaceSearchSettings(),
+                 generator: torch.Generator | None = None) -> SurfaceHits:
+    """The first outside -> inside crossing of ``o(x) = level`` along each ray ``origins + t dirs``.
+
+    occupancy_fn: ``points (M, 3) -> (M,)`` (or ``(M, C)``: the first column) occupancy in [0, 1], inside =
+        high; called without autograd, ``settings.chunk`` points at a time.
+    origins, dirs: (R, 3) float32 or float64 (float32 only on Vulkan) on the kernel device, dirs of unit
+        length; t_near, t_far: (R,) the searched segment of each ray (same dtype).
+    generator: shifts each ray's sample grid by one random fraction of a step (training); None: the fixed
+        ``linspace(t_near, t_far, n_steps)``.
+
+    Rays with ``t_far <= t_near`` get no hit and no evaluation. Returns :class:`SurfaceHits`.
+    """
+    o, d, near, far = _check_search(settings, generator, origins, dirs, t_near, t_far)
+    n_rays, dtype, dev = o.shape[0], o.dtype, o.device
+    n = settings.n_steps
+    # One random shift per ray (drawn for all R rays, so their number depends on R only).
+    shift = (torch.rand(n_rays, generator=generator, dtype=dtype, device=generator.device).to(dev)
+             if generator is not None else None)
+    rays = torch.nonzero(far > near).flatten()
+    if rays.numel() == 0:
+        return _no_hits(far)
+    steps = torch.arange(n, dtype=dtype, device=dev)
+    if shift is None:
+        u = (steps / (n - 1)).expand(rays.numel(), n)
+    else:
+        u = (steps[None, :] + shift[rays, None]) / n            # in [0, 1): n equal steps, one offset per ray
+    ts = (near[rays, None] + u * (far[rays] - near[rays])[:, None]).minimum(far[rays, None]).contiguous()
+    points = o[rays, None, :] + ts[..., None] * d[rays, None, :]
+    occupancy = _evaluate(occupancy_fn, points.reshape(-1, 3), settings.chunk, "occupancy_fn").reshape(-1, n)
+    return _crossings(occupancy_fn, o, d, far, rays, ts, occupancy, settings, occupancy.numel())
+
+
+@torch.no_grad()
+def find_surface_in_grid(occupancy_fn: OccupancyFn, origins: torch.Tensor, dirs: torch.Tensor,
+                         t_near: torch.Tensor, t_far: torch.Tensor, grid, step_size: float,
+                         settings: SurfaceSearchSettings = SurfaceSearchSettings(),
+                         generator: torch.Generator | None = None) -> SurfaceHits:
+    """:func:`find_surface` that evaluates the occupancy only in an occupancy grid's occupied cells.
+
+    The candidate samples lie every ``step_size`` along ``[t_near, t_far]`` (shifted by one random fraction of
+    a step per ray with a ``generator``); :meth:`~taichi_dr.implicit.occupancy_grid.OccupancyGrid.march` keeps
+    those in occupied cells, and only they are evaluated. The first outside -> inside change between
+    consecutive kept samples is then refined by ``settings.n_secant`` secant steps, as in :func:`find_surface`:
+    where kept samples are separated by empty cells, the bracket spans the gap, which the grid holds to be
+    outside. A ray whose first kept sample is inside is excluded (UNISURF's rule), and rays that cross no
+    occupied cell get no hit and cost nothing. ``settings.n_steps`` is not used (``step_size`` sets the
+    spacing: for UNISURF's, its diameter over ``n_steps``). Returns :class:`SurfaceHits`.
+    """
+    o, d, near, far = _check_search(settings, generator, origins, dirs, t_near, t_far)
+    samples = grid.march(o, d, near, far, step_size, generator=generator)
+    counts = samples.counts.long()
+    rays = torch.nonzero(counts > 0).flatten()
+    if rays.numel() == 0:
+        return _no_hits(far)
+    occupancy = _evaluate(occupancy_fn, samples.points(o, d), settings.chunk, "occupancy_fn")
+    # Dense (rays, most samples) rows, each padded by repeating its last sample: equal values add no crossing.
+    width = int(counts.max())
+    k = torch.arange(width, device=counts.device)
+    index = samples.offsets[:-1].long()[rays, None] + torch.minimum(k[None, :], counts[rays, None] - 1)
+    return _crossings(occupancy_fn, o, d, far, rays, samples.t[index], occupancy[index], settings,
+                      samples.n_samples)

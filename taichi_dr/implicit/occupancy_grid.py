@@ -51,6 +51,7 @@ import math
 import numbers
 import operator
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import taichi as ti
 import torch
@@ -60,7 +61,7 @@ from taichi_dr.core import runtime
 from taichi_dr.core.bridge import check_finite, check_tensor, to_kernel
 from taichi_dr.implicit.samples import RaySamples, offsets_from_counts
 
-__all__ = ["OccupancyGrid", "density_value_fn", "occupancy_value_fn", "sdf_value_fn"]
+__all__ = ["OccupancyGrid", "OccupancyGridSettings", "density_value_fn", "occupancy_value_fn", "sdf_value_fn"]
 
 ValueFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -71,6 +72,57 @@ _K_LIMIT = 2.0e9              # sample indices stay below this (int32 in the ker
 _BLOCK = 8                    # march skips empty blocks of up to 8^3 cells at once
 _EXIT_ULPS = 64               # margin of march's jumps past empty cells, in ulps of the coordinates
 _PAD_ULPS = 16                # ray_intervals pads its ends by this many ulps of the coordinates' magnitude
+
+
+
+@dataclass(frozen=True)
+class OccupancyGridSettings:
+    """Empty-space skipping in a field method (a nested config, as :class:`TracerSettings`).
+
+    enabled: keep an :class:`OccupancyGrid` of the field during training and search / sample only where it
+        says something may be (off: every ray searches its whole segment, as the papers' code does).
+    resolution: cells per axis over the method's bounding cube (instant-ngp, nerfacc: 128).
+    update_every, decay, threshold, warmup_steps: :meth:`OccupancyGrid.update`'s schedule (nerfacc: 16, 0.95,
+        0.01, 256).
+    """
+
+    enabled: bool = True
+    resolution: int = 128
+    update_every: int = 16
+    decay: float = 0.95
+    threshold: float = 0.01
+    warmup_steps: int = 256
+
+    def __post_init__(self):
+        checks = [
+            (isinstance(self.enabled, bool), "enabled must be true or false"),
+            (_is_int(self.resolution) and 1 <= self.resolution <= 1024, "resolution must be an integer in 1..1024"),
+            (_is_int(self.update_every) and self.update_every >= 1, "update_every must be an integer >= 1"),
+            (_is_real(self.decay) and 0 <= self.decay <= 1, "decay must be in [0, 1]"),
+            (_is_real(self.threshold) and 0 <= self.threshold < 1, "threshold must be in [0, 1)"),
+            (_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps must be an integer >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"OccupancyGridSettings: {msg}")
+
+    def make_grid(self, radius: float) -> "OccupancyGrid | None":
+        """A new (empty) grid over the cube ``[-radius, radius]^3``, or None when not ``enabled``."""
+        return OccupancyGrid(-radius, radius, self.resolution) if self.enabled else None
+
+    def update(self, grid: "OccupancyGrid", iteration: int, value_fn: "ValueFn",
+               generator: torch.Generator | None = None) -> bool:
+        """``grid.update`` on this schedule (see :meth:`OccupancyGrid.update`)."""
+        return grid.update(iteration, value_fn, occupancy_threshold=self.threshold, decay=self.decay,
+                           update_every=self.update_every, warmup_steps=self.warmup_steps, generator=generator)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -592,6 +644,31 @@ class OccupancyGrid(nn.Module):
             coarse = padded.reshape(cx, b, cy, b, cz, b).amax(dim=(1, 3, 5)).contiguous()
             self._mask_cache = cached = (occ, occ._version, fine, coarse)
         return cached[2], cached[3]
+
+    @torch.no_grad()
+    def dilate(self, cells: int = 1) -> None:
+        """Mark also every cell within ``cells`` (Chebyshev distance) of an occupied one: a margin for a
+        grid whose cells were each judged from one point."""
+        cells = _integer("cells", cells, 0)
+        if cells == 0:
+            return
+        k = 2 * cells + 1
+        grown = torch.nn.functional.max_pool3d(self.occupied[None, None].float(), k, stride=1, padding=cells)
+        self.occupied.copy_(grown[0, 0] > 0)
+
+    @torch.no_grad()
+    def fit(self, value_fn: ValueFn, occupancy_threshold: float = 0.01, *, seed: int = 0,
+            dilation: int = 1) -> "OccupancyGrid":
+        """Rebuild the grid from a trained field in one pass, for rendering a field without its training
+        grid (e.g. loaded from a checkpoint): every cell evaluated at one point drawn from a generator seeded
+        with ``seed`` (the same grid every time), thresholded as :meth:`update`, then :meth:`dilate`-d by
+        ``dilation`` cells. Returns the grid."""
+        self.values.zero_()
+        generator = torch.Generator(device=self.values.device).manual_seed(int(seed))
+        self.update(0, value_fn, occupancy_threshold=occupancy_threshold, decay=0.0, warmup_steps=1,
+                    generator=generator)
+        self.dilate(dilation)
+        return self
 
     @torch.no_grad()
     def march(self, origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.Tensor, t_far: torch.Tensor,

@@ -306,6 +306,29 @@ def _set_rng_state(rng: dict, generator: torch.Generator) -> None:
 # ----------------------------------------------------------------------------------------------- trainer
 
 
+# Parameters from which the engine's Adam is torch's fused one (see fused_adam_option).
+FUSED_ADAM_MIN_PARAMETERS = 2 ** 20
+
+
+def fused_adam_option(params) -> dict:
+    """``{"fused": True}`` for a large parameter set (at least ``FUSED_ADAM_MIN_PARAMETERS`` values: a hash
+    grid's tables) where torch has a fused Adam for every parameter (float tensors on the CPU or CUDA,
+    torch >= 2.4), else ``{}`` (torch's default multi-tensor Adam).
+
+    Why: the default makes a dozen passes over the state; on a hash grid's 16 M table entries it took 172 ms a
+    step on 2 CPU cores, the fused one 6 ms. Why not always: the fused kernel rounds differently in float32,
+    and small runs (mesh fits, poses, frequency-encoded fields) keep the numerics their runs had; there the
+    optimiser costs nothing. (A 150-step airplane fit moved from covering its wing tips fully to 70% with the
+    fused kernel: such fits amplify the last bit.)"""
+    params = list(params)
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if version < (2, 4) or sum(p.numel() for p in params) < FUSED_ADAM_MIN_PARAMETERS:
+        return {}
+    if all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+        return {"fused": True}
+    return {}
+
+
 class Trainer:
     """Runs a :class:`Method` for ``config.iterations`` iterations.
 
@@ -363,12 +386,10 @@ class Trainer:
         # The configured lr of each group is its base; the schedule multiplies it every step. Kept here, not
         # read back from the optimiser, so a resumed run follows this config even if the checkpoint's differs.
         base_lrs = [float(g["lr"]) for g in groups]
-        if opt.name == "adam":
-            optimizer = torch.optim.Adam(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps,
-                                         weight_decay=opt.weight_decay)
-        elif opt.name == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps,
-                                          weight_decay=opt.weight_decay)
+        if opt.name in ("adam", "adamw"):
+            cls = torch.optim.Adam if opt.name == "adam" else torch.optim.AdamW
+            optimizer = cls(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay,
+                            **fused_adam_option(params))
         else:
             optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
         return optimizer, params, base_lrs

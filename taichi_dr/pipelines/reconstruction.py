@@ -211,6 +211,7 @@ class RayMethod(Method):
                                         masks=None if masks is None else masks.to(self.device),
                                         cameras=train.cameras.to(device=self.device))
         self.model = self.build_model(config).to(self.device)
+        self.grid = self.build_grid(config)    # empty-space skipping (OccupancyGrid), or None
         self.iteration = 0
         self._sampler_generator = torch.Generator()
         # What viewers show as the targets' masks: the training masks when they are used (on the device),
@@ -222,6 +223,15 @@ class RayMethod(Method):
         raise NotImplementedError
 
     def training_step(self, rays, iteration: int, generator: torch.Generator):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def build_grid(self, config):
+        """The run's :class:`~taichi_dr.implicit.occupancy_grid.OccupancyGrid` (updated every step through
+        ``config.occupancy_grid``'s schedule with :meth:`grid_value_fn`), or None: none by default."""
+        return None
+
+    def grid_value_fn(self):  # pragma: no cover - interface (only with a grid)
+        """``points (M, 3) -> (M,)`` non-negative values the grid is updated from."""
         raise NotImplementedError
 
     @staticmethod
@@ -240,6 +250,8 @@ class RayMethod(Method):
     def step(self, batch: TrainingRays, iteration: int):
         self.iteration = iteration
         self._sampler_generator.manual_seed(batch.sampler_seed)
+        if self.grid is not None:
+            self.settings.occupancy_grid.update(self.grid, iteration, self.grid_value_fn(), self._sampler_generator)
         return self.training_step(batch.rays, iteration, self._sampler_generator)
 
     def training_views(self) -> TrainingViews:
@@ -260,12 +272,22 @@ class RayMethod(Method):
 
     def state_dict(self) -> dict:
         # scale_mat (normalised -> world) lets `tdr mesh` put a mesh in world units without the dataset.
-        return {"model": self.model.state_dict(), "iteration": self.iteration,
-                "scale_mat": torch.as_tensor(self.data.scale_mat, dtype=torch.float64).cpu().clone()}
+        state = {"model": self.model.state_dict(), "iteration": self.iteration,
+                 "scale_mat": torch.as_tensor(self.data.scale_mat, dtype=torch.float64).cpu().clone()}
+        if self.grid is not None:
+            state["grid"] = self.grid.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.iteration = int(state.get("iteration", 0))
+        if self.grid is not None:
+            # The grid is a cache of the field: one saved for another box or resolution, or none (a run
+            # without a grid), is rebuilt from the field instead.
+            try:
+                self.grid.load_state_dict(state["grid"])
+            except (KeyError, TypeError, RuntimeError):
+                self.grid.fit(self.grid_value_fn(), self.settings.occupancy_grid.threshold)
 
     def config(self) -> dict:
         return self.settings.to_dict()

@@ -45,7 +45,8 @@ from taichi_dr.core.camera import Cameras
 from taichi_dr.core.rays import ray_segments
 from taichi_dr.data.datasets import MultiViewDataset, RayBatch
 from taichi_dr.implicit.compositing import composite, composite_background
-from taichi_dr.implicit.occupancy import SurfaceSearchSettings, find_surface
+from taichi_dr.implicit.occupancy import SurfaceSearchSettings, find_surface, find_surface_in_grid
+from taichi_dr.implicit.occupancy_grid import OccupancyGrid, OccupancyGridSettings, occupancy_value_fn
 from taichi_dr.implicit.sampling import IntervalSettings, interval_width, unisurf_samples
 from taichi_dr.losses.implicit import mask_bce_loss, rgb_loss, smoothness_loss
 from taichi_dr.nets.encodings import EncodingSettings, position_encoding
@@ -66,7 +67,8 @@ from taichi_dr.pipelines.reconstruction import (
 from taichi_dr.pipelines.views import render_cameras
 
 __all__ = ["UnisurfConfig", "UnisurfMethod", "UnisurfModel", "check_network_settings", "load_model",
-           "mesh_field", "render_rays", "render_trained", "render_views", "training_step"]
+           "fitted_grid", "mesh_field", "render_rays", "render_trained", "render_views", "search_surface",
+           "training_step"]
 
 NETWORK_SETTINGS = ("geometry_depth", "geometry_width", "geometry_frequencies", "geometry_skip_in", "feature_dim",
                     "rendering_depth", "rendering_width", "rendering_frequencies", "encoding")
@@ -93,6 +95,10 @@ class UnisurfConfig:
     bound_radius: the sphere rays are cut to (UNISURF: 4.0); object_radius: the sphere of the object (the
         normalised unit sphere) where meshes are taken and the rendered mask is the surface.
     search, interval: :class:`SurfaceSearchSettings` and :class:`IntervalSettings` (UNISURF's defaults).
+    occupancy_grid: :class:`OccupancyGridSettings`: a grid over the bounding sphere's cube, updated from the
+        occupancy during training; the surface search evaluates the occupancy only in occupied cells (rays
+        through none are not searched); the samples still cover the whole segment, so free space keeps being
+        trained. Off: UNISURF's search over the whole segment.
     background: colour of what lies beyond the bounding sphere (0 black, 1 white).
     render_chunk: rays per chunk when rendering views (bounds memory: every sample keeps a graph for its normal).
     """
@@ -122,6 +128,7 @@ class UnisurfConfig:
     object_radius: float = 1.0
     search: SurfaceSearchSettings = field(default_factory=SurfaceSearchSettings)
     interval: IntervalSettings = field(default_factory=IntervalSettings)
+    occupancy_grid: OccupancyGridSettings = field(default_factory=OccupancyGridSettings)
     background: float = 0.0
     render_chunk: int = 1024
     grad_clip: float | None = None
@@ -150,7 +157,8 @@ class UnisurfConfig:
     @staticmethod
     def from_dict(d: dict) -> UnisurfConfig:
         return config_from_dict(UnisurfConfig, d, {"search": SurfaceSearchSettings, "interval": IntervalSettings,
-                                                   "encoding": EncodingSettings})
+                                                   "encoding": EncodingSettings,
+                                                   "occupancy_grid": OccupancyGridSettings})
 
     def train_config(self, **overrides) -> TrainConfig:
         """The engine's settings: Adam at ``lr``, multiplied by ``lr_gamma`` at each of ``lr_milestones``."""
@@ -191,13 +199,38 @@ def _render_samples(model: UnisurfModel, origins, dirs, t_near, t_far, hits, ite
     return composite_background(out, config.background), out, samples
 
 
+def search_surface(model: UnisurfModel, origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.Tensor,
+                   t_far: torch.Tensor, config: UnisurfConfig, grid: OccupancyGrid | None = None,
+                   generator: torch.Generator | None = None):
+    """UNISURF's surface search on ``[t_near, t_far]`` (:func:`find_surface`: ``search.n_steps`` steps per
+    ray), or, with a ``grid``, the same search evaluated only in the grid's occupied cells
+    (:func:`find_surface_in_grid`, with UNISURF's spacing along a diameter of the bounding sphere,
+    ``2 bound_radius / n_steps``; rays through no occupied cell: no hit and no evaluation). Returns
+    :class:`~taichi_dr.implicit.occupancy.SurfaceHits`."""
+    if grid is None:
+        return find_surface(model.occupancy, origins, dirs, t_near, t_far, config.search, generator)
+    step = 2.0 * config.bound_radius / config.search.n_steps
+    return find_surface_in_grid(model.occupancy, origins, dirs, t_near, t_far, grid, step, config.search, generator)
+
+
+def fitted_grid(model: UnisurfModel, config: UnisurfConfig) -> OccupancyGrid | None:
+    """A grid rebuilt from a trained field (:meth:`OccupancyGrid.fit`) for rendering it, or None when the
+    config has no grid."""
+    grid = config.occupancy_grid.make_grid(config.bound_radius)
+    if grid is not None:
+        grid.fit(occupancy_value_fn(model.occupancy), config.occupancy_grid.threshold)
+    return grid
+
+
 def training_step(model: UnisurfModel, rays: RayBatch, iteration: int, config: UnisurfConfig,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Losses of one batch of rays (see the module docstring); stats stay on the device as 0-dim tensors."""
+                  generator: torch.Generator | None = None,
+                  grid: OccupancyGrid | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Losses of one batch of rays (see the module docstring); stats stay on the device as 0-dim tensors.
+    ``grid``: the run's occupancy grid (:func:`search_surface`), or None."""
     origins, dirs = rays.origins.detach(), rays.dirs.detach()
     n = origins.shape[0]
     t_near, t_far, _ = ray_segments(origins, dirs, config.bound_radius)
-    hits = find_surface(model.occupancy, origins, dirs, t_near, t_far, config.search, generator)
+    hits = search_surface(model, origins, dirs, t_near, t_far, config, grid, generator)
     rgb, out, samples = _render_samples(model, origins, dirs, t_near, t_far, hits, iteration, config, generator,
                                         create_graph=True)
     loss_rgb = rgb_loss(rgb, rays.rgb, n)
@@ -242,8 +275,14 @@ class UnisurfMethod(RayMethod):
     def build_model(self, config: UnisurfConfig) -> UnisurfModel:
         return UnisurfModel(config)
 
+    def build_grid(self, config: UnisurfConfig) -> OccupancyGrid | None:
+        return config.occupancy_grid.make_grid(config.bound_radius)
+
+    def grid_value_fn(self):
+        return occupancy_value_fn(self.model.occupancy)
+
     def training_step(self, rays: RayBatch, iteration: int, generator: torch.Generator):
-        return training_step(self.model, rays, iteration, self.settings, generator)
+        return training_step(self.model, rays, iteration, self.settings, generator, self.grid)
 
     @torch.no_grad()
     def render(self, cameras: Cameras) -> dict[str, torch.Tensor]:
@@ -251,7 +290,7 @@ class UnisurfMethod(RayMethod):
         ``rgb``, ``alpha`` (the rendered opacity), ``mask`` (bool: a surface found in the object sphere),
         world unit ``normals`` there, and ``depth`` there: the distance along the ray from the camera centre
         to that surface (not camera z); normals and depth 0 elsewhere."""
-        return render_views(self.model, cameras.to(device=self.device), self.settings, self.iteration)
+        return render_views(self.model, cameras.to(device=self.device), self.settings, self.iteration, self.grid)
 
     @staticmethod
     def check_network_settings(saved_config: dict, config: UnisurfConfig) -> None:
@@ -269,10 +308,11 @@ def check_network_settings(saved_config: dict, config: UnisurfConfig) -> None:
 
 
 def render_rays(model: UnisurfModel, origins: torch.Tensor, dirs: torch.Tensor, config: UnisurfConfig,
-                iteration: int) -> dict[str, torch.Tensor]:
+                iteration: int, grid: OccupancyGrid | None = None) -> dict[str, torch.Tensor]:
     """Render rays ``(N, 3)`` as at ``iteration`` of training (its interval width; no jitter):
     ``rgb (N, 3)``, ``alpha (N,)`` opacity, ``mask (N,)`` the surface found inside the object sphere,
-    ``normals (N, 3)`` there (zero elsewhere) and ``depth (N,)`` its distance (0 elsewhere)."""
+    ``normals (N, 3)`` there (zero elsewhere) and ``depth (N,)`` its distance (0 elsewhere). ``grid``: search
+    only where it has occupied cells (:func:`search_surface`)."""
     n, dt, dev = origins.shape[0], origins.dtype, origins.device
     out = dict(rgb=torch.zeros(n, 3, dtype=dt, device=dev), alpha=torch.zeros(n, dtype=dt, device=dev),
                mask=torch.zeros(n, dtype=torch.bool, device=dev), normals=torch.zeros(n, 3, dtype=dt, device=dev),
@@ -280,7 +320,7 @@ def render_rays(model: UnisurfModel, origins: torch.Tensor, dirs: torch.Tensor, 
     for s in range(0, n, config.render_chunk):
         o, d = origins[s:s + config.render_chunk].contiguous(), dirs[s:s + config.render_chunk].contiguous()
         t_near, t_far, _ = ray_segments(o, d, config.bound_radius)
-        hits = find_surface(model.occupancy, o, d, t_near, t_far, config.search)
+        hits = search_surface(model, o, d, t_near, t_far, config, grid)
         rgb, comp, _ = _render_samples(model, o, d, t_near, t_far, hits, iteration, config, None,
                                        create_graph=False)
         out["rgb"][s:s + len(o)] = rgb.detach()
@@ -294,7 +334,7 @@ def render_rays(model: UnisurfModel, origins: torch.Tensor, dirs: torch.Tensor, 
         again = torch.nonzero(~hit).flatten()
         if again.numel():
             near1, far1, _ = ray_segments(o[again], d[again], config.object_radius)
-            inner = find_surface(model.occupancy, o[again], d[again], near1, far1, config.search)
+            inner = search_surface(model, o[again], d[again], near1, far1, config, grid)
             surface_t[again], hit[again] = inner.t, inner.hit
         if bool(hit.any()):
             idx = torch.nonzero(hit).flatten() + s
@@ -307,15 +347,18 @@ def render_rays(model: UnisurfModel, origins: torch.Tensor, dirs: torch.Tensor, 
 
 
 def render_views(model: UnisurfModel, cameras: Cameras, config: UnisurfConfig,
-                 iteration: int | None = None) -> dict[str, torch.Tensor]:
+                 iteration: int | None = None, grid: OccupancyGrid | None = None) -> dict[str, torch.Tensor]:
     """Render whole views (``(B, H, W, ...)``, see :func:`render_rays`); ``iteration`` defaults to the end of
     training (``config.iterations``)."""
     iteration = config.iterations if iteration is None else iteration
-    return render_cameras(cameras, lambda o, d: render_rays(model, o, d, config, iteration))
+    return render_cameras(cameras, lambda o, d: render_rays(model, o, d, config, iteration, grid))
 
 
 def render_trained(model: UnisurfModel, cameras: Cameras, config: UnisurfConfig) -> dict[str, torch.Tensor]:
-    return render_views(model, cameras.to(device=next(model.parameters()).device), config)
+    """Render a trained field (as loaded from its checkpoint), with a grid rebuilt from it when the run had
+    one (:func:`fitted_grid`)."""
+    return render_views(model, cameras.to(device=next(model.parameters()).device), config,
+                        grid=fitted_grid(model, config))
 
 
 def mesh_field(model: UnisurfModel, config: UnisurfConfig) -> dict:

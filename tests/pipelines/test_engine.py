@@ -576,3 +576,27 @@ def test_validation_merges_metrics_and_callbacks_see_the_method(tmp_path):
     assert events[1:6] == [("step", i) for i in range(1, 6)] and events[6] == ("checkpoint", 5, "checkpoint.pt")
     assert events[-2:] == [("checkpoint", 10, "checkpoint.pt"), ("end", "done")]
     assert method.iterations_started == list(range(10)) and method.ended == 1
+
+
+def test_adam_is_fused_where_torch_has_it_and_steps_as_the_plain_one():
+    """The engine builds torch's fused Adam for large float CPU/CUDA parameter sets (one pass over the state
+    instead of a dozen: it matters for hash tables of millions of entries), the default one for small sets;
+    the fused one updates as the default implementation."""
+    from taichi_dr.pipelines.engine import FUSED_ADAM_MIN_PARAMETERS, fused_adam_option
+
+    w = torch.nn.Parameter(torch.randn(1000, dtype=torch.float64))
+    table = torch.nn.Parameter(torch.zeros(FUSED_ADAM_MIN_PARAMETERS))
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    assert fused_adam_option([w]) == {}
+    assert fused_adam_option([w, table]) == ({"fused": True} if version >= (2, 4) else {})
+    w_fused = {"fused": True} if version >= (2, 4) else {}
+    grads = [torch.randn(1000, dtype=torch.float64) for _ in range(3)]
+    results = []
+    for option in (w_fused, {"foreach": False}):
+        p = torch.nn.Parameter(w.detach().clone())
+        opt = torch.optim.Adam([p], lr=1e-2, **option)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results.append(p.detach())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)

@@ -103,3 +103,33 @@ def test_command_line_encoding_options(tmp_path):
 
     trained = load_trained(tmp_path / "d")
     assert any(isinstance(m, HashGridEncoding) for m in trained.model.modules())
+
+
+def test_command_line_hashgrid_defaults_and_grid_options(tmp_path):
+    """--encoding hashgrid brings its own defaults (networks' lr 5e-3, 2^16 table entries; what is given wins);
+    --occupancy-grid / --grid-resolution reach the config, and bad values or methods are one-line errors."""
+    import json
+
+    from app_helpers import invoke_tdr
+
+    data = ball_dataset(tmp_path, views=4, size=16)
+    quick = ["--iterations", "2", "--rays", "32", "--resolution", "16", "--holdout-every", "0"]
+    r = invoke_tdr("reconstruct", str(data), "--out", str(tmp_path / "a"), "--method", "unisurf", "--encoding",
+                   "hashgrid", "--hash-levels", "4", "--grid-resolution", "16", "--search-steps", "32", *quick)
+    assert r.exit_code == 0, r.output
+    method_config = json.loads((tmp_path / "a" / "config.json").read_text())["method_config"]
+    assert method_config["lr"] == 5e-3 and method_config["encoding"]["log2_table_size"] == 16
+    assert method_config["occupancy_grid"]["enabled"] is True and method_config["occupancy_grid"]["resolution"] == 16
+    r = invoke_tdr("reconstruct", str(data), "--out", str(tmp_path / "b"), "--method", "nerf", "--encoding",
+                   "hashgrid", "--hash-levels", "4", "--hash-table-size", "12", "--lr", "1e-3", "--occupancy-grid",
+                   "--grid-resolution", "16", "--coarse-samples", "8", "--fine-samples", "8", *quick)
+    assert r.exit_code == 0, r.output
+    method_config = json.loads((tmp_path / "b" / "config.json").read_text())["method_config"]
+    assert method_config["lr"] == 1e-3 and method_config["encoding"]["log2_table_size"] == 12
+    assert method_config["occupancy_grid"]["enabled"] is True
+    r = invoke_tdr("reconstruct", str(data), "--out", str(tmp_path / "c"), "--method", "unisurf",
+                   "--grid-resolution", "0")
+    assert r.exit_code == 1 and "--grid-resolution must be an integer in 1..1024" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    r = invoke_tdr("reconstruct", str(data), "--out", str(tmp_path / "d"), "--occupancy-grid")
+    assert r.exit_code == 1 and "--occupancy-grid: only for --method unisurf or nerf, not idr" in r.output

@@ -19,6 +19,7 @@ from taichi_dr.core.rays import ray_segments
 from taichi_dr.implicit.analytic import sphere_sdf
 from taichi_dr.implicit.meshing import extract_mesh
 from taichi_dr.implicit.occupancy import SurfaceSearchSettings
+from taichi_dr.implicit.occupancy_grid import OccupancyGridSettings
 from taichi_dr.implicit.sampling import IntervalSettings
 from taichi_dr.pipelines import CheckpointError, Interrupted, Trainer
 from taichi_dr.pipelines.reconstruction import load_trained
@@ -33,11 +34,13 @@ from taichi_dr.pipelines.unisurf import (
 
 CENTER = (0.1, 0.0, -0.05)
 RADIUS = 0.6
-# A small network and short sampling, so a run of a few hundred steps fits in the test budget.
+# A small network and short sampling, so a run of a few hundred steps fits in the test budget; a 32^3 occupancy
+# grid (the default 128^3 grid's updates, 2 M field evaluations each during warm-up, would dominate such steps).
 TINY = dict(rays_per_batch=128, geometry_depth=3, geometry_width=48, geometry_frequencies=0, geometry_skip_in=(),
             feature_dim=8, rendering_depth=2, rendering_width=32, rendering_frequencies=0, lr=1e-3,
             checkpoint_every=0, bound_radius=2.0, search=SurfaceSearchSettings(n_steps=64),
-            interval=IntervalSettings(n_interval=24, n_free=8, free_after=4, start=1.0, end=0.1, decay=0.05))
+            interval=IntervalSettings(n_interval=24, n_free=8, free_after=4, start=1.0, end=0.1, decay=0.05),
+            occupancy_grid=OccupancyGridSettings(resolution=32))
 
 
 def _sphere_dataset(masks=False, size=24):
