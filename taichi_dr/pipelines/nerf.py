@@ -51,6 +51,7 @@ from taichi_dr.pipelines.reconstruction import (
     config_from_dict,
     config_to_dict,
     engine_config,
+    fitted_field_grid,
     positive,
     read_field_checkpoint,
 )
@@ -170,12 +171,10 @@ def grid_step(config: NeRFConfig) -> float:
 
 
 def fitted_grid(model: NeRFModel, config: NeRFConfig) -> OccupancyGrid | None:
-    """A grid rebuilt from a trained field (:meth:`OccupancyGrid.fit`) for rendering it, or None when the
-    config has no grid."""
-    grid = config.occupancy_grid.make_grid(config.bound_radius)
-    if grid is not None:
-        grid.fit(density_value_fn(model.density, grid_step(config)), config.occupancy_grid.threshold)
-    return grid
+    """A grid rebuilt from a trained field (:func:`fitted_field_grid`: fitted once per state of the weights)
+    for rendering it, or None when the config has no grid."""
+    return fitted_field_grid(model, config.occupancy_grid, config.bound_radius,
+                             density_value_fn(model.density, grid_step(config)))
 
 
 def render_batch(model: NeRFModel, origins: torch.Tensor, dirs: torch.Tensor, config: NeRFConfig,

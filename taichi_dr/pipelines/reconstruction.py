@@ -296,6 +296,24 @@ class RayMethod(Method):
         self.check_network_settings(saved_config, self.settings)
 
 
+def fitted_field_grid(model: torch.nn.Module, settings, radius: float, value_fn):
+    """An occupancy grid over ``[-radius, radius]^3`` fitted to a trained field (``OccupancyGrid.fit`` of
+    ``value_fn``) for rendering it, or None when ``settings`` (OccupancyGridSettings) is not enabled.
+
+    Kept on ``model`` until its parameters change (torch counts in-place updates in ``_version``), so repeated
+    renders of one field, a viewer's frames, fit it once."""
+    if not settings.enabled:
+        return None
+    key = (settings, float(radius), tuple((id(p), p._version) for p in model.parameters()))
+    cached = getattr(model, "_fitted_grid", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    grid = settings.make_grid(radius)
+    grid.fit(value_fn, settings.threshold)
+    model._fitted_grid = (key, grid)      # a plain attribute: not a submodule, not in the state dict
+    return grid
+
+
 def network_param_groups(model: torch.nn.Module, lr: float, encoding) -> list[dict]:
     """The optimiser's groups for a field method's networks: the hash tables of its encodings (if any) at
     ``encoding.table_lr`` (instant-ngp trains them at 1e-2, far above an MLP's rate), the rest at ``lr``."""

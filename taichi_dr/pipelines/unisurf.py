@@ -60,6 +60,7 @@ from taichi_dr.pipelines.reconstruction import (
     config_from_dict,
     config_to_dict,
     engine_config,
+    fitted_field_grid,
     multistep_optimizer,
     positive,
     read_field_checkpoint,
@@ -214,12 +215,9 @@ def search_surface(model: UnisurfModel, origins: torch.Tensor, dirs: torch.Tenso
 
 
 def fitted_grid(model: UnisurfModel, config: UnisurfConfig) -> OccupancyGrid | None:
-    """A grid rebuilt from a trained field (:meth:`OccupancyGrid.fit`) for rendering it, or None when the
-    config has no grid."""
-    grid = config.occupancy_grid.make_grid(config.bound_radius)
-    if grid is not None:
-        grid.fit(occupancy_value_fn(model.occupancy), config.occupancy_grid.threshold)
-    return grid
+    """A grid rebuilt from a trained field (:func:`fitted_field_grid`: fitted once per state of the weights)
+    for rendering it, or None when the config has no grid."""
+    return fitted_field_grid(model, config.occupancy_grid, config.bound_radius, occupancy_value_fn(model.occupancy))
 
 
 def training_step(model: UnisurfModel, rays: RayBatch, iteration: int, config: UnisurfConfig,

@@ -101,6 +101,13 @@ def test_renders_of_a_loaded_field_match_renders_without_a_grid(tmp_path):
     cams = ds.cameras[:2]
     with_grid = render_trained(model, cams, loaded)
     without = render_views(model, cams, loaded)
+    # the rebuilt grid is fitted once per state of the weights (a viewer renders a loaded field many times)
+    grid = fitted_grid(model, loaded)
+    assert fitted_grid(model, loaded) is grid
+    with torch.no_grad():
+        next(model.parameters()).add_(0.0)      # an in-place update: a new grid
+    assert fitted_grid(model, loaded) is not grid
+    assert torch.equal(fitted_grid(model, loaded).occupied, grid.occupied)
     assert bool(without["mask"].any())
     assert torch.equal(with_grid["mask"], without["mask"])
     torch.testing.assert_close(with_grid["depth"], without["depth"], atol=1e-4, rtol=0)
