@@ -45,16 +45,24 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        watch = _InterruptWatch()
         try:
-            with _interrupts_raise():
+            with watch.armed():
                 return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:
+            watch.stop()
             if debug_enabled():
                 raise
             sys.stderr.write("Interrupted.\n")
             sys.stderr.flush()
+            if watch.is_program:
+                # CPython marks a KeyboardInterrupt that passed through PyRun_String (Taichi's C++ runs Python
+                # that way) as unhandled for good, and then ends the process by SIGINT (status -2) even after
+                # we caught it; nothing is left to clean up, so end here with the status we promise.
+                sys.stdout.flush()
+                os._exit(EXIT_INTERRUPTED)
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except (CLIError, ValueError, TypeError, OSError) as e:
             if debug_enabled():
@@ -68,25 +76,76 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-@contextmanager
-def _interrupts_raise():
-    """Inside a command, Ctrl-C raises KeyboardInterrupt (the command may save its state, then
-    :func:`handle_errors` reports it); outside, the ``tdr`` program's startup handler (see :mod:`apps`) ends
-    the process at once, so a Ctrl-C during imports or after the command never prints a traceback."""
-    import signal
-    import threading
+class _InterruptWatch:
+    """Ctrl-C during a command of the ``tdr`` program: raise KeyboardInterrupt, and make sure it ends the command.
 
-    import apps
+    Outside a command the program's startup handler (see :mod:`apps`) ends the process at once, so a Ctrl-C
+    during imports or after the command never prints a traceback. Inside, Ctrl-C raises KeyboardInterrupt so
+    the command may save its state before :func:`handle_errors` reports it. Libraries we call can swallow that
+    exception (Taichi wraps each kernel's definition in a bare ``except``, trimesh catches BaseException), and
+    the command would carry on as if no Ctrl-C had come. So the interrupt stays pending until handle_errors
+    sees it: every RESEND_S seconds SIGINT is sent again, to whichever handler is in place (the training
+    engine's, while it runs, stops after the step and saves); a command that still ends normally is reported
+    as interrupted. Imported as a library (tests, notebooks) nothing is installed.
+    """
 
-    armed = (apps.STARTUP_HANDLER_INSTALLED and threading.current_thread() is threading.main_thread()
-             and signal.getsignal(signal.SIGINT) is apps.exit_interrupted)
-    if armed:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        if armed:
+    RESEND_S = 0.5
+
+    def __init__(self):
+        import apps
+
+        self.is_program = apps.STARTUP_HANDLER_INSTALLED
+        self.pending = False
+        self._stopped = False
+        self._timer = None
+
+    @contextmanager
+    def armed(self):
+        import signal
+        import threading
+
+        import apps
+
+        active = (self.is_program and threading.current_thread() is threading.main_thread()
+                  and signal.getsignal(signal.SIGINT) is apps.exit_interrupted)
+        if not active:
+            yield
+            return
+        signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield
+        finally:
             signal.signal(signal.SIGINT, apps.exit_interrupted)
+            pending = self.pending
+            self.stop()
+        if pending:  # every KeyboardInterrupt was swallowed and the command ran to its end
+            raise KeyboardInterrupt
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.pending = False
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _on_sigint(self, signum, frame):
+        import threading
+
+        if not self._stopped:
+            self.pending = True
+            if self._timer is None:
+                self._timer = threading.Timer(self.RESEND_S, self._resend)
+                self._timer.daemon = True
+                self._timer.start()
+        raise KeyboardInterrupt
+
+    def _resend(self):
+        import signal
+
+        # The handler in place gets it: ours raises again and re-arms this; another (the engine's, a trimesh
+        # guard that calls ours) gets one more Ctrl-C and takes it from there.
+        self._timer = None  # so that our handler, when it runs, arms a new one
+        if self.pending and not self._stopped:
+            signal.raise_signal(signal.SIGINT)
 
 
 @contextmanager

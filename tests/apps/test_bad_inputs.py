@@ -168,6 +168,44 @@ def test_ctrl_c_inside_trimesh_is_not_swallowed(files, monkeypatch):
     assert not (files / "never").exists()
 
 
+def test_ctrl_c_swallowed_by_a_library_still_ends_the_command(monkeypatch):
+    # Taichi defines each kernel inside a bare ``except`` (taichi.lang.kernel_impl._inside_class): a Ctrl-C
+    # while taichi_dr's kernels were being defined was lost, and `tdr render` ran to its end with status 0.
+    # In the program the interrupt stays pending and SIGINT comes again until something lets it through.
+    import apps
+    from apps.common import _InterruptWatch
+
+    monkeypatch.setattr(apps, "STARTUP_HANDLER_INSTALLED", True)
+    # The program's startup handler would end pytest: a stand-in that raises, installed as the program has it.
+    monkeypatch.setattr(apps, "exit_interrupted", signal.default_int_handler)
+    monkeypatch.setattr(signal, "getsignal", lambda signum: apps.exit_interrupted)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    swallowed, started = [], time.monotonic()
+    try:
+        watch = _InterruptWatch()
+        with pytest.raises(KeyboardInterrupt), watch.armed():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+            except KeyboardInterrupt:
+                swallowed.append(time.monotonic())  # the library's bare except
+            while time.monotonic() - started < 10:
+                time.sleep(0.01)
+        assert swallowed and time.monotonic() - started < 3
+        # A command that runs to its end after a swallowed Ctrl-C is still reported as interrupted.
+        watch = _InterruptWatch()
+        with pytest.raises(KeyboardInterrupt), watch.armed():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+            except KeyboardInterrupt:
+                pass
+        watch.stop()
+        time.sleep(2 * _InterruptWatch.RESEND_S)  # nothing is sent once the watch has stopped
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Silent wrong answers (exit 0) that are now refused
 
