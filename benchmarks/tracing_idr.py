@@ -7,7 +7,8 @@ bounding sphere) and the same network:
   ``RayTracing`` (sphere tracing from both ends of each ray, 10 iterations, threshold 5e-5, one line-search
   step of 0.5, 100-sample sampler + 8 secant steps for unconverged rays) with IDR's defaults;
 * ``taichi_dr.implicit.sphere_tracing.sphere_trace`` with IDR's threshold (5e-5), bounding radius (1),
-  sampler size (100) and secant steps (8), and a marching budget of ``--taichi-steps`` (one row each).
+  sampler size (100) and secant steps (8), a marching budget of ``--taichi-steps`` and an over-relaxation
+  of ``--relaxation`` (1 = plain sphere tracing; one row per pair).
 
 Both count a ray as a hit by their own rule at the same threshold (IDR: ``network_object_mask``; taichi_dr:
 converged or bracketed); the table reports how often the two agree and the |t| difference on rays both hit.
@@ -189,17 +190,21 @@ def run_network(name, desc, net, o, d, args, idr):
         return idr.idr_ray_trace(sdf, o, d, idr_settings, segments=segs, generator=torch.Generator().manual_seed(0))
 
     fns = {"idr": run_idr}
+    labels = {"idr": "IDR RayTracing (PyTorch baseline)"}
     for steps in args.taichi_steps:
-        ts = TracerSettings(bounding_radius=idr_settings.object_bounding_sphere, max_steps=steps,
-                            threshold=idr_settings.sdf_threshold, n_samples=idr_settings.n_steps,
-                            n_secant=idr_settings.n_secant_steps)
+        for relaxation in args.relaxation:
+            ts = TracerSettings(bounding_radius=idr_settings.object_bounding_sphere, max_steps=steps,
+                                threshold=idr_settings.sdf_threshold, n_samples=idr_settings.n_steps,
+                                n_secant=idr_settings.n_secant_steps, max_relaxation=relaxation)
 
-        def run_tdr(ts=ts):
-            segs = segments_fn() if segments_fn is not None else None
-            r = sphere_trace(sdf, o, d, ts, miss_min_sdf=training, segments=segs)
-            return r.t, r.hit, r.sdf_evals
+            def run_tdr(ts=ts):
+                segs = segments_fn() if segments_fn is not None else None
+                r = sphere_trace(sdf, o, d, ts, miss_min_sdf=training, segments=segs)
+                return r.t, r.hit, r.sdf_evals
 
-        fns[f"tdr{steps}"] = run_tdr
+            key = f"tdr{steps}_{relaxation:g}"
+            fns[key] = run_tdr
+            labels[key] = f"sphere_trace, steps {steps}, relax {relaxation:g}"
     times, out = time_side_by_side(fns, args.repeats)
 
     t_idr, hit_idr, _ = out["idr"]
@@ -208,7 +213,7 @@ def run_network(name, desc, net, o, d, args, idr):
           f"{'hit agree':>11}{'max |dt|':>10}{'med |dt|':>10}{'max |f| hit':>12}")
     for k in fns:
         t, hit, evals = out[k]
-        label = "IDR RayTracing (PyTorch baseline)" if k == "idr" else f"taichi_dr sphere_trace, max_steps={k[3:]}"
+        label = labels[k]
         both = hit & hit_idr
         dt = (t[both] - t_idr[both]).abs()
         agree = float((hit == hit_idr).float().mean())
@@ -232,6 +237,8 @@ def main(argv=None):
     p.add_argument("--networks", default="idr,small,trained", help="comma-separated: idr, small, trained")
     p.add_argument("--mode", choices=("render", "train"), default="render")
     p.add_argument("--taichi-steps", default="10,64", help="sphere_trace max_steps values, one row each")
+    p.add_argument("--relaxation", default="1,1.9",
+                   help="sphere_trace max_relaxation values (1 = plain sphere tracing), one row each")
     p.add_argument("--fit-steps", type=int, default=300, help="Adam steps fitting the 'trained' network")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -248,6 +255,7 @@ def main(argv=None):
         args.networks = "small" if args.encoding == "frequency" else "hashgrid"
         args.grid_resolution = min(args.grid_resolution, 32)
     args.taichi_steps = [int(s) for s in args.taichi_steps.split(",") if s]
+    args.relaxation = [float(s) for s in args.relaxation.split(",") if s]
 
     arch = runtime.init(args.arch)
     dev = runtime.device()

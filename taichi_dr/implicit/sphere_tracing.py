@@ -10,6 +10,10 @@ The SDF is any torch callable ``sdf_fn(points (M, 3)) -> (M,)`` (a neural networ
    compacted index list each step, so the SDF cost follows the rays that are left, not all rays
    times all steps. A step that lands inside the surface (``f < 0``, an overshoot, which happens with an
    SDF that is not an exact distance) keeps the last outside point, and the two bracket the surface.
+   Steps are over-relaxed (``t += ω f``, Keinert et al. 2014, "Enhanced Sphere Tracing"): where the SDF
+   falls slowly along the ray (rays that skim a surface, where plain steps crawl), ω grows towards
+   ``max_relaxation``; a step whose two unbounding spheres do not overlap may have jumped a surface and is
+   retaken plainly from its start, so the first surface found is the one plain sphere tracing finds.
 3. Sampler (:func:`taichi_dr.implicit.root_finding.first_crossing`): rays that did not converge (and, for
    the mask loss, rays that exited) get ``n_samples`` SDF samples along ``[t_near, t_far]``; the first sign
    change brackets the surface, and a ray without one is a miss whose minimum-SDF sample is kept (IDR's
@@ -49,6 +53,7 @@ HIT = 1          # converged: |f| < threshold (or the ray starts inside the surf
 EXITED = 2       # marched past t_far without converging
 BRACKETED = 3    # a sign change between t_lo (f > 0) and t_hi (f < 0), awaiting secant refinement
 OUTSIDE = 4      # the ray misses the bounding sphere
+RETREATED = 5    # an over-relaxed step may have skipped a surface: back to the last point, plain step
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,10 @@ class TracerSettings:
     threshold: a ray has converged when ``|f| < threshold`` (IDR: 5e-5).
     step_scale: fraction of ``f`` stepped each time (1 = plain sphere tracing; < 1 is more cautious with a
         network whose gradient norm exceeds 1).
+    max_relaxation: largest over-relaxation factor ω of a step ``ω f`` (Keinert et al. 2014, "Enhanced
+        sphere tracing"); ω comes from the SDF's slope along the ray over the last step, and a step whose two
+        unbounding spheres do not overlap is retaken plainly, so no surface a plain step would find is
+        skipped. 1 = plain sphere tracing.
     n_samples: uniform samples along ``[t_near, t_far]`` for rays that did not converge.
     n_secant: secant iterations per bracket.
     chunk: points per SDF call (bounds peak memory of the network's activations).
@@ -70,6 +79,7 @@ class TracerSettings:
     max_steps: int = 64
     threshold: float = 5e-5
     step_scale: float = 1.0
+    max_relaxation: float = 1.9
     n_samples: int = 64
     n_secant: int = 8
     chunk: int = 65536
@@ -80,6 +90,7 @@ class TracerSettings:
             (self.max_steps >= 1, "max_steps must be >= 1"),
             (self.threshold > 0, "threshold must be > 0"),
             (0 < self.step_scale <= 1, "step_scale must be in (0, 1]"),
+            (1 <= self.max_relaxation <= 2, "max_relaxation must be in [1, 2]"),
             (self.n_samples >= 2, "n_samples must be >= 2"),
             (self.n_secant >= 0, "n_secant must be >= 0"),
             (self.chunk >= 1, "chunk must be >= 1"),
@@ -122,16 +133,26 @@ class TraceResult:
 @runtime.locked
 @ti.kernel
 def _march_step(idx: ti.types.ndarray(), sdf: ti.types.ndarray(), t: ti.types.ndarray(),
-                t_far: ti.types.ndarray(), threshold: float, step_scale: float, first: ti.i32,
+                t_prev: ti.types.ndarray(), f_prev: ti.types.ndarray(), t_far: ti.types.ndarray(),
+                threshold: float, step_scale: float, max_relaxation: float, first: ti.i32,
                 step_status: ti.types.ndarray(), t_next: ti.types.ndarray()):
     """One marching step of the active rays ``idx (m,)`` with their SDF values ``sdf (m,)``: per ray its new
-    status (ACTIVE: stepped on) and parameter ``t_next (m,)``; ``t`` is not written (see the note above)."""
+    status (ACTIVE: stepped on; RETREATED: stepped on from the previous point) and parameter ``t_next (m,)``;
+    ``t`` is not written (see the note above). ``t_prev``/``f_prev`` hold each ray's last point outside the
+    surface and its SDF (read only after the first step)."""
     for k in range(idx.shape[0]):
         i = idx[k]
         s = sdf[k]
         status = ACTIVE
         tn = t[i]
-        if ti.abs(s) < threshold:
+        step_taken = t[i] - t_prev[i]
+        # An over-relaxed step is safe only if the unbounding spheres of its two ends overlap (Keinert et al.
+        # 2014): otherwise a surface may lie between them, so the ray goes back and takes the plain step.
+        gap = first == 0 and f_prev[i] + ti.abs(s) < step_taken * (1 - 1e-6) - threshold
+        if gap:
+            status = RETREATED
+            tn = t_prev[i] + step_scale * f_prev[i]
+        elif ti.abs(s) < threshold:
             status = HIT
         elif s < 0:
             if first == 1:
@@ -139,11 +160,16 @@ def _march_step(idx: ti.types.ndarray(), sdf: ti.types.ndarray(), t: ti.types.nd
             else:
                 status = BRACKETED       # overshoot: the surface lies in (t_prev, t)
         else:
-            step = t[i] + step_scale * s
-            if step > t_far[i]:
+            omega = 1.0
+            if first == 0 and max_relaxation > 1 and step_taken > 0:
+                # The SDF's slope along the ray from the last step, and the largest step for which the two
+                # spheres still overlap on a surface with that slope: 2 / (1 + slope), with a margin.
+                slope = ti.min(ti.max((f_prev[i] - s) / step_taken, 0.0), 1.0)
+                omega = ti.min(ti.max(0.9 * 2.0 / (1.0 + slope), 1.0), max_relaxation)
+            if t[i] + step_scale * s > t_far[i]:
                 status = EXITED
             else:
-                tn = step
+                tn = ti.min(t[i] + omega * step_scale * s, t_far[i])
         step_status[k] = status
         t_next[k] = tn
 
@@ -227,16 +253,18 @@ def sphere_trace(sdf_fn: SdfFn, origins: torch.Tensor, dirs: torch.Tensor,
         sdf_evals += idx.numel()
         step_status = torch.empty(idx.numel(), dtype=torch.int32, device=dev)
         t_next = torch.empty(idx.numel(), dtype=dtype, device=dev)
-        _march_step(idx, f, t, t_far, float(settings.threshold), float(settings.step_scale), int(steps == 0),
-                    step_status, t_next)
+        _march_step(idx, f, t, t_prev, f_prev, t_far, float(settings.threshold), float(settings.step_scale),
+                    float(settings.max_relaxation), int(steps == 0), step_status, t_next)
         steps += 1
-        # Rays that were outside the surface keep that point as the outer end of a later bracket.
+        # Rays that were outside the surface keep that point as the outer end of a later bracket (a ray that
+        # retreated keeps the point it went back to).
         outside = (step_status == ACTIVE) | (step_status == EXITED)
         t_prev[il[outside]] = t[il[outside]]
         f_prev[il[outside]] = f[outside]
         t[il] = t_next
-        status[il] = step_status
-        idx = idx[step_status == ACTIVE]
+        marching = (step_status == ACTIVE) | (step_status == RETREATED)
+        status[il] = torch.where(marching, ACTIVE, step_status)
+        idx = idx[marching]
 
     # Sampler for rays that did not converge (and for exited ones, when asked).
     todo = status == ACTIVE
