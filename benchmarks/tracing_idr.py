@@ -10,6 +10,11 @@ bounding sphere) and the same network:
   sampler size (100) and secant steps (8), a marching budget of ``--taichi-steps`` and an over-relaxation
   of ``--relaxation`` (1 = plain sphere tracing; one row per pair).
 
+The baseline runs twice: with the SDF callable IDR's renderer gives its tracer, ``lambda x:
+implicit_network(x)[:, 0]`` (the whole network, feature vector included: "vs IDR", what a user of IDR's code
+runs), and with ``GeometryNetwork.sdf``, which computes the SDF row of the output layer only, the callable
+taichi_dr's tracer gets ("same sdf": the two tracers' algorithms alone, same callable).
+
 Both count a ray as a hit by their own rule at the same threshold (IDR: ``network_object_mask``; taichi_dr:
 converged or bracketed); the table reports how often the two agree and the |t| difference on rays both hit.
 Modes: ``render`` is IDR's eval path (``self.training`` False) against ``sphere_trace(miss_min_sdf=False)``;
@@ -32,7 +37,9 @@ Command lines (the numbers in docs come from these):
 Hooks for other engineers' modules (each exits with status 2 and says so if its module does not import):
 
     --encoding hashgrid   GeometryNetwork(encoding=HashGridEncoding(), depth=2, width=64, skip_in=())
-                          (taichi_dr/nets/hash_grid.py) replaces networks (1) and (2)
+                          (taichi_dr/nets/hash_grid.py) replaces networks (1) and (2); with
+                          --hash-preset app, what `tdr reconstruct --encoding hashgrid` builds (a 2^16 table,
+                          finest resolution 512, 32 features)
     --occupancy-grid      an OccupancyGrid (taichi_dr/implicit/occupancy_grid.py) built from the SDF with its
                           sdf_value_fn helper; both tracers march the tightened [t_start, t_end] of
                           OccupancyGrid.ray_intervals (sphere_trace(segments=...), idr_ray_trace(segments=...));
@@ -114,11 +121,21 @@ def build_networks(args, dev):
             print(f"--encoding hashgrid: unavailable (taichi_dr.nets.hash_grid does not import: {e})")
             sys.exit(2)
 
-        def make_small():
-            return GeometryNetwork(encoding=HashGridEncoding(), depth=2, width=64, skip_in=())
+        if args.hash_preset == "app":
+            # what `tdr reconstruct --encoding hashgrid` builds (apps/reconstruct.py, HASHGRID_DEFAULTS)
+            desc = "hash grid 16 x 2, 2^16 entries, 16..512 + 2 x 64, 32 features (tdr reconstruct's)"
+
+            def make_small():
+                return GeometryNetwork(encoding=HashGridEncoding(log2_table_size=16, finest_resolution=512),
+                                       depth=2, width=64, skip_in=(), feature_dim=32)
+        else:
+            desc = "hash grid (HashGridEncoding defaults: instant-ngp's) + 2 x 64, 256 features"
+
+            def make_small():
+                return GeometryNetwork(encoding=HashGridEncoding(), depth=2, width=64, skip_in=())
 
         torch.manual_seed(args.seed)
-        nets["hashgrid"] = ("hash grid (HashGridEncoding defaults) + 2 x 64", make_small().to(dev).eval())
+        nets["hashgrid"] = (desc, make_small().to(dev).eval())
     else:
         def make_small():
             return GeometryNetwork(feature_dim=64, depth=4, width=128, skip_in=(2,))
@@ -185,12 +202,18 @@ def run_network(name, desc, net, o, d, args, idr):
         grid_note = (f", occupancy grid {args.grid_resolution}^3 ({100 * grid.occupancy_fraction:.1f}% occupied, "
                      f"built in {time.perf_counter() - t0:.1f} s, not timed)")
 
-    def run_idr():
-        segs = segments_fn() if segments_fn is not None else None
-        return idr.idr_ray_trace(sdf, o, d, idr_settings, segments=segs, generator=torch.Generator().manual_seed(0))
+    def idr_sdf(x):
+        """What IDR's renderer hands its tracer: ``sdf=lambda x: self.implicit_network(x)[:, 0]``, the whole
+        network (SDF and feature vector), of which the tracer keeps the first column."""
+        return net(x)[:, 0]
 
-    fns = {"idr": run_idr}
-    labels = {"idr": "IDR RayTracing (PyTorch baseline)"}
+    def run_idr(sdf_fn=idr_sdf):
+        segs = segments_fn() if segments_fn is not None else None
+        return idr.idr_ray_trace(sdf_fn, o, d, idr_settings, segments=segs,
+                                 generator=torch.Generator().manual_seed(0))
+
+    fns = {"idr": run_idr, "idr_head": lambda: run_idr(sdf)}
+    labels = {"idr": "IDR RayTracing, net(x)[:, 0] (as IDR)", "idr_head": "IDR RayTracing, net.sdf"}
     for steps in args.taichi_steps:
         for relaxation in args.relaxation:
             ts = TracerSettings(bounding_radius=idr_settings.object_bounding_sphere, max_steps=steps,
@@ -209,8 +232,10 @@ def run_network(name, desc, net, o, d, args, idr):
 
     t_idr, hit_idr, _ = out["idr"]
     print(f"\n[{name}] {desc}{grid_note}")
-    print(f"{'tracer':<40}{'time (s)':>9}{'rays/s':>10}{'vs IDR':>8}{'SDF evals':>11}{'/ray':>7}{'hits':>7}"
-          f"{'hit agree':>11}{'max |dt|':>10}{'med |dt|':>10}{'max |f| hit':>12}")
+    print("vs IDR: against IDR's tracer as IDR runs it; same sdf: against IDR's tracer given net.sdf, the SDF "
+          "alone (the tracers' algorithms only)")
+    print(f"{'tracer':<40}{'time (s)':>9}{'rays/s':>10}{'vs IDR':>8}{'same sdf':>9}{'SDF evals':>11}{'/ray':>7}"
+          f"{'hits':>7}{'hit agree':>11}{'max |dt|':>10}{'med |dt|':>10}{'max |f| hit':>12}")
     for k in fns:
         t, hit, evals = out[k]
         label = labels[k]
@@ -223,7 +248,8 @@ def run_network(name, desc, net, o, d, args, idr):
         with torch.no_grad():
             f_hit = sdf(o[hit] + t[hit, None] * d[hit]).abs()
         max_f = float(f_hit.max()) if f_hit.numel() else 0.0
-        print(f"{label:<40}{times[k]:>9.3f}{n / times[k]:>10.0f}{times['idr'] / times[k]:>7.2f}x{evals:>11}"
+        print(f"{label:<40}{times[k]:>9.3f}{n / times[k]:>10.0f}{times['idr'] / times[k]:>7.2f}x"
+              f"{times['idr_head'] / times[k]:>8.2f}x{evals:>11}"
               f"{evals / n:>7.1f}{int(hit.sum()):>7}{100 * agree:>10.2f}%{max_dt:>10.2e}{med_dt:>10.2e}"
               f"{max_f:>12.2e}")
 
@@ -244,6 +270,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--encoding", choices=("frequency", "hashgrid"), default="frequency",
                    help="HOOK: hashgrid needs taichi_dr/nets/hash_grid.py (exits 2 without it)")
+    p.add_argument("--hash-preset", choices=("ngp", "app"), default="ngp",
+                   help="with --encoding hashgrid: instant-ngp's table (2^19, finest 2048) and IDR's 256 features, "
+                        "or what tdr reconstruct --encoding hashgrid builds (2^16, finest 512, 32 features)")
     p.add_argument("--occupancy-grid", action="store_true",
                    help="HOOK: trace the occupancy grid's tightened segments (taichi_dr/implicit/occupancy_grid.py)")
     p.add_argument("--grid-resolution", type=int, default=64)

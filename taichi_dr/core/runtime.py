@@ -181,6 +181,19 @@ def device() -> torch.device:
     return torch.device("cuda") if ensure_init() == "cuda" else torch.device("cpu")
 
 
+# Below this many loop iterations a CPU kernel runs faster on one thread: waking Taichi's thread pool costs about
+# 80 us a launch on a 2-core machine (a 30-element copy: 122 us in parallel, 41 us serialised), as much as a
+# sphere tracer's step over a few hundred rays. The hash grid's forward pass (16 levels) breaks even at about
+# 1000-1500 points (300 points: 344 us in parallel, 244 us serialised; 3000: 1376 and 1595 us).
+SERIAL_BELOW = 1024
+
+
+def serial_launch(n_iterations: int, below: int = SERIAL_BELOW) -> bool:
+    """Whether a kernel over ``n_iterations`` should run serialised (``ti.loop_config(serialize=True)``, chosen
+    with a ``ti.template()`` flag): on the CPU below ``below`` iterations, never on a GPU."""
+    return ensure_init() == "cpu" and n_iterations < below
+
+
 def sync() -> None:
     """Wait for queued kernels (for timing)."""
     if _state["arch"] is not None:

@@ -53,7 +53,11 @@ HIT = 1          # converged: |f| < threshold (or the ray starts inside the surf
 EXITED = 2       # marched past t_far without converging
 BRACKETED = 3    # a sign change between t_lo (f > 0) and t_hi (f < 0), awaiting secant refinement
 OUTSIDE = 4      # the ray misses the bounding sphere
-RETREATED = 5    # an over-relaxed step may have skipped a surface: back to the last point, plain step
+
+
+# A marching step's kernel does a few memory reads per ray: on one thread it beats the thread pool's wake-up up
+# to about this many rays (2 cores: 15000 rays, 309 us serialised, 445 us in parallel).
+MARCH_SERIAL_BELOW = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -125,53 +129,73 @@ class TraceResult:
 # Kernels. Arrays are torch tensors passed as ndarrays; their dtype (f32 or f64) picks the instantiation.
 # Each is `runtime.locked`: tracing may run in any thread (a training worker), and Taichi's launches are not
 # thread-safe.
-# Every array a kernel writes is written in full (per-ray results in compact arrays, scattered by torch):
-# on Vulkan, Taichi does not copy a torch tensor the kernel only writes to the device, yet copies the whole
-# device buffer back, so elements a kernel leaves alone would come back as stale device memory.
+# A kernel that writes some elements of an array also reads it: on Vulkan, Taichi does not copy a torch tensor
+# that a kernel only writes to the device, yet copies the whole device buffer back, so elements the kernel
+# left alone would come back as stale device memory.
+
+
+# Columns of the per-ray state array the marching kernel updates (packed: each ndarray argument costs a launch
+# about 16 us of Python on the CPU, and a step over a few rays costs little more than its launch).
+T, T_PREV, F_PREV, T_FAR = 0, 1, 2, 3
 
 
 @runtime.locked
 @ti.kernel
-def _march_step(idx: ti.types.ndarray(), sdf: ti.types.ndarray(), t: ti.types.ndarray(),
-                t_prev: ti.types.ndarray(), f_prev: ti.types.ndarray(), t_far: ti.types.ndarray(),
-                threshold: float, step_scale: float, max_relaxation: float, first: ti.i32,
-                step_status: ti.types.ndarray(), t_next: ti.types.ndarray()):
-    """One marching step of the active rays ``idx (m,)`` with their SDF values ``sdf (m,)``: per ray its new
-    status (ACTIVE: stepped on; RETREATED: stepped on from the previous point) and parameter ``t_next (m,)``;
-    ``t`` is not written (see the note above). ``t_prev``/``f_prev`` hold each ray's last point outside the
-    surface and its SDF (read only after the first step)."""
+def _march_step(idx: ti.types.ndarray(), sdf: ti.types.ndarray(), rays: ti.types.ndarray(),
+                state: ti.types.ndarray(), status: ti.types.ndarray(), threshold: float, step_scale: float,
+                max_relaxation: float, first: ti.i32, marching: ti.types.ndarray(),
+                next_points: ti.types.ndarray(), serial: ti.template()):
+    """One marching step of the active rays ``idx (m,)`` with their SDF values ``sdf (m,)``.
+
+    ``rays (N, 6)``: origin and direction; ``state (N, 4)``: per ray ``t``, ``t_prev`` and ``f_prev`` (the last
+    point outside the surface and its SDF: the outer end of a later bracket; read only after the first step)
+    and ``t_far``. Per ray ``i = idx[k]`` it updates ``t``, ``t_prev``, ``f_prev`` and ``status[i]`` (ACTIVE
+    while it marches on, else HIT, EXITED or BRACKETED); ``marching[k]`` (u8) says whether the ray marches on
+    and ``next_points[k] (3,)`` is where it is evaluated next. One launch does the whole step's bookkeeping:
+    over a few hundred rays a step costs what its launches and tensor operations cost, not the rays.
+    ``serial``: run on one thread (see :func:`taichi_dr.core.runtime.serial_launch`)."""
+    if ti.static(serial):
+        ti.loop_config(serialize=True)
     for k in range(idx.shape[0]):
         i = idx[k]
         s = sdf[k]
-        status = ACTIVE
-        tn = t[i]
-        step_taken = t[i] - t_prev[i]
+        new_status = status[i]           # ACTIVE: the rays in idx are the active ones
+        t_now = state[i, T]
+        t_prev = state[i, T_PREV]
+        f_prev = state[i, F_PREV]
+        t_far = state[i, T_FAR]
+        tn = t_now
+        step_taken = t_now - t_prev
         # An over-relaxed step is safe only if the unbounding spheres of its two ends overlap (Keinert et al.
-        # 2014): otherwise a surface may lie between them, so the ray goes back and takes the plain step.
-        gap = first == 0 and f_prev[i] + ti.abs(s) < step_taken * (1 - 1e-6) - threshold
-        if gap:
-            status = RETREATED
-            tn = t_prev[i] + step_scale * f_prev[i]
+        # 2014): otherwise a surface may lie between them, so the ray goes back and takes the plain step from
+        # the last point (which stays the outer end of a bracket).
+        if first == 0 and f_prev + ti.abs(s) < step_taken * (1 - 1e-6) - threshold:
+            tn = t_prev + step_scale * f_prev
         elif ti.abs(s) < threshold:
-            status = HIT
+            new_status = HIT
         elif s < 0:
             if first == 1:
-                status = HIT             # the ray enters the bounding sphere inside the surface
+                new_status = HIT         # the ray enters the bounding sphere inside the surface
             else:
-                status = BRACKETED       # overshoot: the surface lies in (t_prev, t)
+                new_status = BRACKETED   # overshoot: the surface lies in (t_prev, t)
         else:
             omega = 1.0
             if first == 0 and max_relaxation > 1 and step_taken > 0:
                 # The SDF's slope along the ray from the last step, and the largest step for which the two
                 # spheres still overlap on a surface with that slope: 2 / (1 + slope), with a margin.
-                slope = ti.min(ti.max((f_prev[i] - s) / step_taken, 0.0), 1.0)
+                slope = ti.min(ti.max((f_prev - s) / step_taken, 0.0), 1.0)
                 omega = ti.min(ti.max(0.9 * 2.0 / (1.0 + slope), 1.0), max_relaxation)
-            if t[i] + step_scale * s > t_far[i]:
-                status = EXITED
+            state[i, T_PREV] = t_now
+            state[i, F_PREV] = s
+            if t_now + step_scale * s > t_far:
+                new_status = EXITED
             else:
-                tn = ti.min(t[i] + omega * step_scale * s, t_far[i])
-        step_status[k] = status
-        t_next[k] = tn
+                tn = ti.min(t_now + omega * step_scale * s, t_far)
+        state[i, T] = tn
+        status[i] = new_status
+        marching[k] = ti.u8(new_status == ACTIVE)
+        for c in ti.static(range(3)):
+            next_points[k, c] = rays[i, c] + tn * rays[i, 3 + c]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,7 +246,6 @@ def sphere_trace(sdf_fn: SdfFn, origins: torch.Tensor, dirs: torch.Tensor,
     d = to_kernel("dirs", dirs)
     n = o.shape[0]
     dev = o.device
-    f_prev = torch.full((n,), -1.0, dtype=dtype, device=dev)
     sdf_evals = 0
     steps = 0
     if n == 0:
@@ -237,34 +260,32 @@ def sphere_trace(sdf_fn: SdfFn, origins: torch.Tensor, dirs: torch.Tensor,
         check_tensor("segments[0] (t_near)", t_given, (n,), dtype=dtype)
         check_tensor("segments[1] (t_far)", t_far_given, (n,), dtype=dtype)
         check_tensor("segments[2] (inside)", inside_given, (n,), dtype=torch.bool)
-        t = to_kernel("segments[0] (t_near)", t_given).clone()
+        t = to_kernel("segments[0] (t_near)", t_given)
         t_far = to_kernel("segments[1] (t_far)", t_far_given)
         in_sphere = to_kernel("segments[2] (inside)", inside_given) & (t_far >= t)
-    t_prev = t.clone()
     status = torch.where(in_sphere, ACTIVE, OUTSIDE).to(torch.int32)
-    t_near = t.clone()
+    t_near = t
+    # The kernel's packed arrays; t, t_prev, f_prev and t_far below are views of `state`'s columns.
+    rays = torch.cat([o, d], dim=1).contiguous()
+    state = torch.stack([t, t, torch.full_like(t, -1.0), t_far], dim=1).contiguous()
+    t, t_prev, f_prev, t_far = state.unbind(dim=1)
 
     # Marching with compaction: `idx` holds the active rays, in increasing order (a boolean selection of
-    # the previous list, so results never depend on thread scheduling).
+    # the previous list, so results never depend on thread scheduling), `points` where they are evaluated.
     idx = torch.nonzero(in_sphere).flatten().to(torch.int32)
+    first_rays = idx.long()
+    points = o[first_rays] + t[first_rays, None] * d[first_rays]
     while idx.numel() > 0 and steps < settings.max_steps:
-        il = idx.long()
-        f = _evaluate(sdf_fn, o[il] + t[il, None] * d[il], settings.chunk)
+        f = _evaluate(sdf_fn, points, settings.chunk)
         sdf_evals += idx.numel()
-        step_status = torch.empty(idx.numel(), dtype=torch.int32, device=dev)
-        t_next = torch.empty(idx.numel(), dtype=dtype, device=dev)
-        _march_step(idx, f, t, t_prev, f_prev, t_far, float(settings.threshold), float(settings.step_scale),
-                    float(settings.max_relaxation), int(steps == 0), step_status, t_next)
+        marching = torch.empty(idx.numel(), dtype=torch.uint8, device=dev)
+        next_points = torch.empty_like(points)
+        _march_step(idx, f, rays, state, status, float(settings.threshold), float(settings.step_scale),
+                    float(settings.max_relaxation), int(steps == 0), marching, next_points,
+                    runtime.serial_launch(idx.numel(), below=MARCH_SERIAL_BELOW))
         steps += 1
-        # Rays that were outside the surface keep that point as the outer end of a later bracket (a ray that
-        # retreated keeps the point it went back to).
-        outside = (step_status == ACTIVE) | (step_status == EXITED)
-        t_prev[il[outside]] = t[il[outside]]
-        f_prev[il[outside]] = f[outside]
-        t[il] = t_next
-        marching = (step_status == ACTIVE) | (step_status == RETREATED)
-        status[il] = torch.where(marching, ACTIVE, step_status)
-        idx = idx[marching]
+        keep = marching.view(torch.bool)
+        idx, points = idx[keep], next_points[keep]
 
     # Sampler for rays that did not converge (and for exited ones, when asked).
     todo = status == ACTIVE
@@ -297,6 +318,7 @@ def sphere_trace(sdf_fn: SdfFn, origins: torch.Tensor, dirs: torch.Tensor,
                                            settings.chunk)
         sdf_evals += evaluations
     hit = (status == HIT) | (status == BRACKETED)
+    t = t.contiguous()
     points = o + t[:, None] * d
     return TraceResult(t=t, hit=hit, in_sphere=in_sphere, points=points, sdf_evals=sdf_evals, steps=steps)
 

@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -102,20 +103,25 @@ class GeometryNetwork(nn.Module):
                 elif encoded and layer in self.skip_in:
                     lin.weight[:, -(d_in - 3):] = 0.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _last_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of the output layer, ``(M, width)``."""
         inp = self.encoding(x)
         h = inp
-        for i, lin in enumerate(self.layers):
+        for i, lin in enumerate(self.layers[:-1]):
             if i in self.skip_in:
                 h = torch.cat([h, inp], dim=-1) / math.sqrt(2)
-            h = lin(h)
-            if i < len(self.layers) - 1:
-                h = self.activation(h)
-        return h
+            h = self.activation(lin(h))
+        return h                                    # skip_in never names the output layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[-1](self._last_hidden(x))
 
     def sdf(self, x: torch.Tensor) -> torch.Tensor:
-        """``(M, 3) -> (M,)``."""
-        return self.forward(x)[:, 0]
+        """``(M, 3) -> (M,)``: column 0 of :meth:`forward`, computed without the feature vector. Tracing,
+        meshing and finite-difference normals need the SDF only, and the output layer's feature rows (256 of
+        IDR's 257) would otherwise be most of a small network's work."""
+        out = self.layers[-1]
+        return F.linear(self._last_hidden(x), out.weight[:1], out.bias[:1])[:, 0]
 
     def gradient(self, x: torch.Tensor, create_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Network output ``(M, 1 + feature_dim)`` and the SDF's spatial gradient ``(M, 3)`` by autograd.

@@ -132,12 +132,17 @@ def _encode(x: ti.template(), table: ti.template(), out: ti.template(), levels: 
 
 @ti.kernel
 def _forward_kernel(x: ti.types.ndarray(), table: ti.types.ndarray(), levels: ti.types.ndarray(),
-                    consts: ti.types.ndarray(), out: ti.types.ndarray(), col0: ti.i32, F: ti.template()):
+                    consts: ti.types.ndarray(), out: ti.types.ndarray(), col0: ti.i32, F: ti.template(),
+                    serial: ti.template()):
     """x (M, 3), table (L, T, F), levels (L, 2) i32, consts (2,) -> out (M, col0 + L F).
 
     Level-major: consecutive threads read the same level's table, a working set that fits a CPU's caches
-    (2.5x faster than point-major at instant-ngp's sizes)."""
-    ti.loop_config(block_dim=256)
+    (2.5x faster than point-major at instant-ngp's sizes). ``serial``: one thread, for a few points (a sphere
+    tracer's last steps), where waking the thread pool costs more than the lookups."""
+    if ti.static(serial):
+        ti.loop_config(serialize=True)
+    else:
+        ti.loop_config(block_dim=256)
     for l, i in ti.ndrange(levels.shape[0], x.shape[0]):
         if l == 0:
             for d in ti.static(range(3)):
@@ -267,7 +272,8 @@ class HashGridOp(KernelOp):
         width = self.col0 + n_levels * f
         out = torch.empty((x.shape[0], width), dtype=x.dtype, device=x.device)
         for a, b in _chunks(x.shape[0], max(width, n_levels)):
-            _forward_kernel(x[a:b], table, levels, consts, out[a:b], self.col0, f)
+            _forward_kernel(x[a:b], table, levels, consts, out[a:b], self.col0, f,
+                            runtime.serial_launch(b - a))
         return (out,), (x, table, levels, consts)
 
     def backward(self, saved, grad_out):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from vulkan_subprocess import run_on_vulkan
 
+from taichi_dr.core import runtime
 from taichi_dr.core.camera import Cameras
 from taichi_dr.core.transforms import axis_angle_to_matrix
 from taichi_dr.implicit.analytic import box_sdf, sphere_sdf, torus_sdf
@@ -84,7 +85,10 @@ def _clear_of_silhouette(sdf_fn, o, d, t_ref, hit_ref, margin=0.02, cos_min=0.15
 
 
 @pytest.mark.parametrize("shape", ["sphere", "box", "torus"])
-def test_trace_matches_closed_form(shape):
+@pytest.mark.parametrize("serial", [True, False])
+def test_trace_matches_closed_form(shape, serial, monkeypatch):
+    """Against the closed form, with the marching kernel on one thread (as the CPU runs it) and in parallel."""
+    monkeypatch.setattr(runtime, "serial_launch", lambda n, below=0: serial and runtime.arch() == "cpu")
     o, d = _rays(400)
     if shape == "sphere":
         def f(x):

@@ -79,9 +79,12 @@ def test_resolutions_and_dense_levels():
 
 
 @pytest.mark.parametrize("include_input", [True, False])
-def test_forward_matches_pytorch_reference(include_input):
+@pytest.mark.parametrize("serial", [True, False])
+def test_forward_matches_pytorch_reference(include_input, serial, monkeypatch):
     """Random points, points on the cell boundaries of every level, the cube's corners and points outside
-    it (clamped) give the reference's values in float64, dense and hashed levels alike."""
+    it (clamped) give the reference's values in float64, dense and hashed levels alike, from the serialised
+    kernel (few points, on the CPU) and the parallel one."""
+    monkeypatch.setattr(runtime, "serial_launch", lambda n, below=0: serial and runtime.arch() == "cpu")
     enc = _encoder(include_input=include_input, bound=1.5)
     g = torch.Generator().manual_seed(3)
     random = (torch.rand(200, 3, generator=g, dtype=F64) * 2 - 1) * 1.5

@@ -117,6 +117,27 @@ def test_geometric_init_is_roughly_a_sphere(frequencies):
     assert net.sdf(torch.zeros(1, 3)).item() < -0.3              # inside at the centre
 
 
+@pytest.mark.parametrize("skip_in", [(), (2,)])
+def test_sdf_is_forward_column_zero_in_value_and_gradient(skip_in):
+    """``sdf`` computes only the SDF row of the output layer; it must be ``forward(x)[:, 0]`` exactly (float64)
+    and train the same parameters the same way."""
+    torch.manual_seed(3)
+    net = GeometryNetwork(feature_dim=7, depth=3, width=16, skip_in=skip_in, n_frequencies=2).double()
+    x = torch.randn(20, 3, dtype=torch.float64) * 0.6
+    full = net(x)[:, 0]
+    head = net.sdf(x)
+    assert head.shape == (20,)
+    assert torch.allclose(head, full, rtol=1e-12, atol=1e-12)
+    params = list(net.parameters())
+    g_full = torch.autograd.grad(full.sin().sum(), params, allow_unused=True)
+    g_head = torch.autograd.grad(head.sin().sum(), params, allow_unused=True)
+    for a, b in zip(g_full, g_head, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_gradient_matches_finite_differences():
     torch.manual_seed(1)
     net = GeometryNetwork(feature_dim=4, depth=4, width=32, skip_in=(2,), n_frequencies=3).double()
