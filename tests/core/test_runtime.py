@@ -28,3 +28,11 @@ def test_cpu_loops_are_split_into_small_tasks():
     cfg = ti.lang.impl.current_cfg()
     assert cfg.make_cpu_multithreading_loop is False
     assert cfg.default_cpu_block_dim <= 32
+
+
+def test_serial_launch_only_for_small_loops_on_the_cpu():
+    arch = runtime.ensure_init()
+    assert runtime.serial_launch(runtime.SERIAL_BELOW) is False
+    assert runtime.serial_launch(10, below=5) is False
+    # a GPU never runs a loop on one thread
+    assert runtime.serial_launch(10) is (arch == "cpu")
