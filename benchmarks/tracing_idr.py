@@ -50,19 +50,24 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+# As `tdr` runs: OpenMP's workers wait passively (read when torch loads OpenMP, so before `import torch`), and torch
+# keeps its own thread count (all cores) instead of the one thread taichi_dr gives it when they would spin.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from taichi_dr.core import runtime
-from taichi_dr.core.camera import Cameras
-from taichi_dr.core.rays import ray_segments
-from taichi_dr.implicit.analytic import torus_sdf
-from taichi_dr.implicit.sphere_tracing import TracerSettings, sphere_trace
-from taichi_dr.nets.fields import GeometryNetwork
+import torch  # noqa: E402
+
+from taichi_dr.core import runtime  # noqa: E402
+from taichi_dr.core.camera import Cameras  # noqa: E402
+from taichi_dr.core.rays import ray_segments  # noqa: E402
+from taichi_dr.implicit.analytic import torus_sdf  # noqa: E402
+from taichi_dr.implicit.sphere_tracing import TracerSettings, sphere_trace  # noqa: E402
+from taichi_dr.nets.fields import GeometryNetwork  # noqa: E402
 
 
 def load_idr_tracer():
@@ -278,6 +283,9 @@ def main(argv=None):
     p.add_argument("--grid-resolution", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="a few-second sanity run: 1 view of 32x32, small net")
     p.add_argument("--arch", default=None)
+    p.add_argument("--torch-threads", type=int, default=torch.get_num_threads(),
+                   help="torch's CPU threads for both tracers (default: torch's own, all cores, as a user of either "
+                        "runs it)")
     args = p.parse_args(argv)
     if args.quick:
         args.views, args.size, args.repeats, args.fit_steps = 1, 32, 1, 30
@@ -286,7 +294,7 @@ def main(argv=None):
     args.taichi_steps = [int(s) for s in args.taichi_steps.split(",") if s]
     args.relaxation = [float(s) for s in args.relaxation.split(",") if s]
 
-    arch = runtime.init(args.arch)
+    arch = runtime.init(args.arch, torch_threads=args.torch_threads)
     dev = runtime.device()
     idr = load_idr_tracer()
     o, d = ring_rays(args.views, args.size, args.distance, args.fov)
