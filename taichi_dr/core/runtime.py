@@ -17,6 +17,7 @@ autograd thread on CUDA, and users train in worker threads. So:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -192,6 +193,28 @@ def serial_launch(n_iterations: int, below: int = SERIAL_BELOW) -> bool:
     """Whether a kernel over ``n_iterations`` should run serialised (``ti.loop_config(serialize=True)``, chosen
     with a ``ti.template()`` flag): on the CPU below ``below`` iterations, never on a GPU."""
     return ensure_init() == "cpu" and n_iterations < below
+
+
+# Below this many points a torch evaluation on the CPU runs faster on one thread: with two threads, waking OpenMP's
+# workers (waiting passively, as under tdr) for each operation costs more than a few hundred points' work (a
+# 4 x 128 MLP on 2 cores: 30 points 0.91 ms on two threads, 0.27 ms on one; 300 points 1.9 and 0.83 ms;
+# 3000 points 8.8 and 10.3 ms). A sphere tracer's last steps and a secant search are such evaluations.
+TORCH_SERIAL_BELOW = 2048
+
+
+@contextlib.contextmanager
+def torch_threads_for(n_points: int, below: int = TORCH_SERIAL_BELOW):
+    """Context in which torch runs on one CPU thread if ``n_points < below`` (and on the CPU); else unchanged.
+    Results do not depend on it (torch's CPU kernels give the same values on any number of threads)."""
+    threads = torch.get_num_threads()
+    if n_points >= below or threads == 1 or ensure_init() == "cuda":
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def sync() -> None:

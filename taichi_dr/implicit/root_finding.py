@@ -104,7 +104,7 @@ def _evaluate(fn: FieldFn, points: torch.Tensor, chunk: int, name: str = "sdf_fn
     ``fn`` may return (M,) or (M, C) (its first column is used); ``name`` names it in the error message.
     """
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), runtime.torch_threads_for(points.shape[0]):
         for start in range(0, points.shape[0], chunk):
             f = fn(points[start:start + chunk])
             if f.dim() == 2 and f.shape[1] >= 1:

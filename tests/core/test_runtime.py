@@ -2,6 +2,7 @@
 
 import pytest
 import taichi as ti
+import torch
 
 from taichi_dr.core import runtime
 
@@ -36,3 +37,21 @@ def test_serial_launch_only_for_small_loops_on_the_cpu():
     assert runtime.serial_launch(10, below=5) is False
     # a GPU never runs a loop on one thread
     assert runtime.serial_launch(10) is (arch == "cpu")
+
+
+def test_torch_runs_small_evaluations_on_one_thread_and_restores_its_count():
+    arch = runtime.ensure_init()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with runtime.torch_threads_for(10):
+            inside_small = torch.get_num_threads()
+        with runtime.torch_threads_for(runtime.TORCH_SERIAL_BELOW):
+            inside_large = torch.get_num_threads()
+        with pytest.raises(RuntimeError), runtime.torch_threads_for(10):
+            raise RuntimeError("restored even so")
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert inside_small == (2 if arch == "cuda" else 1)
+    assert inside_large == 2 and after == 2
