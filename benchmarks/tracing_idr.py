@@ -21,6 +21,9 @@ Modes: ``render`` is IDR's eval path (``self.training`` False) against ``sphere_
 ``train`` is IDR's training path, which also finds the minimum-SDF point of missed rays for the mask loss
 (with the ground-truth mask taken equal to the network's hits), against ``sphere_trace(miss_min_sdf=True)``.
 Times are the median of ``--repeats`` runs after one warm-up, the two tracers alternating.
+torch runs on all cores (``--torch-threads``, default torch's own count) with OpenMP's workers waiting passively, as
+under ``tdr`` and as a user of IDR's code would run it; ``--torch-threads 1`` gives the one-thread figures of
+earlier sessions, which slowed IDR's all-torch tracer more than ours.
 
 Networks (``taichi_dr.nets.fields.GeometryNetwork``, geometric initialisation, so (1) and (2) are
 sphere-like blobs): (1) ``idr``: IDR's 8 x 256, frequency encoding with 6 frequencies, skip into layer 4;
@@ -29,9 +32,9 @@ sphere-like blobs): (1) ``idr``: IDR's 8 x 256, frequency encoding with 6 freque
 
 Command lines (the numbers in docs come from these):
 
-    OMP_NUM_THREADS=1 python benchmarks/tracing_idr.py --networks idr
-    OMP_NUM_THREADS=1 python benchmarks/tracing_idr.py --networks small,trained
-    OMP_NUM_THREADS=1 python benchmarks/tracing_idr.py --networks small --mode train
+    python benchmarks/tracing_idr.py --networks idr --taichi-steps 64
+    python benchmarks/tracing_idr.py --networks small,trained --taichi-steps 64 [--occupancy-grid]
+    python benchmarks/tracing_idr.py --networks small --mode train --taichi-steps 64
     python benchmarks/tracing_idr.py --quick                      # a few-second sanity run
 
 Hooks for other engineers' modules (each exits with status 2 and says so if its module does not import):
