@@ -130,12 +130,15 @@ def build_networks(args, dev):
             sys.exit(2)
 
         if args.hash_preset == "app":
-            # what `tdr reconstruct --encoding hashgrid` builds (apps/reconstruct.py, HASHGRID_DEFAULTS)
-            desc = "hash grid 16 x 2, 2^16 entries, 16..512 + 2 x 64, 32 features (tdr reconstruct's)"
+            from apps.reconstruct import HASHGRID_DEFAULTS as app  # what `tdr reconstruct --encoding hashgrid` builds
+
+            desc = (f"hash grid 16 x 2, 2^{app['hash_table_size']} entries, 16..{app['hash_finest']} + "
+                    f"{app['depth']} x {app['width']}, {app['feature_dim']} features (tdr reconstruct's)")
 
             def make_small():
-                return GeometryNetwork(encoding=HashGridEncoding(log2_table_size=16, finest_resolution=512),
-                                       depth=2, width=64, skip_in=(), feature_dim=32)
+                enc = HashGridEncoding(log2_table_size=app["hash_table_size"], finest_resolution=app["hash_finest"])
+                return GeometryNetwork(encoding=enc, depth=app["depth"], width=app["width"], skip_in=(),
+                                       feature_dim=app["feature_dim"])
         else:
             desc = "hash grid (HashGridEncoding defaults: instant-ngp's) + 2 x 64, 256 features"
 

@@ -205,7 +205,7 @@ TORCH_SERIAL_BELOW = 2048
 @contextlib.contextmanager
 def torch_threads_for(n_points: int, below: int = TORCH_SERIAL_BELOW):
     """Context in which torch runs on one CPU thread if ``n_points < below`` (and on the CPU); else unchanged.
-    Results do not depend on it (torch's CPU kernels give the same values on any number of threads)."""
+    The choice depends on ``n_points`` only, so a run with the same seed repeats itself exactly."""
     threads = torch.get_num_threads()
     if n_points >= below or threads == 1 or ensure_init() == "cuda":
         yield
