@@ -35,6 +35,7 @@ Command lines (the numbers in docs come from these):
     python benchmarks/tracing_idr.py --networks idr --taichi-steps 64
     python benchmarks/tracing_idr.py --networks small,trained --taichi-steps 64 [--occupancy-grid]
     python benchmarks/tracing_idr.py --networks small --mode train --taichi-steps 64
+    python benchmarks/tracing_idr.py --networks idr,small,trained --taichi-steps 64 --relaxation 1.9 --cones
     python benchmarks/tracing_idr.py --quick                      # a few-second sanity run
 
 Hooks for other engineers' modules (each exits with status 2 and says so if its module does not import):
@@ -47,6 +48,12 @@ Hooks for other engineers' modules (each exits with status 2 and says so if its 
                           sdf_value_fn helper; both tracers march the tightened [t_start, t_end] of
                           OccupancyGrid.ray_intervals (sphere_trace(segments=...), idr_ray_trace(segments=...));
                           the intervals' cost is inside both timings, the grid's build is printed apart.
+
+``--cones`` adds, beside each taichi_dr row, the same tracer started where cones over pixel tiles stopped
+(``taichi_dr.implicit.cone_tracing.sphere_trace_images``, default ``ConeSettings``, as ``idr.render_views`` uses
+it; with ``--occupancy-grid``, cones over the grid's segments): the cones' evaluations and time are inside the
+row's. IDR's renderer has no such pass; the rays are whole
+images here, as when IDR renders a view.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ from taichi_dr.core import runtime  # noqa: E402
 from taichi_dr.core.camera import Cameras  # noqa: E402
 from taichi_dr.core.rays import ray_segments  # noqa: E402
 from taichi_dr.implicit.analytic import torus_sdf  # noqa: E402
+from taichi_dr.implicit.cone_tracing import ConeSettings, cone_segments, sphere_trace_images  # noqa: E402
 from taichi_dr.implicit.sphere_tracing import TracerSettings, sphere_trace  # noqa: E402
 from taichi_dr.nets.fields import GeometryNetwork  # noqa: E402
 
@@ -200,7 +208,7 @@ def time_side_by_side(fns: dict, repeats: int) -> tuple[dict, dict]:
     return {k: statistics.median(v) for k, v in times.items()}, out
 
 
-def run_network(name, desc, net, o, d, args, idr):
+def run_network(name, desc, net, o, d, image_shape, args, idr):
     n = o.shape[0]
     sdf = net.sdf
     training = args.mode == "train"
@@ -230,15 +238,23 @@ def run_network(name, desc, net, o, d, args, idr):
             ts = TracerSettings(bounding_radius=idr_settings.object_bounding_sphere, max_steps=steps,
                                 threshold=idr_settings.sdf_threshold, n_samples=idr_settings.n_steps,
                                 n_secant=idr_settings.n_secant_steps, max_relaxation=relaxation)
+            for cones in ([False, True] if args.cones else [False]):
+                def run_tdr(ts=ts, cones=cones):
+                    segs = segments_fn() if segments_fn is not None else None
+                    if cones and segs is None:
+                        r = sphere_trace_images(sdf, o, d, image_shape, ts, ConeSettings())
+                    elif cones:
+                        segs, cone_evals = cone_segments(sdf, o, d, image_shape, ConeSettings(),
+                                                         bounding_radius=ts.bounding_radius, segments=segs)
+                        r = sphere_trace(sdf, o, d, ts, miss_min_sdf=training, segments=segs)
+                        return r.t, r.hit, r.sdf_evals + cone_evals
+                    else:
+                        r = sphere_trace(sdf, o, d, ts, miss_min_sdf=training, segments=segs)
+                    return r.t, r.hit, r.sdf_evals
 
-            def run_tdr(ts=ts):
-                segs = segments_fn() if segments_fn is not None else None
-                r = sphere_trace(sdf, o, d, ts, miss_min_sdf=training, segments=segs)
-                return r.t, r.hit, r.sdf_evals
-
-            key = f"tdr{steps}_{relaxation:g}"
-            fns[key] = run_tdr
-            labels[key] = f"sphere_trace, steps {steps}, relax {relaxation:g}"
+                key = f"tdr{steps}_{relaxation:g}{'_cones' if cones else ''}"
+                fns[key] = run_tdr
+                labels[key] = f"sphere_trace, steps {steps}, relax {relaxation:g}{' + cones' if cones else ''}"
     times, out = time_side_by_side(fns, args.repeats)
 
     t_idr, hit_idr, _ = out["idr"]
@@ -286,6 +302,9 @@ def main(argv=None):
                         "or what tdr reconstruct --encoding hashgrid builds (2^16, finest 512, 32 features)")
     p.add_argument("--occupancy-grid", action="store_true",
                    help="HOOK: trace the occupancy grid's tightened segments (taichi_dr/implicit/occupancy_grid.py)")
+    p.add_argument("--cones", action="store_true",
+                   help="also trace each taichi row after cone tracing over 8 x 8 -> 4 x 4 pixel tiles "
+                        "(taichi_dr/implicit/cone_tracing.py; the views are whole images); render mode only")
     p.add_argument("--grid-resolution", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="a few-second sanity run: 1 view of 32x32, small net")
     p.add_argument("--arch", default=None)
@@ -297,6 +316,8 @@ def main(argv=None):
         args.views, args.size, args.repeats, args.fit_steps = 1, 32, 1, 30
         args.networks = "small" if args.encoding == "frequency" else "hashgrid"
         args.grid_resolution = min(args.grid_resolution, 32)
+    if args.cones and args.mode == "train":
+        p.error("--cones: render mode only (training traces random pixels, not whole images)")
     args.taichi_steps = [int(s) for s in args.taichi_steps.split(",") if s]
     args.relaxation = [float(s) for s in args.relaxation.split(",") if s]
 
@@ -310,7 +331,7 @@ def main(argv=None):
           f"repeats={args.repeats} (median after a warm-up); IDR settings: "
           f"{idr.IdrTracerSettings(training=args.mode == 'train')}")
     for name, (desc, net) in nets.items():
-        run_network(name, desc, net, o, d, args, idr)
+        run_network(name, desc, net, o, d, (args.views, args.size, args.size), args, idr)
 
 
 if __name__ == "__main__":

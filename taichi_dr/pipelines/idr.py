@@ -42,6 +42,7 @@ from taichi_dr.core import runtime
 from taichi_dr.core.camera import Cameras
 from taichi_dr.core.transforms import CameraParameters
 from taichi_dr.data.datasets import MultiViewDataset, RayBatch, rays_for_pixels, sample_rays
+from taichi_dr.implicit.cone_tracing import ConeSettings, sphere_trace_images
 from taichi_dr.implicit.sphere_tracing import TracerSettings, differentiable_intersection, sphere_trace
 from taichi_dr.losses.implicit import alpha_schedule, eikonal_loss, mask_loss, rgb_loss
 from taichi_dr.nets.encodings import EncodingSettings, position_encoding
@@ -373,17 +374,32 @@ def check_network_settings(saved_config: dict, config: IDRConfig) -> None:
 
 @torch.no_grad()
 def render_rays(model: IDRModel, origins: torch.Tensor, dirs: torch.Tensor, tracer: TracerSettings,
-                chunk: int = 16384, background: float = 0.0) -> dict[str, torch.Tensor]:
+                chunk: int = 16384, background: float = 0.0, *, image_width: int | None = None,
+                cones: ConeSettings | None = ConeSettings()) -> dict[str, torch.Tensor]:
     """Render rays ``(N, 3)``: ``rgb (N, 3)`` (background where missed), ``mask (N,)`` bool,
-    ``normals (N, 3)`` (world space, zero where missed) and ``depth (N,)`` (ray distance, 0 where missed)."""
+    ``normals (N, 3)`` (world space, zero where missed) and ``depth (N,)`` (ray distance, 0 where missed).
+
+    image_width: the rays are whole rows of an image this many pixels wide, row by row (as
+    :func:`render_views` passes them): chunks then hold whole rows, and ``cones`` over their pixel tiles
+    (:mod:`taichi_dr.implicit.cone_tracing`) find where the rays start marching (None: no cones). Without
+    it the rays may come in any order and each marches from the bounding sphere.
+    """
     n = origins.shape[0]
+    use_cones = image_width is not None and cones is not None
+    if use_cones:
+        if image_width < 1 or n % image_width:
+            raise ValueError(f"image_width: expected a positive width that divides the {n} rays, got {image_width}")
+        chunk = max(1, chunk // image_width) * image_width
     rgb = torch.full((n, 3), float(background), dtype=origins.dtype, device=origins.device)
     normals = torch.zeros(n, 3, dtype=origins.dtype, device=origins.device)
     depth = torch.zeros(n, dtype=origins.dtype, device=origins.device)
     mask = torch.zeros(n, dtype=torch.bool, device=origins.device)
     for s in range(0, n, chunk):
         o, d = origins[s:s + chunk].contiguous(), dirs[s:s + chunk].contiguous()
-        tr = sphere_trace(model.sdf, o, d, tracer, miss_min_sdf=False)
+        if use_cones:
+            tr = sphere_trace_images(model.sdf, o, d, (1, o.shape[0] // image_width, image_width), tracer, cones)
+        else:
+            tr = sphere_trace(model.sdf, o, d, tracer, miss_min_sdf=False)
         h = tr.hit
         if bool(h.any()):
             c, nrm, _ = model.shade(tr.points[h], d[h])
@@ -397,10 +413,13 @@ def render_rays(model: IDRModel, origins: torch.Tensor, dirs: torch.Tensor, trac
 
 @torch.no_grad()
 def render_views(model: IDRModel, cameras: Cameras, tracer: TracerSettings = TracerSettings(),
-                 chunk: int = 16384, background: float = 0.0) -> dict[str, torch.Tensor]:
+                 chunk: int = 16384, background: float = 0.0, *,
+                 cones: ConeSettings | None = ConeSettings()) -> dict[str, torch.Tensor]:
     """Render whole views: ``rgb (B, H, W, 3)``, ``mask (B, H, W)``, ``normals (B, H, W, 3)`` and
-    ``depth (B, H, W)``."""
-    return render_cameras(cameras, lambda o, d: render_rays(model, o, d, tracer, chunk, background))
+    ``depth (B, H, W)``. ``cones``: cone tracing over pixel tiles before the rays march (None: off)."""
+    width = cameras.image_size[1]
+    return render_cameras(cameras, lambda o, d: render_rays(model, o, d, tracer, chunk, background,
+                                                            image_width=width, cones=cones))
 
 
 # ---------------------------------------------------------------------------------------------------------

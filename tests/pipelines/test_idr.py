@@ -24,6 +24,7 @@ from taichi_dr.pipelines.idr import (
     IDRModel,
     image_metrics,
     load_model,
+    render_rays,
     render_views,
     train_idr,
 )
@@ -240,3 +241,23 @@ def test_render_views_and_metrics():
     assert set(images) == {"rgb", "alpha", "normals", "depth"}
     assert torch.equal(images["alpha"], out["mask"].float()) and torch.equal(images["rgb"], out["rgb"])
     assert image_metrics(images, ds.images[:2], ds.masks[:2]) == m
+
+
+def test_render_views_with_cones_match_without_and_rows_chunk():
+    """Cone tracing (on by default when whole views render) changes where rays start, not what they hit; a
+    chunk that is not a whole number of rows is rounded down to whole rows."""
+    class Analytic(IDRModel):
+        def __init__(self):
+            super().__init__(IDRConfig(**TINY))
+            self.geometry.sdf = lambda x: sphere_sdf(x, 0.4, CENTER)
+
+    ds = _sphere_dataset()
+    model = Analytic()
+    plain = render_views(model, ds.cameras[:2], cones=None)
+    coned = render_views(model, ds.cameras[:2], chunk=100)          # 4 rows of 24 pixels a chunk
+    assert plain["mask"].sum() > 50
+    assert torch.equal(coned["mask"], plain["mask"])
+    assert torch.allclose(coned["depth"], plain["depth"], atol=1e-4)
+    o, d = ds.cameras[0].image_rays()
+    with pytest.raises(ValueError, match="image_width: expected a positive width that divides the 576 rays, got 25"):
+        render_rays(model, o.reshape(-1, 3), d.reshape(-1, 3), IDRConfig().tracer, image_width=25)

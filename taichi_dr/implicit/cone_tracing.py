@@ -1,0 +1,196 @@
+"""Cone tracing: where the rays of whole images may start marching, found by a few cones per pixel tile.
+
+Rays that come from an image share their camera's origin and, within a tile of ``s x s`` pixels, point almost
+the same way. One cone around a tile's rays advances through empty space with one SDF evaluation per step
+instead of one per ray (cone marching, as in demoscene renderers; the bound below is the sphere-tracing bound
+applied to the cone). The result is a tighter segment per ray for :func:`~taichi_dr.implicit.sphere_tracing
+.sphere_trace`'s ``segments`` argument, as the occupancy grid's segments are: an estimator apart from the tracer.
+
+The bound. A tile's rays ``q_i(t) = o + t d_i`` share ``o``; the cone's axis is ``p(t) = o + t a`` (``a`` the
+normalised sum of the tile's corner rays) and its radius at ``t`` is ``t rho`` with ``rho = max_i |d_i - a|`` (the
+chord between two unit directions: ``|q_i(t) - p(t)| = t |d_i - a|``). If ``f(p(t))`` bounds the distance to
+the surface (as sphere tracing assumes), no surface lies within ``f`` of ``p(t)``, and every ray point
+``q_i(t')`` with ``t <= t' <= (t + f) / (1 + rho)`` lies within that ball, since
+``|q_i(t') - p(t)| <= t' rho + (t' - t)``. The cone steps to ``(t + step_scale f) / (1 + rho)`` while ``f``
+exceeds ``stop_ratio`` times its radius ``t rho`` (closer, its steps would gain little); then its tile splits into
+four tiles of half the side, which start where it stopped, down to ``min_tile``. Each ray then starts where its
+finest cone stopped; a ray whose cone left the ray's segment has no surface on it and is reported outside.
+
+What it saves: the approach through empty space and the whole march of rays that miss (whole tiles of
+background). On 4 views of 64 x 64 pixels with networks of 4 x 128, 8 x 256 and a hash grid it cut the SDF
+evaluations of tracing by 13-34% (``benchmarks/tracing_idr.py --cones``). It does not speed up convergence near
+the surface, where most of the remaining evaluations are.
+
+Tiles whose rays do not share an origin (an orthographic camera) get no cone: their rays start at their own
+``t_near``. Cones are few (a 64 x 64 image has 64 of 8 x 8 pixels), so they run as plain torch operations.
+Reductions are max/min only, so results do not depend on thread scheduling on any device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from taichi_dr.core.bridge import check_tensor
+from taichi_dr.core.rays import ray_segments
+from taichi_dr.implicit.root_finding import _evaluate
+from taichi_dr.implicit.sphere_tracing import TraceResult, TracerSettings, sphere_trace
+
+__all__ = ["ConeSettings", "cone_segments", "sphere_trace_images"]
+
+
+@dataclass(frozen=True)
+class ConeSettings:
+    """How cones over pixel tiles advance before the rays march alone.
+
+    tile: side in pixels of the coarsest tiles (a power of two times ``min_tile``).
+    min_tile: side of the finest tiles; their cones hand over to the rays.
+    max_steps: cone steps per level (a level's cones are evaluated together, one SDF call a step).
+    stop_ratio: a cone stops when ``f <= stop_ratio`` times its radius (steps would gain little).
+    step_scale: fraction of the cone's safe step taken: a margin for networks whose gradient norm exceeds 1
+        near the surface (a ray must not start inside it).
+    """
+
+    tile: int = 8
+    min_tile: int = 4
+    max_steps: int = 8
+    stop_ratio: float = 1.5
+    step_scale: float = 0.9
+
+    def __post_init__(self):
+        levels = self.tile // self.min_tile if self.min_tile >= 1 else 0
+        checks = [
+            (self.min_tile >= 1, "min_tile must be >= 1"),
+            (self.tile >= self.min_tile and self.tile % max(self.min_tile, 1) == 0
+             and levels & (levels - 1) == 0, "tile must be min_tile times a power of two"),
+            (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.stop_ratio >= 1, "stop_ratio must be >= 1"),
+            (0 < self.step_scale <= 1, "step_scale must be in (0, 1]"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"ConeSettings: {msg} (tile={self.tile}, min_tile={self.min_tile})")
+
+
+@torch.no_grad()
+def cone_segments(sdf_fn, origins: torch.Tensor, dirs: torch.Tensor, image_shape: tuple[int, int, int],
+                  settings: ConeSettings = ConeSettings(), *, bounding_radius: float = 1.0,
+                  segments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, chunk: int = 65536):
+    """Each ray's segment, tightened by cones over its image's pixel tiles.
+
+    sdf_fn: ``points (M, 3) -> (M,)`` (or ``(M, C)``, first column the SDF), a distance bound as for sphere
+        tracing; called without autograd on the cones' axis points.
+    origins, dirs: (N, 3), dirs of unit length: the rays of ``image_shape = (B, H, W)`` images, row by row
+        (``N = B H W``; ``Cameras.image_rays()`` reshaped to (N, 3)).
+    segments: ``(t_near, t_far, inside)``, each (N,), to tighten instead of the bounding sphere's (an
+        occupancy grid's :meth:`~taichi_dr.implicit.occupancy_grid.OccupancyGrid.ray_intervals`).
+    Returns ``((t_near, t_far, inside), sdf_evals)``: segments for ``sphere_trace(segments=...)`` with the same
+    first surface on every ray (under the distance-bound assumption), and the evaluations the cones spent.
+    """
+    check_tensor("origins", origins, (None, 3), dtype=(torch.float32, torch.float64))
+    check_tensor("dirs", dirs, (origins.shape[0], 3), dtype=origins.dtype)
+    n = origins.shape[0]
+    shape = tuple(image_shape)
+    if len(shape) != 3 or any(int(v) < 1 for v in shape) or shape[0] * shape[1] * shape[2] != n:
+        raise ValueError(f"image_shape: expected (B, H, W) of positive sizes with B*H*W = {n} rays, got {shape}")
+    nb, h, w = (int(v) for v in shape)
+    o, d = origins.detach(), dirs.detach()
+    if segments is None:
+        t_near, t_far, inside = ray_segments(o, d, float(bounding_radius))
+    else:
+        t_near, t_far, inside = segments
+        for name, value, dtype in (("t_near", t_near, o.dtype), ("t_far", t_far, o.dtype),
+                                   ("inside", inside, torch.bool)):
+            check_tensor(f"segments ({name})", value, (n,), dtype=dtype)
+        inside = inside & (t_far >= t_near)
+    dev = o.device
+    pix = torch.arange(n, device=dev)
+    view, row, col = pix // (h * w), (pix // w) % h, pix % w
+    rays_in = torch.nonzero(inside).flatten()
+    evals = 0
+    tile_t = None          # the previous level's cone parameter per tile
+    prev_side = prev_tiles_w = prev_tiles_h = 0
+    side = settings.tile
+    while side >= settings.min_tile:
+        tiles_h, tiles_w = -(-h // side), -(-w // side)
+        n_tiles = nb * tiles_h * tiles_w
+        tile_of = ((view * tiles_h + row // side) * tiles_w + col // side)
+        tid_in = tile_of[rays_in]
+        # The axis: the normalised sum of the tile's four corner rays (corners clipped to the image), in a fixed
+        # order, so it does not depend on the order of a reduction; the apex: its first corner's origin.
+        tv = torch.arange(n_tiles, device=dev)
+        first_pixel = (tv // (tiles_h * tiles_w)) * h * w
+        r0, c0 = (tv // tiles_w) % tiles_h * side, tv % tiles_w * side
+        r1, c1 = (r0 + side - 1).clamp_max(h - 1), (c0 + side - 1).clamp_max(w - 1)
+        corners = [first_pixel + r * w + c for r, c in ((r0, c0), (r0, c1), (r1, c0), (r1, c1))]
+        axis = d[corners[0]] + d[corners[1]] + d[corners[2]] + d[corners[3]]
+        axis = axis / axis.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        apex = o[corners[0]]
+        rho = torch.zeros(n_tiles, dtype=o.dtype, device=dev).scatter_reduce_(
+            0, tid_in, (d[rays_in] - axis[tid_in]).norm(dim=-1), "amax")
+        # A tile is a cone only if its rays share the apex (perspective); tolerance relative to the scene's scale.
+        apart = torch.zeros(n_tiles, dtype=o.dtype, device=dev).scatter_reduce_(
+            0, tid_in, (o[rays_in] - apex[tid_in]).abs().amax(dim=-1), "amax")
+        conical = apart <= 1e-6 * (1 + apex.abs().amax(dim=-1))
+        t0 = torch.full((n_tiles,), torch.inf, dtype=o.dtype, device=dev).scatter_reduce_(
+            0, tid_in, t_near[rays_in], "amin")
+        t1 = torch.full((n_tiles,), -torch.inf, dtype=o.dtype, device=dev).scatter_reduce_(
+            0, tid_in, t_far[rays_in], "amax")
+        t = t0.clone()
+        if tile_t is not None:
+            # Each tile lies inside one tile of the previous level, whose cone holds its rays: start there.
+            k = prev_side // side
+            parent = ((tv // (tiles_h * tiles_w)) * prev_tiles_h + (tv // tiles_w) % tiles_h // k) * prev_tiles_w \
+                + tv % tiles_w // k
+            t = torch.maximum(t, tile_t[parent])
+        marching = torch.nonzero(conical & (t < t1)).flatten()      # tiles without rays inside have t0 = inf
+        for _ in range(settings.max_steps):
+            if marching.numel() == 0:
+                break
+            tm = t[marching]
+            f = _evaluate(sdf_fn, apex[marching] + tm[:, None] * axis[marching], chunk)
+            evals += marching.numel()
+            radius = tm.clamp_min(0) * rho[marching]
+            go = f > settings.stop_ratio * radius
+            t_next = torch.where(go, ((tm + settings.step_scale * f) / (1 + rho[marching])).maximum(tm), tm)
+            t[marching] = t_next
+            marching = marching[go & (t_next < t1[marching])]
+        tile_t, prev_side, prev_tiles_h, prev_tiles_w = t, side, tiles_h, tiles_w
+        side //= 2
+    start = torch.where(inside, torch.maximum(t_near, tile_t[tile_of]), t_near)
+    inside = inside & (start < t_far)
+    start = torch.minimum(start, t_far).contiguous()
+    return (start, t_far.contiguous(), inside.contiguous()), evals
+
+
+@torch.no_grad()
+def sphere_trace_images(sdf_fn, origins: torch.Tensor, dirs: torch.Tensor, image_shape: tuple[int, int, int],
+                        tracer: TracerSettings = TracerSettings(),
+                        cones: ConeSettings = ConeSettings()) -> TraceResult:
+    """:func:`~taichi_dr.implicit.sphere_tracing.sphere_trace` (``miss_min_sdf=False``: rendering) of whole images'
+    rays, each started where its cone stopped (:func:`cone_segments`).
+
+    The cones trust ``f`` as a distance bound (with ``cones.step_scale``'s margin). Where a network breaks it
+    (``|grad f| > 1`` near the surface) a cone may stop past the surface and its rays would start inside; such a
+    ray (a hit at its very start, with ``f < 0`` there, after the cone moved it) is traced again from the
+    bounding sphere, so every ray finds what sphere tracing alone finds. ``sdf_evals`` counts the cones' and
+    the retraced rays' evaluations too; ``in_sphere`` is the bounding sphere's.
+    """
+    (start, t_far, inside), cone_evals = cone_segments(sdf_fn, origins, dirs, image_shape, cones,
+                                                       bounding_radius=tracer.bounding_radius, chunk=tracer.chunk)
+    result = sphere_trace(sdf_fn, origins, dirs, tracer, miss_min_sdf=False, segments=(start, t_far, inside))
+    t_near, _, crosses = ray_segments(origins.detach(), dirs.detach(), float(tracer.bounding_radius))
+    t, hit, points, evals = result.t, result.hit, result.points, result.sdf_evals + cone_evals
+    # A ray the marcher stopped at its first point was either on the surface there or inside it.
+    suspect = torch.nonzero(hit & (t == start) & (start > t_near)).flatten()
+    if suspect.numel() > 0:
+        f = _evaluate(sdf_fn, points[suspect], tracer.chunk)
+        evals += suspect.numel()
+        redo = suspect[f < 0]
+        if redo.numel() > 0:
+            again = sphere_trace(sdf_fn, origins[redo], dirs[redo], tracer, miss_min_sdf=False)
+            t, hit, points = t.clone(), hit.clone(), points.clone()
+            t[redo], hit[redo], points[redo] = again.t, again.hit, again.points
+            evals += again.sdf_evals
+    return TraceResult(t=t, hit=hit, in_sphere=crosses, points=points, sdf_evals=evals, steps=result.steps)
