@@ -35,7 +35,7 @@ import torch
 from taichi_dr.core.bridge import check_tensor
 from taichi_dr.core.rays import ray_segments
 from taichi_dr.implicit.root_finding import _evaluate
-from taichi_dr.implicit.sphere_tracing import TraceResult, TracerSettings, sphere_trace
+from taichi_dr.implicit.sphere_tracing import TraceResult, TracerSettings, _check_rays, sphere_trace
 
 __all__ = ["ConeSettings", "cone_segments", "sphere_trace_images"]
 
@@ -88,8 +88,7 @@ def cone_segments(sdf_fn, origins: torch.Tensor, dirs: torch.Tensor, image_shape
     Returns ``((t_near, t_far, inside), sdf_evals)``: segments for ``sphere_trace(segments=...)`` with the same
     first surface on every ray (under the distance-bound assumption), and the evaluations the cones spent.
     """
-    check_tensor("origins", origins, (None, 3), dtype=(torch.float32, torch.float64))
-    check_tensor("dirs", dirs, (origins.shape[0], 3), dtype=origins.dtype)
+    _check_rays(origins, dirs)
     n = origins.shape[0]
     shape = tuple(image_shape)
     if len(shape) != 3 or any(int(v) < 1 for v in shape) or shape[0] * shape[1] * shape[2] != n:

@@ -174,5 +174,7 @@ def test_bad_input():
         ConeSettings(stop_ratio=0.5)
     with pytest.raises(ValueError, match="ConeSettings: step_scale"):
         ConeSettings(step_scale=0.0)
+    with pytest.raises(ValueError, match="dirs: ray directions must have unit length"):
+        cone_segments(SHAPES["sphere"], o, 2 * d, (1, 8, 8))
     with pytest.raises(ValueError, match="segments \\(t_far\\)"):
         cone_segments(SHAPES["sphere"], o, d, (1, 8, 8), segments=(o[:, 0], o[:5, 0], o[:, 0] > 0))
