@@ -52,20 +52,16 @@ def handle_errors(fn: Callable) -> Callable:
         except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:
-            watch.stop()
             if debug_enabled():
+                watch.stop()
                 raise
-            sys.stderr.write("Interrupted.\n")
-            sys.stderr.flush()
-            if watch.is_program:
-                # CPython marks a KeyboardInterrupt that passed through PyRun_String (Taichi's C++ runs Python
-                # that way) as unhandled for good, and then ends the process by SIGINT (status -2) even after
-                # we caught it; nothing is left to clean up, so end here with the status we promise.
-                sys.stdout.flush()
-                os._exit(EXIT_INTERRUPTED)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        except (CLIError, ValueError, TypeError, OSError) as e:
-            if debug_enabled():
+            _report_interrupted(watch)
+        except Exception as e:
+            if watch.interrupted and not debug_enabled():
+                # The Ctrl-C reached code that turned it into another exception (a C extension interrupted
+                # while it initialises raises ImportError): the user interrupted, and that is what to say.
+                _report_interrupted(watch)
+            if debug_enabled() or not isinstance(e, (CLIError, ValueError, TypeError, OSError)):
                 raise
             msg = str(e) or type(e).__name__
             if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
@@ -74,6 +70,20 @@ def handle_errors(fn: Callable) -> Callable:
             raise typer.Exit(EXIT_ERROR) from None
 
     return wrapper
+
+
+def _report_interrupted(watch: _InterruptWatch):
+    """End an interrupted command: ``Interrupted.`` on stderr, exit status 130."""
+    watch.stop()
+    sys.stderr.write("Interrupted.\n")
+    sys.stderr.flush()
+    if watch.is_program:
+        # CPython marks a KeyboardInterrupt that passed through PyRun_String (Taichi's C++ runs Python that way)
+        # as unhandled for good, and then ends the process by SIGINT (status -2) even after we caught it;
+        # nothing is left to clean up, so end here with the status we promise.
+        sys.stdout.flush()
+        os._exit(EXIT_INTERRUPTED)
+    raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 class _InterruptWatch:
@@ -96,6 +106,7 @@ class _InterruptWatch:
 
         self.is_program = apps.STARTUP_HANDLER_INSTALLED
         self.pending = False
+        self.interrupted = False     # a Ctrl-C came during the command (stays set; `pending` is cleared)
         self._stopped = False
         self._timer = None
 
@@ -131,6 +142,7 @@ class _InterruptWatch:
         import threading
 
         if not self._stopped:
+            self.interrupted = True
             self.pending = True
             if self._timer is None:
                 self._timer = threading.Timer(self.RESEND_S, self._resend)
