@@ -3,6 +3,7 @@ finds what it finds without cones, tiles of background are reported empty, and t
 
 import pytest
 import torch
+from vulkan_subprocess import run_on_vulkan
 
 from taichi_dr.core.camera import Cameras
 from taichi_dr.core.rays import ray_segments
@@ -178,3 +179,31 @@ def test_bad_input():
         cone_segments(SHAPES["sphere"], o, 2 * d, (1, 8, 8))
     with pytest.raises(ValueError, match="segments \\(t_far\\)"):
         cone_segments(SHAPES["sphere"], o, d, (1, 8, 8), segments=(o[:, 0], o[:5, 0], o[:, 0] > 0))
+
+
+VULKAN_SCRIPT = r"""
+from test_cone_tracing import SHAPES, _image_rays
+from taichi_dr.implicit.cone_tracing import sphere_trace_images
+out = {}
+for name in ("sphere", "torus"):
+    o, d, image = _image_rays(views=2, size=(24, 28), dtype=torch.float32)
+    r = sphere_trace_images(SHAPES[name], o, d, image)
+    out[name] = dict(t=r.t.tolist(), hit=r.hit.tolist())
+"""
+
+
+def test_vulkan_matches_cpu(tmp_path):
+    """The image tracer (cones, then the tracer's kernels) finds the same hits on Vulkan as on the cpu backend
+    (float32 there), on the rays clear of the silhouette."""
+    vk = run_on_vulkan(tmp_path, VULKAN_SCRIPT)
+    for name in ("sphere", "torus"):
+        o, d, image = _image_rays(views=2, size=(24, 28), dtype=torch.float32)
+        cpu = sphere_trace_images(SHAPES[name], o, d, image)
+        hit_vk, t_vk = torch.tensor(vk[name]["hit"]), torch.tensor(vk[name]["t"])
+        _, g = sdf_gradient(SHAPES[name], cpu.points.double())
+        cos = ((g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)) * d.double()).sum(-1).abs()
+        clear = ~cpu.hit | (cos > 0.1)
+        assert clear.float().mean() > 0.95 and cpu.hit[clear].sum() > 200, name
+        assert torch.equal(hit_vk[clear], cpu.hit[clear]), name
+        both = clear & cpu.hit
+        assert float((t_vk[both] - cpu.t[both]).abs().max()) < 1e-4, name
