@@ -212,16 +212,17 @@ def test_extract_mesh_of_analytic_sdfs():
         extract_mesh(lambda x: sphere_sdf(x, 5.0), resolution=8)
 
 
+class _AnalyticSphere(IDRModel):
+    """The true sphere as 'geometry network'; the colour network left as initialised."""
+
+    def __init__(self):
+        super().__init__(IDRConfig(**TINY))
+        self.geometry.sdf = lambda x: sphere_sdf(x, 0.4, CENTER)
+
+
 def test_render_views_and_metrics():
-    class Analytic(IDRModel):
-        """The true sphere as 'geometry network'; the colour network left as initialised."""
-
-        def __init__(self):
-            super().__init__(IDRConfig(**TINY))
-            self.geometry.sdf = lambda x: sphere_sdf(x, 0.4, CENTER)
-
     ds = _sphere_dataset()
-    analytic = Analytic()
+    analytic = _AnalyticSphere()
     out = render_views(analytic, ds.cameras[:2])
     assert out["rgb"].shape == (2, 24, 24, 3) and out["depth"].shape == (2, 24, 24)
     assert out["mask"].sum() > 0
@@ -246,13 +247,8 @@ def test_render_views_and_metrics():
 def test_render_views_with_cones_match_without_and_rows_chunk():
     """Cone tracing (on by default when whole views render) changes where rays start, not what they hit; a
     chunk that is not a whole number of rows is rounded down to whole rows."""
-    class Analytic(IDRModel):
-        def __init__(self):
-            super().__init__(IDRConfig(**TINY))
-            self.geometry.sdf = lambda x: sphere_sdf(x, 0.4, CENTER)
-
     ds = _sphere_dataset()
-    model = Analytic()
+    model = _AnalyticSphere()
     plain = render_views(model, ds.cameras[:2], cones=None)
     coned = render_views(model, ds.cameras[:2], chunk=100)          # 4 rows of 24 pixels a chunk
     assert plain["mask"].sum() > 50
