@@ -5,8 +5,9 @@ tracing (the default) and without (``cones=None``), alternating, ``--repeats`` t
 times, how many pixels differ in mask or in depth (> 1e-3), and, for every such pixel, which tracer found the
 first surface that a dense scan of the ray finds (``--scan`` samples of the SDF over the ray's segment in the
 bounding sphere: the first sample with f < 0; "right" is within two samples of it, and "neither" also says which
-was closer). ``--png`` writes, per view, the plain render, the cones' render
-and the pixels whose mask differs (white).
+was closer), and how many of the pixels that any two of {plain, cones, plain sphere-tracing steps
+(``max_relaxation 1``)} dispute each gets wrong (more than 2e-3 from the scan's crossing). ``--png`` writes,
+for the first three views, the plain render, the cones' render and the pixels whose mask differs (white).
 
     tdr make-dataset airplane.ply --views 24 --size 128 --out plane_data       # or any IDR dataset
     tdr reconstruct plane_data --method idr --masks --iterations 800 --out plane_idr
@@ -16,6 +17,8 @@ and the pixels whose mask differs (white).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import os
 import statistics
 import time
@@ -42,6 +45,23 @@ def first_crossing_scan(sdf, o, d, radius: float, samples: int) -> torch.Tensor:
         neg = torch.nonzero(f < 0).flatten()
         out.append(ts[neg[0]] if neg.numel() else torch.tensor(float("inf"), dtype=o.dtype))
     return torch.stack(out) if out else o.new_zeros(0)
+
+
+def disagree(a: dict, b: dict) -> torch.Tensor:
+    """(B, H, W) bool: pixels where two renders differ in mask, or in depth by more than 1e-3."""
+    both = a["mask"] & b["mask"]
+    return (a["mask"] != b["mask"]) | (both & ((a["depth"] - b["depth"]).abs() > 1e-3))
+
+
+def scan_pixels(model, cams, pixels: torch.Tensor, radius: float, samples: int):
+    """Per view, (flat pixel indices, the dense scan's first crossing) of the ``pixels (B, H, W)`` that are set."""
+    for v in range(len(cams)):
+        idx = torch.nonzero(pixels[v].flatten()).flatten()
+        if idx.numel() == 0:
+            continue
+        o, d = cams[v].image_rays()
+        with torch.no_grad():
+            yield v, idx, first_crossing_scan(model.sdf, o.reshape(-1, 3)[idx], d.reshape(-1, 3)[idx], radius, samples)
 
 
 def main(argv=None):
@@ -72,26 +92,18 @@ def main(argv=None):
     print(f"render_views: plain {t_plain:.2f} s, cones {t_cones:.2f} s: {t_plain / t_cones:.2f}x")
 
     # Pixels where the two disagree, and which one found the first surface a dense scan finds.
-    both = plain["mask"] & cones["mask"]
-    differ = (plain["mask"] != cones["mask"]) | (both & ((plain["depth"] - cones["depth"]).abs() > 1e-3))
+    differ = disagree(plain, cones)
     mask_differ = int((plain["mask"] != cones["mask"]).sum())
     print(f"pixels that differ: {int(differ.sum())} of {differ.numel()} (in mask: {mask_differ})")
     verdicts = {"cones right": 0, "plain right": 0, "both right": 0, "neither": 0}
-    for v in range(len(cams)):
-        idx = torch.nonzero(differ[v].flatten()).flatten()
-        if idx.numel() == 0:
-            continue
-        o, d = cams[v].image_rays()
-        o, d = o.reshape(-1, 3)[idx], d.reshape(-1, 3)[idx]
-        with torch.no_grad():
-            first = first_crossing_scan(model.sdf, o, d, tracer.bounding_radius, args.scan)
-        spacing = 2 * tracer.bounding_radius / (args.scan - 1)
+    spacing = 2 * tracer.bounding_radius / (args.scan - 1)
+    for v, idx, first in scan_pixels(model, cams, differ, tracer.bounding_radius, args.scan):
         for r in (plain, cones):
             t = torch.where(r["mask"][v].flatten()[idx], r["depth"][v].flatten()[idx], torch.tensor(float("inf")))
             right = (t == first) | ((t - first).abs() <= 2 * spacing)
             r.setdefault("_right", []).append(right)
             r.setdefault("_error", []).append(torch.where(t == first, 0.0, (t - first).abs()))
-    if any(differ.flatten()):
+    if differ.any():
         pr, cr = torch.cat(plain["_right"]), torch.cat(cones["_right"])
         verdicts = {"cones right": int((cr & ~pr).sum()), "plain right": int((pr & ~cr).sum()),
                     "both right": int((pr & cr).sum()), "neither": int((~pr & ~cr).sum())}
@@ -100,6 +112,21 @@ def main(argv=None):
         verdicts["neither, cones closer"] = int((neither & (ce < pe)).sum())
         verdicts["neither, cones' largest |t - first|"] = round(float(ce[neither].max()), 5) if neither.any() else 0.0
     print("against a dense scan of each differing ray's first crossing:", verdicts)
+
+    # Is the over-relaxation the cause? The same count for plain sphere-tracing steps (max_relaxation 1).
+    variants = {"plain": plain, "cones": cones,
+                "plain, max_relaxation 1": render_views(model, cams, dataclasses.replace(tracer, max_relaxation=1.0),
+                                                        cones=None)}
+    disputed = torch.zeros_like(differ)
+    for a, b in itertools.combinations(variants.values(), 2):
+        disputed |= disagree(a, b)
+    wrong = dict.fromkeys(variants, 0)
+    for v, idx, first in scan_pixels(model, cams, disputed, tracer.bounding_radius, args.scan):
+        for name, r in variants.items():
+            t = torch.where(r["mask"][v].flatten()[idx], r["depth"][v].flatten()[idx], torch.tensor(float("inf")))
+            wrong[name] += int((~((t == first) | ((t - first).abs() <= 2e-3))).sum())
+    print(f"pixels any two of these renders dispute: {int(disputed.sum())}; wrong there (more than 2e-3 from the "
+          f"dense scan's first crossing): {wrong}")
     if args.png:
         from PIL import Image
 
