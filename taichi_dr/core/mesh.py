@@ -35,6 +35,7 @@ __all__ = [
     "vertex_normals",
 ]
 
+
 @contextlib.contextmanager
 def interrupts_kept():
     """Run a block that calls trimesh without losing a Ctrl-C.
