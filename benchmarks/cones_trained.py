@@ -12,6 +12,7 @@ for the first three views, the plain render, the cones' render and the pixels wh
     tdr make-dataset airplane.ply --views 24 --size 128 --out plane_data       # or any IDR dataset
     tdr reconstruct plane_data --method idr --masks --iterations 800 --out plane_idr
     python benchmarks/cones_trained.py plane_idr plane_data --png plane_cones.png
+    python benchmarks/cones_trained.py plane_idr plane_data --scale 4     # the same views at 512 x 512
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from taichi_dr.core import runtime  # noqa: E402
 from taichi_dr.core.rays import ray_segments  # noqa: E402
 from taichi_dr.data.datasets import load_dataset  # noqa: E402
 from taichi_dr.pipelines.idr import load_model, render_views  # noqa: E402
+from taichi_dr.pipelines.views import scale_cameras  # noqa: E402
 
 
 def first_crossing_scan(sdf, o, d, radius: float, samples: int) -> torch.Tensor:
@@ -71,24 +73,31 @@ def main(argv=None):
     p.add_argument("--views", type=int, default=6)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--scan", type=int, default=20001, help="dense samples per disagreeing ray")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="render at this multiple of the dataset's resolution (same views, more pixels)")
+    p.add_argument("--trace-chunk", type=int, default=2**18,
+                   help="render_views(trace_chunk=...): rays traced together (earlier default 16384)")
     p.add_argument("--png", default=None, help="write the first three views side by side here")
     p.add_argument("--arch", default=None)
     args = p.parse_args(argv)
     runtime.init(args.arch)
     model, config = load_model(args.run)
     cams = load_dataset(args.data).cameras[:args.views]
+    if args.scale != 1.0:
+        cams = scale_cameras(cams, args.scale)
     tracer = config.tracer
     times = {"plain": [], "cones": []}
     renders = {}
     for _ in range(args.repeats):
         for name, kw in (("plain", {"cones": None}), ("cones", {})):
             t0 = time.perf_counter()
-            renders[name] = render_views(model, cams, tracer, **kw)
+            renders[name] = render_views(model, cams, tracer, trace_chunk=args.trace_chunk, **kw)
             times[name].append(time.perf_counter() - t0)
     plain, cones = renders["plain"], renders["cones"]
     t_plain, t_cones = (statistics.median(times[k]) for k in ("plain", "cones"))
     h, w = cams.image_size
-    print(f"{len(cams)} views of {w} x {h}, {int(plain['mask'].sum())} hit pixels (plain); tracer {tracer}")
+    print(f"{len(cams)} views of {w} x {h}, {int(plain['mask'].sum())} hit pixels (plain); trace_chunk "
+          f"{args.trace_chunk}; tracer {tracer}")
     print(f"render_views: plain {t_plain:.2f} s, cones {t_cones:.2f} s: {t_plain / t_cones:.2f}x")
 
     # Pixels where the two disagree, and which one found the first surface a dense scan finds.

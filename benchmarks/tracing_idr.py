@@ -228,8 +228,12 @@ def run_network(name, desc, net, o, d, image_shape, args, idr):
 
     def run_idr(sdf_fn=idr_sdf):
         segs = segments_fn() if segments_fn is not None else None
-        return idr.idr_ray_trace(sdf_fn, o, d, idr_settings, segments=segs,
-                                 generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        chunk = args.idr_chunk or n
+        outs = [idr.idr_ray_trace(sdf_fn, o[s:s + chunk], d[s:s + chunk], idr_settings, generator=generator,
+                                  segments=None if segs is None else tuple(x[s:s + chunk] for x in segs))
+                for s in range(0, n, chunk)]
+        return torch.cat([r[0] for r in outs]), torch.cat([r[1] for r in outs]), sum(r[2] for r in outs)
 
     fns = {"idr": run_idr, "idr_head": lambda: run_idr(sdf)}
     labels = {"idr": "IDR RayTracing, net(x)[:, 0] (as IDR)", "idr_head": "IDR RayTracing, net.sdf"}
@@ -306,6 +310,9 @@ def main(argv=None):
                    help="also trace each taichi row after cone tracing over 8 x 8 -> 4 x 4 pixel tiles "
                         "(taichi_dr/implicit/cone_tracing.py; the views are whole images); render mode only")
     p.add_argument("--grid-resolution", type=int, default=64)
+    p.add_argument("--idr-chunk", type=int, default=0,
+                   help="rays per call of IDR's tracer (IDR's renderer splits a view into 10000 pixels, "
+                        "utils.general.split_input); 0: all rays in one call")
     p.add_argument("--quick", action="store_true", help="a few-second sanity run: 1 view of 32x32, small net")
     p.add_argument("--arch", default=None)
     p.add_argument("--torch-threads", type=int, default=torch.get_num_threads(),

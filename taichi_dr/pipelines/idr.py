@@ -375,51 +375,59 @@ def check_network_settings(saved_config: dict, config: IDRConfig) -> None:
 @torch.no_grad()
 def render_rays(model: IDRModel, origins: torch.Tensor, dirs: torch.Tensor, tracer: TracerSettings,
                 chunk: int = 16384, background: float = 0.0, *, image_width: int | None = None,
-                cones: ConeSettings | None = ConeSettings()) -> dict[str, torch.Tensor]:
+                cones: ConeSettings | None = ConeSettings(), trace_chunk: int = 2**18) -> dict[str, torch.Tensor]:
     """Render rays ``(N, 3)``: ``rgb (N, 3)`` (background where missed), ``mask (N,)`` bool,
     ``normals (N, 3)`` (world space, zero where missed) and ``depth (N,)`` (ray distance, 0 where missed).
 
+    trace_chunk: rays sphere-traced together. Tracing holds a few numbers per ray (its network calls are
+    bounded by ``tracer.chunk`` points), and a trace's ~64 marching steps cost a fixed overhead each, so big
+    chunks trace faster. chunk: hit points shaded together (the colour network and autograd normals hold
+    the network's activations for every point).
     image_width: the rays are whole rows of an image this many pixels wide, row by row (as
-    :func:`render_views` passes them): chunks then hold whole rows, and ``cones`` over their pixel tiles
-    (:mod:`taichi_dr.implicit.cone_tracing`) find where the rays start marching (None: no cones). Without
-    it the rays may come in any order and each marches from the bounding sphere.
+    :func:`render_views` passes them): trace chunks then hold whole rows, and ``cones`` over their pixel
+    tiles (:mod:`taichi_dr.implicit.cone_tracing`) find where the rays start marching (None: no cones).
+    Without it the rays may come in any order and each marches from the bounding sphere.
     """
+    for name, value in (("chunk", chunk), ("trace_chunk", trace_chunk)):
+        if value < 1:
+            raise ValueError(f"{name}: expected a positive number of rays, got {value}")
     n = origins.shape[0]
     use_cones = image_width is not None and cones is not None
     if use_cones:
         if image_width < 1 or n % image_width:
             raise ValueError(f"image_width: expected a positive width that divides the {n} rays, got {image_width}")
-        chunk = max(1, chunk // image_width) * image_width
+        trace_chunk = max(1, trace_chunk // image_width) * image_width
     rgb = torch.full((n, 3), float(background), dtype=origins.dtype, device=origins.device)
     normals = torch.zeros(n, 3, dtype=origins.dtype, device=origins.device)
     depth = torch.zeros(n, dtype=origins.dtype, device=origins.device)
     mask = torch.zeros(n, dtype=torch.bool, device=origins.device)
-    for s in range(0, n, chunk):
-        o, d = origins[s:s + chunk].contiguous(), dirs[s:s + chunk].contiguous()
+    for s in range(0, n, trace_chunk):
+        o, d = origins[s:s + trace_chunk].contiguous(), dirs[s:s + trace_chunk].contiguous()
         if use_cones:
             tr = sphere_trace_images(model.sdf, o, d, (1, o.shape[0] // image_width, image_width), tracer, cones)
         else:
             tr = sphere_trace(model.sdf, o, d, tracer, miss_min_sdf=False)
-        h = tr.hit
-        if bool(h.any()):
+        mask[s:s + trace_chunk] = tr.hit
+        hits = torch.nonzero(tr.hit).flatten()
+        for h in hits.split(chunk):
             c, nrm, _ = model.shade(tr.points[h], d[h])
-            idx = torch.nonzero(h).flatten() + s
-            rgb[idx] = c.detach().to(rgb.dtype)
-            normals[idx] = nrm.detach().to(rgb.dtype)
-            depth[idx] = tr.t[h]
-        mask[s:s + chunk] = h
+            rgb[h + s] = c.detach().to(rgb.dtype)
+            normals[h + s] = nrm.detach().to(rgb.dtype)
+            depth[h + s] = tr.t[h]
     return dict(rgb=rgb, mask=mask, normals=normals, depth=depth)
 
 
 @torch.no_grad()
 def render_views(model: IDRModel, cameras: Cameras, tracer: TracerSettings = TracerSettings(),
                  chunk: int = 16384, background: float = 0.0, *,
-                 cones: ConeSettings | None = ConeSettings()) -> dict[str, torch.Tensor]:
+                 cones: ConeSettings | None = ConeSettings(), trace_chunk: int = 2**18) -> dict[str, torch.Tensor]:
     """Render whole views: ``rgb (B, H, W, 3)``, ``mask (B, H, W)``, ``normals (B, H, W, 3)`` and
-    ``depth (B, H, W)``. ``cones``: cone tracing over pixel tiles before the rays march (None: off)."""
+    ``depth (B, H, W)``. ``cones``: cone tracing over pixel tiles before the rays march (None: off);
+    ``chunk`` and ``trace_chunk`` as in :func:`render_rays`."""
     width = cameras.image_size[1]
     return render_cameras(cameras, lambda o, d: render_rays(model, o, d, tracer, chunk, background,
-                                                            image_width=width, cones=cones))
+                                                            image_width=width, cones=cones,
+                                                            trace_chunk=trace_chunk))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -246,14 +246,25 @@ def test_render_views_and_metrics():
 
 def test_render_views_with_cones_match_without_and_rows_chunk():
     """Cone tracing (on by default when whole views render) changes where rays start, not what they hit; a
-    chunk that is not a whole number of rows is rounded down to whole rows."""
+    trace chunk that is not a whole number of rows is rounded down to whole rows, and shading in chunks that
+    split the hits changes nothing."""
     ds = _sphere_dataset()
     model = _AnalyticSphere()
     plain = render_views(model, ds.cameras[:2], cones=None)
-    coned = render_views(model, ds.cameras[:2], chunk=100)          # 4 rows of 24 pixels a chunk
+    whole = render_views(model, ds.cameras[:2])                      # each view traced in one chunk
+    coned = render_views(model, ds.cameras[:2], trace_chunk=100, chunk=7)   # 4 rows of 24 pixels; 7 hits a shade
     assert plain["mask"].sum() > 50
-    assert torch.equal(coned["mask"], plain["mask"])
-    assert torch.allclose(coned["depth"], plain["depth"], atol=1e-4)
+    for out in (whole, coned):
+        assert torch.equal(out["mask"], plain["mask"])
+        assert torch.allclose(out["depth"], plain["depth"], atol=1e-4)
+        assert torch.allclose(out["normals"], plain["normals"], atol=1e-3)
+        assert torch.allclose(out["rgb"], plain["rgb"], atol=1e-3)
+    shaded_whole = render_views(model, ds.cameras[:2], trace_chunk=100)   # the same trace, one shading call
+    assert torch.equal(coned["mask"], shaded_whole["mask"]) and torch.equal(coned["depth"], shaded_whole["depth"])
+    for k in ("rgb", "normals"):        # the networks' matmuls round differently by batch size
+        assert torch.allclose(coned[k], shaded_whole[k], rtol=0, atol=1e-6), k
     o, d = ds.cameras[0].image_rays()
     with pytest.raises(ValueError, match="image_width: expected a positive width that divides the 576 rays, got 25"):
         render_rays(model, o.reshape(-1, 3), d.reshape(-1, 3), IDRConfig().tracer, image_width=25)
+    with pytest.raises(ValueError, match="trace_chunk: expected a positive number of rays, got 0"):
+        render_rays(model, o.reshape(-1, 3), d.reshape(-1, 3), IDRConfig().tracer, trace_chunk=0)
