@@ -36,6 +36,8 @@ Command lines (the numbers in docs come from these):
     python benchmarks/tracing_idr.py --networks small,trained --taichi-steps 64 [--occupancy-grid]
     python benchmarks/tracing_idr.py --networks small --mode train --taichi-steps 64
     python benchmarks/tracing_idr.py --networks idr,small,trained --taichi-steps 64 --relaxation 1.9 --cones
+    python benchmarks/tracing_idr.py --views 1 --size 256 --networks small,trained --taichi-steps 64 \
+        --relaxation 1.9 --cones                                   # one whole view, as a render traces it
     python benchmarks/tracing_idr.py --quick                      # a few-second sanity run
 
 Hooks for other engineers' modules (each exits with status 2 and says so if its module does not import):
