@@ -38,6 +38,7 @@ Command lines (the numbers in docs come from these):
     python benchmarks/tracing_idr.py --networks idr,small,trained --taichi-steps 64 --relaxation 1.9 --cones
     python benchmarks/tracing_idr.py --views 1 --size 256 --networks small,trained --taichi-steps 64 \
         --relaxation 1.9 --cones                                   # one whole view, as a render traces it
+    ... --scan 20001        # then check every ray the tracers disagree on against a dense scan of its segment
     python benchmarks/tracing_idr.py --quick                      # a few-second sanity run
 
 Hooks for other engineers' modules (each exits with status 2 and says so if its module does not import):
@@ -285,6 +286,45 @@ def run_network(name, desc, net, o, d, image_shape, args, idr):
               f"{times['idr_head'] / times[k]:>8.2f}x{evals:>11}"
               f"{evals / n:>7.1f}{int(hit.sum()):>7}{100 * agree:>10.2f}%{max_dt:>10.2e}{med_dt:>10.2e}"
               f"{max_f:>12.2e}")
+    if args.scan:
+        for k in fns:
+            if k.startswith("tdr"):
+                scan_disagreements(labels[k], sdf, o, d, out[k], out["idr"], args.scan,
+                                   idr_settings.object_bounding_sphere)
+
+
+def scan_disagreements(label, sdf, o, d, ours, theirs, samples: int, radius: float) -> None:
+    """Against a dense scan (``samples`` points over the bounding-sphere segment; the first with f < 0), every ray
+    whose hit or miss differs between the two tracers, or whose hits differ by more than 1e-2 in t: who has the
+    first crossing, and how close to zero the SDF comes on the rays without one (a hit there is a graze within
+    the threshold, which both tracers' rules accept)."""
+    (t, hit, _), (t_idr, hit_idr, _) = ours, theirs
+    both = hit & hit_idr
+    rays = torch.nonzero((hit != hit_idr) | (both & ((t - t_idr).abs() > 1e-2))).flatten()
+    t_near, t_far, _ = ray_segments(o, d, radius)
+    s = torch.linspace(0, 1, samples, dtype=o.dtype)
+    counts = {"ours first crossing": 0, "IDR's first crossing": 0, "neither": 0, "no crossing, ours grazes": 0,
+              "no crossing, IDR grazes": 0}
+    min_f_no_crossing = []
+    for k in rays.tolist():
+        ts = t_near[k] + s * (t_far[k] - t_near[k])
+        with torch.no_grad():
+            f = sdf(o[k] + ts[:, None] * d[k])
+        neg = torch.nonzero(f < 0).flatten()
+        tol = 2 * float(t_far[k] - t_near[k]) / (samples - 1)
+        if neg.numel() == 0:
+            min_f_no_crossing.append(float(f.min()))
+            counts["no crossing, ours grazes" if hit[k] else "no crossing, IDR grazes"] += 1
+            continue
+        first = float(ts[neg[0]])
+        mine = bool(hit[k]) and abs(float(t[k]) - first) <= max(tol, 1e-4)
+        idrs = bool(hit_idr[k]) and abs(float(t_idr[k]) - first) <= max(tol, 1e-4)
+        verdict = {(True, False): "ours first crossing", (False, True): "IDR's first crossing",
+                   (False, False): "neither", (True, True): "both"}[(mine, idrs)]
+        counts[verdict] = counts.get(verdict, 0) + 1
+    graze = f", min f on rays without a crossing {max(min_f_no_crossing):.1e}" if min_f_no_crossing else ""
+    print(f"  {label}: {rays.numel()} rays disagree with IDR's tracer (hit/miss, or |dt| > 1e-2); dense scan of "
+          f"{samples}: {counts}{graze}")
 
 
 def main(argv=None):
@@ -312,6 +352,9 @@ def main(argv=None):
                    help="also trace each taichi row after cone tracing over 8 x 8 -> 4 x 4 pixel tiles "
                         "(taichi_dr/implicit/cone_tracing.py; the views are whole images); render mode only")
     p.add_argument("--grid-resolution", type=int, default=64)
+    p.add_argument("--scan", type=int, default=0,
+                   help="dense samples per ray to check, after the timings, every ray the tracers disagree on "
+                        "(0: no check)")
     p.add_argument("--idr-chunk", type=int, default=0,
                    help="rays per call of IDR's tracer (IDR's renderer splits a view into 10000 pixels, "
                         "utils.general.split_input); 0: all rays in one call")
